@@ -1,0 +1,124 @@
+"""`LowRankAttention`: one decoder layer's attention, original or folded, in torch.
+
+The attention math is `eigenkv.plugins.reference.low_rank_attention` (the op's reference);
+this module only projects, rotates and caches around it. Key modes:
+  plain  keys cached as the op scores them: no RoPE, rotated full-width keys, or keys
+         folded to rank r_k with queries folded the same way (non-RoPE models)
+  pre    RoPE models: keys cached pre-RoPE at rank r_k; the op reconstructs with key_up
+         [G, r_k, head_dim] (G = 1 shared, or Hkv) and rotates at each slot's position
+  joint  RoPE models: queries and keys rotated at head_dim, then projected by one basis
+         [head_dim, r_k] per layer; the cache holds post-RoPE rank-r_k keys
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from eigenkv.plugins.reference import ROPE_NONE, ROPE_PRE, apply_rope, low_rank_attention
+
+KEY_MODES = ("plain", "pre", "joint")
+
+
+class Rope(nn.Module):
+    """Cos/sin tables [P, head_dim] for positions 0..P-1, taken from the source model."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+        super().__init__()
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [B, H, S, d] rotated at positions [B, S]."""
+        return apply_rope(x, positions[:, None, :], self.cos, self.sin)
+
+
+class KVCache:
+    """Preallocated per-layer buffers key [B, Hkv, Smax, r_k_i], value [B, Hkv, Smax, r_v_i].
+
+    Tokens are written at slot = position (no eviction), so slot positions are slot indices.
+    """
+
+    def __init__(self, batch: int, max_len: int, n_kv: int, key_ranks, value_ranks, dtype=torch.float32):
+        self.keys = [torch.zeros(batch, n_kv, max_len, r, dtype=dtype) for r in key_ranks]
+        self.values = [torch.zeros(batch, n_kv, max_len, r, dtype=dtype) for r in value_ranks]
+        self.lengths = torch.zeros(batch, dtype=torch.int64)
+        self.max_len = max_len
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """Write k [B, Hkv, S, r_k], v [B, Hkv, S, r_v] at slots `positions` [B, S]."""
+        if int(positions.max()) >= self.max_len:
+            raise ValueError(f"position {int(positions.max())} is past the cache capacity {self.max_len}")
+        for buf, new in ((self.keys[layer], k), (self.values[layer], v)):
+            idx = positions[:, None, :, None].expand(-1, new.shape[1], -1, new.shape[3])
+            buf.scatter_(2, idx, new.to(buf.dtype))
+        return self.keys[layer], self.values[layer]
+
+    def advance(self, positions: torch.Tensor) -> None:
+        """After all layers wrote: valid length = last written position + 1."""
+        self.lengths = torch.maximum(self.lengths, positions.max(dim=1).values + 1)
+
+
+class LowRankAttention(nn.Module):
+    """Projections [+ RoPE] + cache + reference op + output projection. x [B, S, hidden]."""
+
+    def __init__(self, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear, o_proj: nn.Linear, *,
+                 n_heads: int, n_kv_heads: int, head_dim: int, scale: float, rope: bool,
+                 key_mode: str = "plain", key_up: torch.Tensor | None = None,
+                 joint_basis: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None):
+        super().__init__()
+        if key_mode not in KEY_MODES:
+            raise ValueError(f"key_mode must be one of {KEY_MODES}")
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.scale, self.rope, self.key_mode = scale, rope, key_mode
+        self.register_buffer("key_up", key_up)
+        self.register_buffer("joint_basis", joint_basis)
+        self.register_buffer("alibi_slopes", alibi_slopes)
+        # Identity taps: calibration hooks read rotated full-width queries/keys here.
+        self.rotated_query, self.rotated_key = nn.Identity(), nn.Identity()
+
+    @property
+    def key_rank(self) -> int:
+        return self.k_proj.out_features // self.n_kv_heads if self.joint_basis is None else self.joint_basis.shape[1]
+
+    @property
+    def value_rank(self) -> int:
+        return self.v_proj.out_features // self.n_kv_heads
+
+    def _heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        b, s, _ = t.shape
+        return t.view(b, s, n, -1).transpose(1, 2)
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor, rope: Rope | None):
+        """x [B, S, hidden] -> q [B, Hq, S, dq], k [B, Hkv, S, r_k], v [B, Hkv, S, r_v] as cached."""
+        q = self._heads(self.q_proj(x), self.n_heads)
+        k = self._heads(self.k_proj(x), self.n_kv_heads)
+        v = self._heads(self.v_proj(x), self.n_kv_heads)
+        if self.rope:
+            q = self.rotated_query(rope(q, positions))
+            if self.key_mode != "pre":
+                k = self.rotated_key(rope(k, positions))
+            if self.key_mode == "joint":
+                q, k = q @ self.joint_basis, k @ self.joint_basis
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: Rope | None = None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        q, k, v = self.project(x, positions, rope)
+        batch, seq = positions.shape
+        if cache is None:  # the whole sequence is the cache
+            slots = positions[:, None, :].expand(batch, self.n_kv_heads, seq)
+            lengths = torch.full((batch,), seq, dtype=torch.int64)
+        else:
+            k, v = cache.write(layer, k, v, positions)
+            slots = None
+            lengths = torch.maximum(cache.lengths, positions.max(dim=1).values + 1)
+        pre = self.rope and self.key_mode == "pre"
+        out = low_rank_attention(
+            q, k, v, lengths, positions, scale=self.scale, rope_mode=ROPE_PRE if pre else ROPE_NONE,
+            slot_positions=slots, key_up=self.key_up if pre else None,
+            rope_cos=rope.cos if pre else None, rope_sin=rope.sin if pre else None,
+            alibi_slopes=self.alibi_slopes,
+        )  # [B, Hq, S, r_v]
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))

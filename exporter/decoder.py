@@ -1,0 +1,155 @@
+"""`EigenDecoder`: a small pre-norm decoder you can read in one sitting.
+
+Built from a Hugging Face CausalLM through its family adapter; it *shares* the source
+model's embedding, norms and MLP modules (no copies) and owns only its attention modules,
+which folding replaces. Same numbers as the source model (tested per family).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from eigenkv.exporter.attention import KVCache, LowRankAttention, Rope
+from eigenkv.exporter.families import Dims, Family, family_for, get_path
+
+
+class PlainMLP(nn.Module):
+    """down(act(up(x))) over the source model's own linears."""
+
+    def __init__(self, up: nn.Module, act: nn.Module, down: nn.Module):
+        super().__init__()
+        self.up, self.act, self.down = up, act, down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.up(x)))
+
+
+class EigenLayer(nn.Module):
+    """x + attn(attn_norm(x)), then x + mlp(mlp_norm(x))."""
+
+    def __init__(self, attn_norm: nn.Module, attn: LowRankAttention, mlp_norm: nn.Module, mlp: nn.Module):
+        super().__init__()
+        self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
+
+    def forward(self, x, positions, rope=None, cache=None, layer=0):
+        x = x + self.attn(self.attn_norm(x), positions, rope, cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class EigenDecoder(nn.Module):
+    """input_ids [B, S] (+ position_ids [B, S]) -> logits [B, S, vocab]."""
+
+    def __init__(self, dims: Dims, family: Family, embed, layers, final_norm, lm_head, *,
+                 rope: Rope | None = None, learned_positions: nn.Module | None = None,
+                 project_in=None, project_out=None):
+        super().__init__()
+        self.dims, self.family = dims, family
+        self.embed, self.layers, self.final_norm, self.lm_head = embed, nn.ModuleList(layers), final_norm, lm_head
+        self.rope, self.learned_positions = rope, learned_positions
+        self.project_in, self.project_out = project_in, project_out
+
+    @property
+    def key_ranks(self) -> list[int]:
+        return [layer.attn.key_rank for layer in self.layers]
+
+    @property
+    def value_ranks(self) -> list[int]:
+        return [layer.attn.value_rank for layer in self.layers]
+
+    def embed_inputs(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[B, S] -> hidden [B, S, hidden]."""
+        h = self.embed(input_ids)
+        if self.project_in is not None:
+            h = self.project_in(h)
+        if self.learned_positions is not None:
+            h = h + nn.functional.embedding(positions + self.family.position_offset, self.learned_positions.weight)
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """hidden [B, S, hidden] -> logits [B, S, vocab]."""
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+        if self.project_out is not None:
+            h = self.project_out(h)
+        return self.lm_head(h)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        h = self.embed_inputs(input_ids, position_ids)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, position_ids, self.rope, cache, i)
+        if cache is not None:
+            cache.advance(position_ids)
+        return self.head(h)
+
+    def new_cache(self, batch: int, max_len: int, dtype=torch.float32) -> KVCache:
+        return KVCache(batch, max_len, self.dims.n_kv_heads, self.key_ranks, self.value_ranks, dtype)
+
+    def with_attention(self, attentions: list[LowRankAttention]) -> "EigenDecoder":
+        """A shallow copy sharing every module but the attention ones (the fold's result)."""
+        new = copy.copy(self)
+        new._modules = dict(self._modules)
+        new.layers = nn.ModuleList(
+            EigenLayer(old.attn_norm, attn, old.mlp_norm, old.mlp) for old, attn in zip(self.layers, attentions))
+        return new
+
+
+def _split_linear(fused: nn.Linear, sizes: list[int]) -> list[nn.Linear]:
+    out, start = [], 0
+    for n in sizes:
+        lin = nn.Linear(fused.in_features, n, bias=fused.bias is not None,
+                        dtype=fused.weight.dtype, device=fused.weight.device)
+        with torch.no_grad():
+            lin.weight.copy_(fused.weight[start:start + n])
+            if fused.bias is not None:
+                lin.bias.copy_(fused.bias[start:start + n])
+        out.append(lin)
+        start += n
+    return out
+
+
+def _attention(layer: nn.Module, family: Family, dims: Dims, slopes) -> LowRankAttention:
+    q_out, kv_out = dims.n_heads * dims.head_dim, dims.n_kv_heads * dims.head_dim
+    if family.qkv is not None:
+        q, k, v = _split_linear(get_path(layer, family.qkv), [q_out, kv_out, kv_out])
+    else:
+        q, k, v = (get_path(layer, p) for p in (family.q, family.k, family.v))
+    return LowRankAttention(q, k, v, get_path(layer, family.o), n_heads=dims.n_heads,
+                            n_kv_heads=dims.n_kv_heads, head_dim=dims.head_dim, scale=dims.scale,
+                            rope=family.positions == "rope", alibi_slopes=slopes)
+
+
+def _rope_tables(model: nn.Module, dims: Dims, max_positions: int) -> Rope:
+    """Cos/sin [P, head_dim] from the source model's own rotary module (any RoPE scaling)."""
+    rotary = get_path(model, "model.rotary_emb")
+    positions = torch.arange(max_positions)[None]
+    probe = torch.zeros(1, dtype=torch.float32)
+    with torch.no_grad():
+        cos, sin = rotary(probe, positions)
+    return Rope(cos[0].float(), sin[0].float())
+
+
+def decoder_from_hf(model: nn.Module, max_positions: int | None = None) -> EigenDecoder:
+    """Wrap a transformers CausalLM (float32 recommended) as an uncompressed EigenDecoder."""
+    family = family_for(model.config)
+    dims = family.dims(model.config)
+    positions = min(max_positions or dims.max_positions, dims.max_positions)
+    slopes = family.alibi_slopes(model.config).float() if family.alibi_slopes else None
+    layers = []
+    for layer in get_path(model, family.layers):
+        mlp = get_path(layer, family.mlp) if family.mlp else PlainMLP(
+            get_path(layer, family.mlp_up), family.activation(model.config), get_path(layer, family.mlp_down))
+        layers.append(EigenLayer(get_path(layer, family.attn_norm), _attention(layer, family, dims, slopes),
+                                 get_path(layer, family.mlp_norm), mlp))
+    return EigenDecoder(
+        dims, family, get_path(model, family.embed), layers, get_path(model, family.final_norm),
+        get_path(model, family.lm_head),
+        rope=_rope_tables(model, dims, positions) if family.positions == "rope" else None,
+        learned_positions=get_path(model, family.learned_positions),
+        project_in=get_path(model, family.project_in), project_out=get_path(model, family.project_out),
+    ).eval()

