@@ -96,9 +96,14 @@ def _unsupported(what: str, model_type: str) -> EigenError:
 
 def _llama_dims(c) -> Dims:
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    max_positions = c.max_position_embeddings
+    window = getattr(c, "sliding_window", None)
+    if window and getattr(c, "use_sliding_window", True):
+        # the decoder attends to the whole cache: stay where that equals sliding-window attention
+        max_positions = min(max_positions, window)
     return Dims(c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
                 c.num_key_value_heads or c.num_attention_heads, head_dim,
-                c.max_position_embeddings, 1.0 / math.sqrt(head_dim))
+                max_positions, 1.0 / math.sqrt(head_dim))
 
 
 def _llama_check(c) -> None:

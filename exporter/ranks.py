@@ -116,7 +116,8 @@ class ErrorBudgetSearch:
         threshold = s.start
         ranks = self._ranks(bases, threshold)
         error = self._error(i, bases, ranks, x, y)
-        while threshold - s.step > 0:
+        floor = self._ranks(bases, 0.0)
+        while threshold - s.step > 0 and ranks != floor:  # the floor stops the search
             candidate = self._ranks(bases, threshold - s.step)
             cand_error = error if candidate == ranks else self._error(i, bases, candidate, x, y)
             if cand_error > s.budget:

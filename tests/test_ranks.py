@@ -31,7 +31,8 @@ def test_kv_ratio_allocation_hits_target_and_spends_rank_where_energy_is():
         assert kv_ratio(kr, vr, d) <= ratio + 1e-9
         assert kv_ratio(kr, vr, d) > ratio - 1 / (4 * d)
     kr, vr = allocate_kv_ratio(bases, 0.5, 1)
-    assert kr[0] <= 2 and vr[1] <= 2 and vr[0] == d and kr[1] == d
+    # the steep spectra go down to rank 1 first; the last 2 drops come from the flat ones
+    assert kr[0] == 1 and vr[1] == 1 and vr[0] + kr[1] == 2 * d - 2
 
 
 def test_kv_ratio_out_of_range():

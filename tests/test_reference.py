@@ -83,3 +83,18 @@ def test_bad_mode_and_heads_rejected():
         low_rank_attention(q, k, k, torch.tensor([2]), torch.tensor([[1]]), scale=1.0)
     with pytest.raises(ValueError, match="key_up"):
         low_rank_attention(q[:, :2], k, k, torch.tensor([2]), torch.tensor([[1]]), scale=1.0, rope_mode=ROPE_PRE)
+
+
+def test_reference_signature_follows_the_spec():
+    """The reference takes exactly the spec's inputs (in order) and math attributes."""
+    import inspect
+
+    from eigenkv.plugins import spec
+    params = inspect.signature(low_rank_attention).parameters
+    positional = [n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    keyword = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
+    required = [t.name for t in spec.INPUTS if not t.optional]
+    optional = {t.name for t in spec.INPUTS if t.optional}
+    assert positional == required
+    assert keyword == optional | {a.name for a in spec.ATTRIBUTES if a.name != "version"}
+    assert spec.output_shape((2, 9, 5, 64), (2, 3, 100, 17)) == (2, 9, 5, 17)
