@@ -65,9 +65,17 @@ def resolve_model(path: str | None) -> ModelSource:
     raise EigenError(f"--model {path}: not a Hugging Face model directory (no config.json) nor a .gguf file")
 
 
+def _load_error(source: ModelSource, e: Exception) -> EigenError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return EigenError(f"cannot load model {source.label}: {first}")
+
+
 def load_config(source: ModelSource):
     from transformers import AutoConfig
-    return AutoConfig.from_pretrained(source.directory, gguf_file=source.gguf_file)
+    try:
+        return AutoConfig.from_pretrained(source.directory, gguf_file=source.gguf_file)
+    except (OSError, ValueError, KeyError) as e:
+        raise _load_error(source, e) from None
 
 
 def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, progress: bool = True):
@@ -85,6 +93,8 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, progress
         tokenizer = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(source.directory, gguf_file=source.gguf_file, dtype=dtype,
                                                      attn_implementation="eager")
+    except (OSError, ValueError, KeyError) as e:
+        raise _load_error(source, e) from None
     finally:
         hf_logging.set_verbosity(verbosity)
     return model.eval(), tokenizer

@@ -82,3 +82,12 @@ def test_missing_model_and_unknown_model_type(tmp_path, text_file, capsys):
 def test_help_teaches_and_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "eigenkv.cli", "compress", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--kv-ratio" in out.stdout and "--rope-mode" in out.stdout
+
+
+def test_broken_model_directory_is_one_line(tmp_path, text_file, capsys):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    assert main(_args(tmp_path / "broken", text_file, tmp_path / "o")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("eigenkv: error: cannot load model") and "\n" not in err
+    assert not (tmp_path / "o").exists()
