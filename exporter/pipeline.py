@@ -35,6 +35,8 @@ class CompressConfig:
     key_rank: int | None = None  # or the same ranks for every layer
     value_rank: int | None = None
     rope_mode: str = "pre"
+    projections: str | None = None  # reuse bases + ranks from a projections.safetensors
+    no_compress: bool = False  # the uncompressed baseline through the same code
     calib_text: str = "wiki"  # built-in name or file
     calib_samples: int = 16
     calib_seq_len: int = 1024
@@ -49,6 +51,8 @@ class CompressConfig:
         uniform = self.key_rank is not None or self.value_rank is not None
         if sum([self.kv_ratio is not None, self.error_budget is not None, uniform]) > 1:
             raise EigenError("pass one of --kv-ratio, --error-budget or --key-rank/--value-rank")
+        if self.no_compress and (self.projections or self.kv_ratio or self.error_budget or uniform):
+            raise EigenError("--no-compress takes no rank option and no --projections")
         for name in ("key_rank", "value_rank"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise EigenError(f"--{name.replace('_', '-')} must be >= 1")
@@ -102,6 +106,26 @@ def _check_dims(config: CompressConfig, dims: Dims) -> None:
                              f"maximum positions ({limit})")
 
 
+def _saved_ranks(config: CompressConfig, decoder: EigenDecoder, source_hash: str):
+    """Bases and ranks from --projections, refused if they were made for another model."""
+    from eigenkv.artifacts import load_projections
+    bases, meta = load_projections(Path(config.projections))
+    d = decoder.dims
+    mine = {"model_type": decoder.family.model_type, "source_hash": source_hash, "n_layers": d.n_layers,
+            "n_kv_heads": d.n_kv_heads, "head_dim": d.head_dim}
+    wrong = [k for k, v in mine.items() if meta.get(k) != v]
+    if wrong:
+        raise EigenError(f"--projections {config.projections} was made for another model "
+                         f"({', '.join(f'{k}={meta.get(k)!r}' for k in wrong)}); recalibrate without --projections")
+    config.rope_mode = meta["rope_mode"] if meta["rope_mode"] in ROPE_MODES else config.rope_mode
+    if config.kv_ratio is not None:
+        key_ranks, value_ranks = rank_sel.allocate_kv_ratio(bases, config.kv_ratio, d.n_kv_heads)
+        return bases, key_ranks, value_ranks, {"method": "kv-ratio", "target": config.kv_ratio,
+                                               "projections": str(config.projections)}
+    return bases, meta["key_ranks"], meta["value_ranks"], {"method": "projections file",
+                                                           "projections": str(config.projections)}
+
+
 def choose_ranks(config: CompressConfig, decoder: EigenDecoder, samples: torch.Tensor):
     """Calibrate and pick ranks -> (bases, key_ranks, value_ranks, search details)."""
     dims = decoder.dims
@@ -138,17 +162,26 @@ def compress(config: CompressConfig) -> CompressResult:
     decoder = decoder_from_hf(model)
     samples, evals = _texts(config, tokenizer)
     t_load = time.perf_counter()
-    bases, key_ranks, value_ranks, details = choose_ranks(config, decoder, samples)
-    folded = fold(decoder, bases, key_ranks, value_ranks, config.rope_mode)
-    t_fold = time.perf_counter()
     dims = decoder.dims
+    source_hash = model_hash(source)
+    if config.no_compress:
+        bases, key_ranks, value_ranks = None, [dims.head_dim] * dims.n_layers, [dims.head_dim] * dims.n_layers
+        details, folded = {"method": "none (uncompressed baseline)"}, decoder
+    elif config.projections:
+        bases, key_ranks, value_ranks, details = _saved_ranks(config, decoder, source_hash)
+        folded = fold(decoder, bases, key_ranks, value_ranks, config.rope_mode)
+    else:
+        bases, key_ranks, value_ranks, details = choose_ranks(config, decoder, samples)
+        folded = fold(decoder, bases, key_ranks, value_ranks, config.rope_mode)
+    t_fold = time.perf_counter()
     report = {
         "eigenkv_version": __version__,
         "source_model": source.label,
-        "source_hash": model_hash(source),
+        "source_hash": source_hash,
         "model_type": model.config.model_type,
         "n_layers": dims.n_layers, "n_heads": dims.n_heads, "n_kv_heads": dims.n_kv_heads, "head_dim": dims.head_dim,
-        "rope_mode": config.rope_mode if decoder.family.positions == "rope" else "none",
+        "rope_mode": ("none" if decoder.family.positions != "rope" else
+                      "uncompressed" if config.no_compress else config.rope_mode),
         "calibration": {"text": config.calib_text, "samples": config.calib_samples, "seq_len": config.calib_seq_len},
         "ranks": {"key": key_ranks, "value": value_ranks, **details},
         "kv_ratio": round(rank_sel.kv_ratio(key_ranks, value_ranks, dims.head_dim), 6),
@@ -160,7 +193,8 @@ def compress(config: CompressConfig) -> CompressResult:
     }
     for name, tokens in evals.items():
         before = perplexity(decoder, tokens, config.eval_window, progress=config.progress, desc=f"ppl {name} original")
-        after = perplexity(folded, tokens, config.eval_window, progress=config.progress, desc=f"ppl {name} folded")
+        after = before if folded is decoder else perplexity(folded, tokens, config.eval_window,
+                                                            progress=config.progress, desc=f"ppl {name} folded")
         report["perplexity"][name] = {"original": round(before.value, 4), "folded": round(after.value, 4),
                                       "increase_pct": round(100 * (after.value / before.value - 1), 2),
                                       "tokens": before.tokens, "window": before.window}

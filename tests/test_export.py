@@ -1,0 +1,217 @@
+"""export-eigen on tiny models of every family: graph structure, ONNX Runtime parity, I/O, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from tiny_models import FAMILIES, save_tiny
+
+from eigenkv.cli import main
+from eigenkv.plugins import spec
+
+TEXT = "The quick brown fox jumps over the lazy dog. " * 80
+FP32_TOL = 1e-3  # max |logit diff| ONNX Runtime vs folded torch, float32
+FP16_TOL = 5e-3  # same, fp16 graph vs float32 torch (tiny models, logits ~1)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    (root / "calib.txt").write_text(TEXT)
+    return root
+
+
+def _export(workdir, family, out, *extra):
+    model = workdir / family
+    if not model.exists():
+        save_tiny(family, model)
+    return main(["export", str(out), "--model", str(model), "--calib-text", str(workdir / "calib.txt"),
+                 "--calib-samples", "4", "--calib-seq-len", "32", "--eval-tokens", "0", "--no-progress", *extra])
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def exported(request, workdir):
+    family = request.param
+    out = workdir / f"{family}-out" / "model.onnx"
+    out.parent.mkdir()
+    assert _export(workdir, family, out, "--kv-ratio", "0.5", "--max-seq-len", "64") == 0
+    return family, out, json.loads((out.parent / "eigen.json").read_text())
+
+
+def _folded_decoder(workdir, family, manifest):
+    """Rebuild the folded torch model the graph came from (same calibration, same ranks)."""
+    from eigenkv.exporter.pipeline import CompressConfig, compress
+    config = CompressConfig(model=str(workdir / family), kv_ratio=0.5, calib_text=str(workdir / "calib.txt"),
+                            calib_samples=4, calib_seq_len=32, eval_tokens=0, progress=False,
+                            rope_mode=manifest["rope_mode"] if manifest["rope_mode"] in ("pre", "joint") else "pre")
+    folded = compress(config).folded
+    assert folded.key_ranks == manifest["key_ranks"] and folded.value_ranks == manifest["value_ranks"]
+    return folded
+
+
+def test_graph_structure(exported):
+    family, out, manifest = exported
+    model = onnx.load(str(out), load_external_data=False)
+    nodes = [n for n in model.graph.node if n.domain == spec.DOMAIN]
+    assert len(nodes) == manifest["n_layers"] and all(n.op_type == spec.NAME for n in nodes)
+    for n in nodes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        assert attrs["plugin_namespace"] == b"eigen" and attrs["aot"] == 1 and attrs["version"] == spec.VERSION
+        assert attrs["scale"] > 0 and attrs["causal"] == 1
+    assert [f.name for f in model.functions] == [spec.NAME]
+    assert sum(n.op_type == "TensorScatter" for n in model.graph.node) == 2 * manifest["n_layers"]
+    assert (out.parent / manifest["files"]["data"]).stat().st_size > 0  # weights as external data
+    onnx.checker.check_model(str(out), full_check=True)
+
+
+def test_kv_io_bytes_equal_manifest_and_no_full_width_kv(exported):
+    _, out, manifest = exported
+    model = onnx.load(str(out), load_external_data=False)
+    d, hkv = manifest["head_dim"], manifest["n_kv_heads"]
+    per_token = 0
+    for i in model.graph.input:
+        if i.name.startswith("past_key_values."):
+            dims = [x.dim_value for x in i.type.tensor_type.shape.dim]
+            assert dims[1] == hkv and 1 <= dims[3] <= d  # a layer may keep full rank where it pays
+            per_token += dims[1] * dims[3] * 4
+    assert per_token == manifest["kv_bytes_per_token"]["compressed"] < manifest["kv_bytes_per_token"]["original"]
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: [x.dim_value for x in v.type.tensor_type.shape.dim]
+              for v in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)}
+    # no K/V projection produces head_dim-wide keys or values (pre mode folds U into W_k, W_v)
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    full = hkv * d
+    if full != manifest["n_heads"] * d:  # with MHA (OPT, MPT) the width is that of W_q: nothing to tell apart
+        for n in model.graph.node:
+            if n.op_type in ("MatMul", "Gemm"):
+                w = [weights[i] for i in n.input if i in weights]
+                assert not any(len(x) == 2 and x[-1] == full for x in w), f"full-width K/V projection {n.name}"
+    updates = [n.input[1] for n in inferred.graph.node if n.op_type == "TensorScatter"]
+    ranks = [r for pair in zip(manifest["key_ranks"], manifest["value_ranks"]) for r in pair]
+    assert [shapes[u][3] for u in updates] == ranks  # what is written is rank-r, layer by layer
+
+
+@torch.no_grad()
+def test_onnxruntime_matches_torch_prefill_and_greedy(exported, workdir):
+    from eigenkv.exporter.validate import OrtGraph
+    family, out, manifest = exported
+    folded = _folded_decoder(workdir, family, manifest).with_max_positions(64)
+    graph = OrtGraph(out, folded, torch.float32)
+    g = torch.Generator().manual_seed(123)
+    ids = torch.randint(0, 256, (3, 11), generator=g)  # fresh inputs, batch 3
+    pos = torch.arange(11).expand(3, -1)
+    logits, _ = graph.step(ids.numpy(), pos.numpy(), np.zeros(3, np.int64), graph.new_cache(3, 48))
+    assert float((torch.from_numpy(logits) - folded(ids, pos)).abs().max()) <= FP32_TOL
+    v = manifest["validation"]
+    assert v["decode_steps"] == 32 and v["decode_tokens_equal"] and v["prefill_max_abs_logit_diff"] <= FP32_TOL
+
+
+def test_polygraphy_runs_the_graph(exported):
+    family, out, _ = exported
+    if family != "llama":
+        pytest.skip("polygraphy is exercised on one family")
+    poly = Path(sys.executable).with_name("polygraphy")
+    res = subprocess.run([str(poly), "run", str(out), "--onnxrt", "--input-shapes", "input_ids:[1,4]",
+                          "position_ids:[1,4]", "cache_lengths:[1]",
+                          *[f"{i.name}:[1,{d[1]},8,{d[3]}]" for i, d in _past_shapes(out)]],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "PASSED" in res.stdout + res.stderr
+
+
+def _past_shapes(out):
+    model = onnx.load(str(out), load_external_data=False)
+    for i in model.graph.input:
+        if i.name.startswith("past_key_values."):
+            yield i, [x.dim_value for x in i.type.tensor_type.shape.dim]
+
+
+def test_fp16_and_uncompressed_baseline(workdir):
+    out16 = workdir / "fp16" / "model.onnx"
+    out16.parent.mkdir()
+    assert _export(workdir, "llama", out16, "--kv-ratio", "0.5", "--dtype", "fp16", "--max-seq-len", "64") == 0
+    m16 = json.loads((out16.parent / "eigen.json").read_text())
+    assert m16["dtype"] == "fp16" and m16["validation"]["prefill_max_abs_logit_diff"] <= FP16_TOL
+    base = workdir / "base" / "model.onnx"
+    base.parent.mkdir()
+    assert _export(workdir, "llama", base, "--no-compress", "--max-seq-len", "64") == 0
+    mb = json.loads((base.parent / "eigen.json").read_text())
+    assert mb["key_ranks"] == mb["value_ranks"] == [16] * 3
+    assert mb["kv_bytes_per_token"]["compressed"] == mb["kv_bytes_per_token"]["original"]
+    names = lambda p: [i.name for i in onnx.load(str(p), load_external_data=False).graph.input]  # noqa: E731
+    assert names(base) == names(out16)  # same I/O, like for like
+
+
+def test_projections_reuse_and_foreign_projections(workdir, tmp_path, capsys):
+    proj_dir = tmp_path / "proj"
+    assert main(["compress", "-o", str(proj_dir), "--model", str(workdir / "llama"), "--calib-text",
+                 str(workdir / "calib.txt"), "--calib-samples", "4", "--calib-seq-len", "32", "--eval-tokens", "0",
+                 "--key-rank", "5", "--value-rank", "7", "--no-progress"]) == 0
+    out = tmp_path / "m.onnx"
+    assert _export(workdir, "llama", out, "--projections", str(proj_dir / "projections.safetensors"),
+                   "--max-seq-len", "64") == 0
+    manifest = json.loads((tmp_path / "eigen.json").read_text())
+    assert manifest["key_ranks"] == [5] * 3 and manifest["value_ranks"] == [7] * 3
+    capsys.readouterr()
+    other = tmp_path / "other.onnx"
+    assert _export(workdir, "qwen2", other, "--projections", str(proj_dir / "projections.safetensors")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "made for another model" in err and "\n" not in err and not other.exists()
+
+
+@pytest.mark.parametrize("case", ["exists", "unwritable", "max-seq-len", "no-dir"])
+def test_bad_output_and_options(workdir, tmp_path, capsys, case):
+    out = tmp_path / "m.onnx"
+    extra = ["--kv-ratio", "0.5"]
+    if case == "exists":
+        out.write_text("keep me")
+    elif case == "unwritable":
+        if os.geteuid() == 0:
+            pytest.skip("root ignores directory permissions")
+        tmp_path.chmod(0o500)
+    elif case == "max-seq-len":
+        extra += ["--max-seq-len", "100000"]
+    else:
+        out = tmp_path / "missing" / "m.onnx"
+    try:
+        assert _export(workdir, "llama", out, *extra) == 2
+    finally:
+        tmp_path.chmod(0o700)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("eigenkv: error:") and "\n" not in err
+    expected = {"exists": "pass --force", "unwritable": "not writable", "max-seq-len": "--max-seq-len 100000",
+                "no-dir": "does not exist"}[case]
+    assert expected in err
+    if case == "exists":
+        assert out.read_text() == "keep me"
+    else:
+        assert not out.exists()
+
+
+def test_interrupted_export_leaves_no_graph(workdir, tmp_path):
+    """SIGINT while exporting: no OUT.onnx, no data file, no temporary folder left."""
+    out = tmp_path / "m.onnx"
+    save = workdir / "llama"
+    if not save.exists():
+        save_tiny("llama", save)
+    cmd = [sys.executable, "-m", "eigenkv.cli", "export", str(out), "--model", str(save), "--calib-text",
+           str(workdir / "calib.txt"), "--calib-samples", "4", "--calib-seq-len", "32", "--eval-tokens", "0",
+           "--no-progress", "--kv-ratio", "0.5", "--decode-steps", "200", "--max-seq-len", "128"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(p.name.startswith(".m.onnx.") for p in tmp_path.iterdir()):
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    time.sleep(0.5)  # mid-way through tracing / validation
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], err[-500:]
