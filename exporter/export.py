@@ -6,6 +6,7 @@ after validation passed, the graph last: a failed or interrupted export leaves n
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -20,7 +21,8 @@ from tqdm.auto import tqdm
 from eigenkv import __version__
 from eigenkv.errors import EigenError
 from eigenkv.exporter.decoder import EigenDecoder
-from eigenkv.exporter.onnx_graph import OPSET, GraphDecoder, IONames, dynamic_shapes, example_inputs
+from eigenkv.exporter.onnx_graph import (OPSET, GraphDecoder, IONames, dynamic_shapes, example_inputs,
+                                         hierarchical_names)
 from eigenkv.exporter.pipeline import CompressConfig, compress
 from eigenkv.exporter.sources import load_config, resolve_model
 from eigenkv.plugins import spec
@@ -75,6 +77,7 @@ def to_onnx(decoder: EigenDecoder, path: Path, data_name: str, max_seq_len: int,
     from eigenkv.plugins.onnx_function import attach_function, build_function
     names, n = IONames(), decoder.dims.n_layers
     graph = GraphDecoder(decoder).eval()
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # torchvision notes
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -82,6 +85,7 @@ def to_onnx(decoder: EigenDecoder, path: Path, data_name: str, max_seq_len: int,
             input_names=names.inputs(n), output_names=names.outputs(n),
             dynamic_shapes=dynamic_shapes(n, max_seq_len), optimize=True, verbose=False)
     model = program.model_proto
+    hierarchical_names(model)
     attn = decoder.layers[0].attn
     attach_function(model, build_function(rope_mode=int(attn.rope and attn.key_mode == "pre"),
                                           alibi=attn.alibi_slopes is not None, slot_positions=False,
@@ -139,16 +143,22 @@ def export(config: ExportConfig) -> dict:
     return manifest
 
 
-FP32_LOGIT_TOLERANCE = 1e-3  # max |logit diff|, ONNX Runtime vs the folded torch model
+FP32_LOGIT_TOLERANCE = 1e-3  # max |logit diff| of the fp32 graph
 
 
 def _require_parity(figures: dict, dtype: torch.dtype) -> None:
-    """fp32 graphs must match torch (prefill logits and every greedy token); fp16 is reported."""
+    """fp32 graphs must give every greedy token of torch, and prefill logits within 1e-3 of the
+    folded torch model, or, where torch's own float32 round-off is that large (the default
+    model's logits reach ~30), within max(1e-3, 2x torch fp32's distance) of the float64
+    model. fp16 graphs are reported, not judged."""
     if dtype != torch.float32:
         return
-    if figures["prefill_max_abs_logit_diff"] > FP32_LOGIT_TOLERANCE or not figures["decode_tokens_equal"]:
-        raise EigenError(f"validation failed: prefill max |logit diff| {figures['prefill_max_abs_logit_diff']:.2e} "
-                         f"(tolerance {FP32_LOGIT_TOLERANCE}), greedy tokens equal: {figures['decode_tokens_equal']}")
+    diff, vs64, torch64 = (figures["prefill_max_abs_logit_diff"], figures["prefill_max_abs_logit_diff_vs_float64"],
+                           figures["torch_float32_max_abs_logit_diff_vs_float64"])
+    close = diff <= FP32_LOGIT_TOLERANCE or (vs64 is not None and vs64 <= max(FP32_LOGIT_TOLERANCE, 2 * torch64))
+    if not close or not figures["decode_tokens_equal"]:
+        raise EigenError(f"validation failed: prefill max |logit diff| {diff:.2e} vs torch fp32, {vs64} vs float64 "
+                         f"(torch fp32 itself: {torch64}); greedy tokens equal: {figures['decode_tokens_equal']}")
 
 
 def _cast_copy(decoder: EigenDecoder, dtype: torch.dtype) -> EigenDecoder:

@@ -103,3 +103,30 @@ def dynamic_shapes(n_layers: int, max_seq_len: int) -> tuple:
     cache = Dim("max_cache_len", min=2, max=max_seq_len)
     kv = {0: batch, 2: cache}
     return ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch}, tuple([kv] * (2 * n_layers)))
+
+
+def _scope_path(namespace: str) -> str:
+    """'…/decoder.layers.0.attn: LowRankAttention/linear_3: aten.linear' -> 'model/layers.0/attn'."""
+    names = [seg.split(":")[0].strip() for seg in namespace.split("/")][:-1]  # the last is the fx node
+    dotted = next((n for n in reversed(names) if n), "")
+    parts = []
+    for piece in dotted.split("."):
+        if piece.isdigit() and parts:
+            parts[-1] += "." + piece  # keep layers.0 together
+        else:
+            parts.append(piece)
+    if parts and parts[0] == "decoder":
+        parts[0] = "model"
+    return "/".join(p for p in parts if p and not p.startswith("_")) or "model"
+
+
+def hierarchical_names(model) -> None:
+    """Rename nodes `/model/layers.{i}/attn/q_proj/MatMul_0`-style from the exporter's module
+    scope metadata (deterministic: scope + op type + a counter in graph order)."""
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        scope = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
+        prefix = f"/{_scope_path(scope)}/{node.op_type}"
+        k = counts.get(prefix, 0)
+        counts[prefix] = k + 1
+        node.name = f"{prefix}_{k}"

@@ -41,6 +41,17 @@ class OrtGraph:
         return logits, present
 
 
+FLOAT64_MAX_PARAMS = 2e9  # a float64 copy of larger models does not fit a workstation
+
+
+def _float64_logits(decoder: EigenDecoder, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+    """The folded model in float64 (the reference for float32 round-off), when it fits."""
+    import copy
+    if sum(p.numel() for p in decoder.parameters()) > FLOAT64_MAX_PARAMS:
+        return None
+    return copy.deepcopy(decoder).double()(ids, positions)
+
+
 def _prompt(batch: int, seq: int, vocab: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
@@ -59,7 +70,11 @@ def validate(path: Path, decoder: EigenDecoder, steps: int, prompt_len: int, max
     ref = decoder(ids, positions).float()
     cache = graph.new_cache(2, prompt_len + steps)
     logits, _ = graph.step(ids.numpy(), positions.numpy(), np.zeros(2, np.int64), cache)
-    prefill_diff = float((torch.from_numpy(logits).float() - ref).abs().max())
+    logits = torch.from_numpy(logits).double()
+    prefill_diff = float((logits - ref).abs().max())
+    ref64 = _float64_logits(decoder, ids, positions)
+    vs64 = None if ref64 is None else float((logits - ref64).abs().max())
+    torch_vs64 = None if ref64 is None else float((ref.double() - ref64).abs().max())
 
     # greedy, batch 1, through both caches
     tcache = decoder.new_cache(1, prompt_len + steps)
@@ -81,6 +96,8 @@ def validate(path: Path, decoder: EigenDecoder, steps: int, prompt_len: int, max
         o_logits = torch.from_numpy(o_out[:, -1]).float()
     same = next((i for i, (a, b) in enumerate(zip(t_tokens, o_tokens)) if a != b), len(t_tokens))
     return {"prompt_tokens": prompt_len, "prefill_max_abs_logit_diff": prefill_diff,
+            "prefill_max_abs_logit_diff_vs_float64": vs64,
+            "torch_float32_max_abs_logit_diff_vs_float64": torch_vs64,
             "decode_steps": steps, "decode_tokens_equal": t_tokens == o_tokens,
             "decode_first_mismatch": None if t_tokens == o_tokens else same,
             "decode_max_abs_logit_diff": decode_diff, "reference": "folded torch model, float32",

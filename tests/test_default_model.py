@@ -73,3 +73,27 @@ def test_full_rank_reproduces_and_half_ratio_compresses(setup, reference64, rope
     loss = torch.nn.functional.cross_entropy(half(ids)[0, :-1], ids[0, 1:])
     ref_loss = torch.nn.functional.cross_entropy(ref[0, :-1], ids[0, 1:])
     assert ref_loss < loss < ref_loss + 3.0  # worse, but still a language model
+
+
+@torch.no_grad()
+def test_default_model_exports_and_onnxruntime_matches(setup, tmp_path):
+    """The default model through the exporter (pre mode, kv-ratio 0.5, max_seq_len 256): 32
+    identical greedy tokens, and ORT's prefill logits as close to the float64 model as torch's
+    own float32 logits are (within 2x, or 1e-3). Against torch fp32 directly the difference is
+    ~1e-3 here: both sides carry ~5e-4 of float32 round-off on logits of magnitude ~30."""
+    import json
+
+    import onnx
+
+    from eigenkv.exporter.export import ExportConfig, export
+    from eigenkv.exporter.pipeline import CompressConfig
+    out = tmp_path / "model.onnx"
+    manifest = export(ExportConfig(output=out, max_seq_len=256, compress=CompressConfig(
+        kv_ratio=0.5, calib_samples=2, calib_seq_len=256, eval_tokens=0, progress=False)))
+    v = manifest["validation"]
+    assert v["decode_steps"] == 32 and v["decode_tokens_equal"]
+    assert v["prefill_max_abs_logit_diff_vs_float64"] <= max(1e-3, 2 * v["torch_float32_max_abs_logit_diff_vs_float64"])
+    assert v["prefill_max_abs_logit_diff"] <= 3e-3
+    assert json.loads((tmp_path / "eigen.json").read_text())["kv_bytes_per_token"] == manifest["kv_bytes_per_token"]
+    graph = onnx.load(str(out), load_external_data=False)
+    assert sum(n.op_type == "LowRankAttention" for n in graph.graph.node) == 30

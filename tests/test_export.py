@@ -215,3 +215,22 @@ def test_interrupted_export_leaves_no_graph(workdir, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [], err[-500:]
+
+
+def test_node_names_hierarchical_and_export_deterministic(tmp_path):
+    from tiny_models import tiny_model
+
+    from eigenkv.exporter.decoder import decoder_from_hf
+    from eigenkv.exporter.export import to_onnx
+    decoder = decoder_from_hf(tiny_model("llama")).with_max_positions(32)
+    graphs = []
+    for k in range(2):
+        (tmp_path / str(k)).mkdir()
+        to_onnx(decoder, tmp_path / str(k) / "m.onnx", "m.onnx.data", 32, torch.float32)
+        graphs.append(onnx.load(str(tmp_path / str(k) / "m.onnx"), load_external_data=False))
+    assert graphs[0].SerializeToString() == graphs[1].SerializeToString()
+    assert (tmp_path / "0" / "m.onnx.data").read_bytes() == (tmp_path / "1" / "m.onnx.data").read_bytes()
+    names = [n.name for n in graphs[0].graph.node]
+    assert len(set(names)) == len(names) and all(n.startswith("/model/") for n in names)
+    attn = [n.name for n in graphs[0].graph.node if n.domain == spec.DOMAIN]
+    assert attn == [f"/model/layers.{i}/attn/LowRankAttention_0" for i in range(3)]

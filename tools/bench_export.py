@@ -1,0 +1,66 @@
+"""Benchmark: `export-eigen` of one model end to end — stage times, peak memory, file sizes.
+
+    python tools/bench_export.py --out-dir /tmp/bench-export --json docs/results/bench_export.json
+
+Stages come from the manifest (compress = load + calibrate + fold + perplexity; export =
+trace + save + check; validate = ONNX Runtime vs torch). Files are written to --out-dir,
+never into the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from eigenkv.exporter.export import ExportConfig, export
+from eigenkv.exporter.pipeline import CompressConfig
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--kv-ratio", type=float, default=0.5)
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"))
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--max-seq-len", type=int, default=None)
+    ap.add_argument("--out-dir", default="/tmp/eigenkv-bench-export")
+    ap.add_argument("--json", default="docs/results/bench_export.json")
+    args = ap.parse_args()
+    out = Path(args.out_dir) / "model.onnx"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config = ExportConfig(output=out, force=True, dtype=args.dtype, max_seq_len=args.max_seq_len,
+                          compress=CompressConfig(model=args.model, kv_ratio=args.kv_ratio,
+                                                  eval_tokens=args.eval_tokens))
+    t0 = time.perf_counter()
+    manifest = export(config)
+    total = time.perf_counter() - t0
+    sizes = {p.name: p.stat().st_size for p in (out, out.parent / manifest["files"]["data"])}
+    result = {
+        "command": "python " + " ".join(sys.argv),
+        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads",
+        "model": manifest["source_model"], "kv_ratio": args.kv_ratio, "dtype": args.dtype,
+        "eval_tokens_per_text": args.eval_tokens,
+        "seconds": manifest["seconds"], "seconds_total": round(total, 1),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "file_bytes": sizes, "kv_bytes_per_token": manifest["kv_bytes_per_token"],
+        "validation": manifest["validation"], "perplexity": manifest["perplexity"],
+    }
+    print("| stage | seconds |\n|---|---|")
+    for k, v in manifest["seconds"].items():
+        print(f"| {k} | {v} |")
+    print(f"| total | {result['seconds_total']} |")
+    print(f"peak RSS {result['peak_rss_mib']} MiB; files: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sizes.items()))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
