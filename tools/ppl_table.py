@@ -96,7 +96,7 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     tokens = {n: base_ppl[n].tokens for n in names}
-    meta = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, CPU",
+    meta = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads",
             "model": source.label, "calibration": f"wiki (first half of the file), {args.calib_samples} x 1024 tokens",
             "evaluation": {"texts": "wiki: second half of the file; c4: from its start", "tokens_scored": tokens,
                            "window": 1024},
