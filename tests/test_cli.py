@@ -91,3 +91,15 @@ def test_broken_model_directory_is_one_line(tmp_path, text_file, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("eigenkv: error: cannot load model") and "\n" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_model_paths_resolve_without_guessing(tmp_path, tiny_dir):
+    from eigenkv.errors import EigenError
+    from eigenkv.exporter.sources import resolve_model
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert resolve_model(str(gguf)).gguf_file == "m.gguf"
+    assert resolve_model(str(tiny_dir)).gguf_file is None
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EigenError, match="no config.json"):
+        resolve_model(str(tmp_path / "empty"))

@@ -102,3 +102,15 @@ def test_cached_decode_equals_full_forward(family_setup):
         steps.append(folded(ids[:, t:t + 1], torch.tensor([[t]]), cache))
     diff = (torch.cat(steps, dim=1) - full).abs().max().item()
     assert diff <= TOL, diff
+
+
+def test_calibration_hooks_are_removed_even_on_error(family_setup):
+    _, _, decoder, _ = family_setup
+    from eigenkv.exporter.calibrate import gram_hooks
+    attn = decoder.layers[0].attn
+    modules = [attn.q_proj, attn.k_proj, attn.v_proj, attn.rotated_query, attn.rotated_key]
+    with pytest.raises(RuntimeError):
+        with gram_hooks(attn):
+            assert any(m._forward_hooks for m in modules)
+            raise RuntimeError("boom")
+    assert not any(m._forward_hooks for m in modules)
