@@ -49,10 +49,14 @@ def check_output(config: ExportConfig) -> Path:
         raise EigenError(f"output {out} must end in .onnx")
     if out.exists() and not config.force:
         raise EigenError(f"{out} exists; pass --force to overwrite it")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise EigenError(f"output directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
+    parent = out.parent
+    if parent.exists() and not parent.is_dir():
+        raise EigenError(f"output directory {parent} is not a directory")
+    if not parent.exists():
+        existing = next(p for p in parent.parents if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise EigenError(f"cannot create output directory {parent}: {existing} is not a writable directory")
+    elif not os.access(parent, os.W_OK):
         raise EigenError(f"output directory {parent} is not writable")
     if config.dtype not in DTYPES:
         raise EigenError(f"--dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
@@ -102,10 +106,22 @@ def kv_bytes_per_token(decoder: EigenDecoder, dtype: torch.dtype) -> int:
 
 def export(config: ExportConfig) -> dict:
     """Run the whole export; returns the manifest written to eigen.json."""
-    from eigenkv.artifacts import write_json
-    from eigenkv.exporter.validate import validate
     out = check_output(config)
     max_seq_len = _check_max_seq_len(config)
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return _export(config, out, max_seq_len)
+    except BaseException:
+        for p in created:  # innermost first: leave no empty folders behind
+            if p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
+        raise
+
+
+def _export(config: ExportConfig, out: Path, max_seq_len: int) -> dict:
+    from eigenkv.artifacts import write_json
+    from eigenkv.exporter.validate import validate
     t0 = time.perf_counter()
     result = compress(config.compress)
     dtype = DTYPES[config.dtype]

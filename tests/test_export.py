@@ -190,7 +190,8 @@ def test_bad_output_and_options(workdir, tmp_path, capsys, monkeypatch, case):
     elif case == "max-seq-len":
         extra += ["--max-seq-len", "100000"]
     else:
-        out = tmp_path / "missing" / "m.onnx"
+        (tmp_path / "afile").write_text("")
+        out = tmp_path / "afile" / "m.onnx"
     try:
         assert _export(workdir, "llama", out, *extra) == 2
     finally:
@@ -198,12 +199,13 @@ def test_bad_output_and_options(workdir, tmp_path, capsys, monkeypatch, case):
     err = capsys.readouterr().err.strip()
     assert err.startswith("eigenkv: error:") and "\n" not in err
     expected = {"exists": "pass --force", "unwritable": "not writable", "max-seq-len": "--max-seq-len 100000",
-                "no-dir": "does not exist"}[case]
+                "no-dir": "is not a directory"}[case]
     assert expected in err
     if case == "exists":
         assert out.read_text() == "keep me"
     else:
         assert not out.exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == (["afile"] if case == "no-dir" else [])
 
 
 def test_interrupted_export_leaves_no_graph(workdir, tmp_path):
@@ -244,3 +246,12 @@ def test_node_names_hierarchical_and_export_deterministic(tmp_path):
     assert len(set(names)) == len(names) and all(n.startswith("/model/") for n in names)
     attn = [n.name for n in graphs[0].graph.node if n.domain == spec.DOMAIN]
     assert attn == [f"/model/layers.{i}/attn/LowRankAttention_0" for i in range(3)]
+
+
+def test_missing_output_folders_are_created_and_removed_on_failure(workdir, tmp_path):
+    out = tmp_path / "a" / "b" / "m.onnx"
+    # a failure after the folders were made (rank > head_dim) leaves none of them behind
+    assert _export(workdir, "llama", out, "--key-rank", "99") == 2
+    assert not (tmp_path / "a").exists()
+    assert _export(workdir, "llama", out, "--kv-ratio", "0.5", "--max-seq-len", "64", "--decode-steps", "4") == 0
+    assert out.exists() and (out.parent / "eigen.json").exists()
