@@ -131,6 +131,53 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_build(args) -> int:
+    from eigenkv.engines.build import build
+    config = build(args.onnx, args.output, backend=args.backend, force=args.force)
+    kv = config.kv_layout
+    print(f"built {args.output}: {config.backend} engine, {config.precision}, {kv.n_layers} layers, "
+          f"KV ranks key {min(kv.key_ranks)}..{max(kv.key_ranks)} / value {min(kv.value_ranks)}..{max(kv.value_ranks)}, "
+          f"max_seq_len {kv.max_seq_len}")
+    return 0
+
+
+def _load_tokenizer(config):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(config.tokenizer["path"], gguf_file=config.tokenizer.get("gguf_file"))
+    except (OSError, ValueError) as e:
+        raise EigenError(f"cannot load the tokenizer of {config.tokenizer['path']}: {str(e).splitlines()[0]}") from None
+
+
+def _cmd_run(args) -> int:
+    from eigenkv.engines.runtime import OrtEngine, Sampling, generate
+    sampling = Sampling(args.temperature, args.top_p, args.seed)
+    engine = OrtEngine(args.engine)
+    tokenizer = _load_tokenizer(engine.config)
+    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in args.prompt]
+    stops = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None and not args.ignore_eos else set()
+    stream = len(prompts) == 1 and not args.no_stream
+    shown = [""]
+
+    def on_tokens(step: dict) -> None:  # print the text as it grows (batch 1)
+        tokens.extend(step.values())
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        print(text[len(shown[0]):], end="", flush=True)
+        shown[0] = text
+
+    tokens: list[int] = []
+    if stream:
+        print(args.prompt[0], end="", flush=True)
+    out = generate(engine, prompts, args.max_new_tokens, sampling, stops, on_tokens if stream else None)
+    if stream:
+        print()
+    else:
+        for prompt, new in zip(args.prompt, out):
+            print(prompt + tokenizer.decode(new, skip_special_tokens=True))
+            print("---")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eigenkv", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,6 +196,28 @@ def build_parser() -> argparse.ArgumentParser:
                        description=EXPORT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_export_args(p)
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("build", help="build an engine directory from an exported graph",
+                       description="Build ENGINE_DIR (config.json + model) from export-eigen's OUT.onnx and its "
+                                   "eigen.json. Backend ort: ONNX Runtime optimises the graph once and saves it.")
+    p.add_argument("onnx", metavar="OUT.onnx", help="graph written by export-eigen (eigen.json beside it)")
+    p.add_argument("-o", "--output", required=True, metavar="ENGINE_DIR")
+    p.add_argument("--backend", choices=("ort", "trt"), default="ort", help="ort (ONNX Runtime) or trt (TensorRT)")
+    p.add_argument("--force", action="store_true", help="replace ENGINE_DIR")
+    p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("run", help="generate text with an engine",
+                       description="Generate with an engine: prefill, then decode through its compressed KV "
+                                   "buffers. Several --prompt run as one batch.")
+    p.add_argument("engine", metavar="ENGINE_DIR")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    p.add_argument("--no-stream", action="store_true", help="print only when done")
+    p.set_defaults(func=_cmd_run)
     return parser
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from tiny_models import FAMILIES, save_tiny
+from tiny_models import FAMILIES, ensure_model as _ensure_model, export_tiny as _export, folded_for_manifest as _folded_decoder
 
 from eigenkv.cli import main
 from eigenkv.plugins import spec
@@ -29,19 +29,6 @@ def workdir(tmp_path_factory):
     return root
 
 
-def _ensure_model(workdir, family):
-    model = workdir / family
-    if not model.exists():
-        save_tiny(family, model)
-    return model
-
-
-def _export(workdir, family, out, *extra):
-    model = _ensure_model(workdir, family)
-    return main(["export", str(out), "--model", str(model), "--calib-text", str(workdir / "calib.txt"),
-                 "--calib-samples", "4", "--calib-seq-len", "32", "--eval-tokens", "0", "--no-progress", *extra])
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
 def exported(request, workdir):
     family = request.param
@@ -49,17 +36,6 @@ def exported(request, workdir):
     out.parent.mkdir()
     assert _export(workdir, family, out, "--kv-ratio", "0.5", "--max-seq-len", "64") == 0
     return family, out, json.loads((out.parent / "eigen.json").read_text())
-
-
-def _folded_decoder(workdir, family, manifest):
-    """Rebuild the folded torch model the graph came from (same calibration, same ranks)."""
-    from eigenkv.exporter.pipeline import CompressConfig, compress
-    config = CompressConfig(model=str(workdir / family), kv_ratio=0.5, calib_text=str(workdir / "calib.txt"),
-                            calib_samples=4, calib_seq_len=32, eval_tokens=0, progress=False,
-                            rope_mode=manifest["rope_mode"] if manifest["rope_mode"] in ("pre", "joint") else "pre")
-    folded = compress(config).folded
-    assert folded.key_ranks == manifest["key_ranks"] and folded.value_ranks == manifest["value_ranks"]
-    return folded
 
 
 def test_graph_structure(exported):

@@ -53,3 +53,33 @@ def save_tiny(model_type: str, path, seed: int = 0):
     tiny_model(model_type, seed).save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
     return path
+
+
+# ---- export helpers shared by the export and engine tests ------------------------------------
+# workdir holds calib.txt; models are saved there once per family.
+
+def ensure_model(workdir, family):
+    model = workdir / family
+    if not model.exists():
+        save_tiny(family, model)
+    return model
+
+
+def export_tiny(workdir, family, out, *extra):
+    model = ensure_model(workdir, family)
+    from eigenkv.cli import main
+    return main(["export", str(out), "--model", str(model), "--calib-text", str(workdir / "calib.txt"),
+                 "--calib-samples", "4", "--calib-seq-len", "32", "--eval-tokens", "0", "--no-progress", *extra])
+
+
+def folded_for_manifest(workdir, family, manifest):
+    """Rebuild the folded torch model the graph came from (same calibration, same ranks)."""
+    from eigenkv.exporter.pipeline import CompressConfig, compress
+    config = CompressConfig(model=str(workdir / family), kv_ratio=0.5, calib_text=str(workdir / "calib.txt"),
+                            calib_samples=4, calib_seq_len=32, eval_tokens=0, progress=False,
+                            rope_mode=manifest["rope_mode"] if manifest["rope_mode"] in ("pre", "joint") else "pre")
+    folded = compress(config).folded
+    assert folded.key_ranks == manifest["key_ranks"] and folded.value_ranks == manifest["value_ranks"]
+    return folded
+
+

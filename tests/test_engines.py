@@ -1,0 +1,142 @@
+"""Engines (ort backend) and the runtime: parity with torch, batching, in-place KV, bad input."""
+
+import json
+
+import pytest
+import torch
+from tiny_models import export_tiny, folded_for_manifest
+
+from eigenkv.cli import main
+from eigenkv.engines.runtime import OrtEngine, Sampling, generate
+from eigenkv.errors import EigenError
+
+TEXT = "The quick brown fox jumps over the lazy dog. " * 80
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engines")
+    (root / "calib.txt").write_text(TEXT)
+    out = root / "exp" / "model.onnx"
+    assert export_tiny(root, "llama", out, "--kv-ratio", "0.5", "--max-seq-len", "96", "--decode-steps", "4") == 0
+    engine_dir = root / "engine"
+    assert main(["build", str(out), "-o", str(engine_dir), "--backend", "ort"]) == 0
+    manifest = json.loads((out.parent / "eigen.json").read_text())
+    folded = folded_for_manifest(root, "llama", manifest).with_max_positions(96)
+    return root, out, engine_dir, folded
+
+
+@torch.no_grad()
+def _torch_greedy(decoder, prompt, steps):
+    cache = decoder.new_cache(1, len(prompt) + steps)
+    logits = decoder(torch.tensor([prompt]), torch.arange(len(prompt))[None], cache)[0, -1]
+    out = []
+    for t in range(steps):
+        out.append(int(logits.argmax()))
+        logits = decoder(torch.tensor([[out[-1]]]), torch.tensor([[len(prompt) + t]]), cache)[0, -1]
+    return out
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 12, 3, 9)]
+
+
+def test_engine_config_records_layout_and_runtime(built):
+    _, _, engine_dir, folded = built
+    config = json.loads((engine_dir / "config.json").read_text())
+    assert config["backend"] == "ort" and config["schema_version"] == 1
+    assert config["kv_layout"]["key_ranks"] == folded.key_ranks and config["runtime"]["onnxruntime"]
+
+
+def test_greedy_64_tokens_match_torch_and_batch_matches_alone(built):
+    _, _, engine_dir, folded = built
+    engine = OrtEngine(engine_dir)
+    prompts = _prompts()
+    alone = [generate(engine, [p], 64)[0] for p in prompts]
+    assert alone[0] == _torch_greedy(folded, prompts[0], 64)
+    assert generate(engine, prompts, 64) == alone  # batch 4, different prompt lengths
+
+
+def test_kv_buffers_never_move_or_rebind_during_decode(built):
+    _, _, engine_dir, _ = built
+    engine = OrtEngine(engine_dir)
+    seen = []
+    generate(engine, _prompts()[:2], 20, on_cache=lambda cache: seen.append(cache.pointers()))
+    assert len(seen) == 19 and all(p == seen[0] for p in seen)
+    assert engine.binds == 2 * 3  # one binding per layer and kind, for the whole call
+
+
+def test_sampling_is_seeded_and_stops(built):
+    _, _, engine_dir, _ = built
+    engine = OrtEngine(engine_dir)
+    s = Sampling(temperature=0.9, top_p=0.8, seed=3)
+    a, b = generate(engine, [[1, 2, 3]], 16, s), generate(engine, [[1, 2, 3]], 16, s)
+    assert a == b and a != generate(engine, [[1, 2, 3]], 16, Sampling(0.9, 0.8, seed=4))
+    greedy = generate(engine, [[1, 2, 3]], 16)[0]
+    stopped = generate(engine, [[1, 2, 3]], 16, stop_tokens={greedy[3]})[0]
+    assert stopped == greedy[: greedy.index(greedy[3]) + 1]
+    streamed = []
+    generate(engine, [[1, 2, 3]], 8, on_tokens=lambda step: streamed.append(step[0]))
+    assert streamed == greedy[:8]
+
+
+def test_cli_run_streams_text(built, capsys):
+    _, _, engine_dir, _ = built
+    assert main(["run", str(engine_dir), "--prompt", "fox", "--max-new-tokens", "5", "--ignore-eos"]) == 0
+    assert capsys.readouterr().out.startswith("fox")
+
+
+@pytest.mark.parametrize("case", ["truncated", "newer-schema", "wrong-backend", "too-long", "not-engine"])
+def test_bad_engines_and_prompts(built, tmp_path, capsys, case):
+    import shutil
+    _, _, engine_dir, _ = built
+    broken = tmp_path / "e"
+    shutil.copytree(engine_dir, broken)
+    args = ["run", str(broken), "--prompt", "fox", "--max-new-tokens", "4"]
+    if case == "truncated":
+        model = broken / "model.onnx"
+        model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+        expected = "corrupt or truncated"
+    elif case == "newer-schema":
+        cfg = json.loads((broken / "config.json").read_text())
+        cfg["schema_version"] = 99
+        (broken / "config.json").write_text(json.dumps(cfg))
+        expected = "newer than this eigenkv reads"
+    elif case == "wrong-backend":
+        cfg = json.loads((broken / "config.json").read_text())
+        cfg["backend"] = "trt"
+        (broken / "config.json").write_text(json.dumps(cfg))
+        expected = "is a 'trt' engine, not 'ort'"
+    elif case == "too-long":
+        args = ["run", str(broken), "--prompt", "x" * 90, "--max-new-tokens", "10"]
+        expected = "exceeds the engine's max_seq_len 96"
+    else:
+        (broken / "config.json").unlink()
+        expected = "not an engine directory"
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("eigenkv: error:") and expected in err and "\n" not in err, err
+
+
+def test_build_refuses_trt_and_missing_manifest(built, tmp_path, capsys):
+    _, out, _, _ = built
+    assert main(["build", str(out), "-o", str(tmp_path / "t"), "--backend", "trt"]) == 2
+    assert "TensorRT" in capsys.readouterr().err
+    lone = tmp_path / "lone.onnx"
+    lone.write_bytes(out.read_bytes())
+    assert main(["build", str(lone), "-o", str(tmp_path / "t")]) == 2
+    assert "no eigen.json" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
+def test_runtime_version_mismatch_says_rebuild(built, tmp_path):
+    import shutil
+    _, _, engine_dir, _ = built
+    shutil.copytree(engine_dir, tmp_path / "e")
+    cfg = json.loads((tmp_path / "e" / "config.json").read_text())
+    cfg["runtime"]["onnxruntime"] = "0.0.1"
+    (tmp_path / "e" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EigenError, match="rebuild it with `eigenkv build"):
+        OrtEngine(tmp_path / "e")
