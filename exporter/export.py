@@ -120,6 +120,9 @@ def export(config: ExportConfig) -> dict:
 
 
 def _export(config: ExportConfig, out: Path, max_seq_len: int) -> dict:
+    import onnx  # noqa: F401 - heavy imports before any file exists, so an interrupt never lands in one
+    import onnxruntime  # noqa: F401
+
     from eigenkv.artifacts import write_json
     from eigenkv.exporter.validate import validate
     t0 = time.perf_counter()
