@@ -124,7 +124,10 @@ def _cmd_export(args) -> int:
           f"{manifest['op']['domain']}::{manifest['op']['name']} nodes, {manifest['dtype']}, "
           f"max_seq_len {manifest['max_seq_len']}")
     print(f"KV cache: {kv['compressed']} / {kv['original']} bytes per token")
-    print(f"validation vs torch: prefill max |logit diff| {v['prefill_max_abs_logit_diff']:.2e}; "
+    vs64 = v["prefill_max_abs_logit_diff_vs_float64"]
+    detail = "" if vs64 is None else (f" ({vs64:.2e} vs the float64 model, where torch fp32 itself is "
+                                      f"{v['torch_float32_max_abs_logit_diff_vs_float64']:.2e})")
+    print(f"validation vs torch: prefill max |logit diff| {v['prefill_max_abs_logit_diff']:.2e}{detail}; "
           f"{v['decode_steps']} greedy tokens {'identical' if v['decode_tokens_equal'] else 'DIFFER'}")
     for name, p in manifest["perplexity"].items():
         print(f"perplexity {name}: {p['original']:.3f} -> {p['folded']:.3f} ({p['increase_pct']:+.1f}%)")
