@@ -171,7 +171,8 @@ def _cmd_run(args) -> int:
     tokens: list[int] = []
     if stream:
         print(args.prompt[0], end="", flush=True)
-    out = generate(engine, prompts, args.max_new_tokens, sampling, stops, on_tokens if stream else None)
+    out = generate(engine, prompts, args.max_new_tokens, sampling, stops, on_tokens if stream else None,
+                   prefill_chunk=args.prefill_chunk)
     if stream:
         print()
     else:
@@ -220,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.add_argument("--no-stream", action="store_true", help="print only when done")
+    p.add_argument("--prefill-chunk", type=int, metavar="N", help="prefill long prompts N tokens at a time")
     p.set_defaults(func=_cmd_run)
     return parser
 

@@ -124,12 +124,16 @@ class OrtEngine:
 
 def generate(engine: OrtEngine, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
              stop_tokens: Iterable[int] = (), on_tokens: Callable[[dict[int, int]], None] | None = None,
-             on_cache: Callable[[KVBuffers], None] | None = None) -> list[list[int]]:
+             on_cache: Callable[[KVBuffers], None] | None = None, prefill_chunk: int | None = None
+             ) -> list[list[int]]:
     """Prompts of any lengths (right-padded into one batch) -> new tokens per prompt.
 
     Each sequence writes at its own cache length, so padding never reaches its attention.
     Generation stops per sequence at a stop token (kept) or after max_new_tokens.
+    `prefill_chunk` bounds the tokens per prefill step (attention memory grows with it).
     """
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise EigenError("prefill_chunk must be >= 1")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise EigenError("every prompt needs at least one token")
     if max_new_tokens < 0:
@@ -146,8 +150,7 @@ def generate(engine: OrtEngine, prompts: list[list[int]], max_new_tokens: int, s
         ids[b, : len(p)] = p
     cache = engine.new_cache(batch, max(capacity, width + 1))
     binding = engine.binding(cache)
-    logits = engine.step(binding, ids, np.broadcast_to(np.arange(width), (batch, width)), np.zeros(batch, np.int64))
-    last = logits[np.arange(batch), lengths - 1]
+    last = _prefill(engine, binding, ids, lengths, prefill_chunk or width)
     rng = np.random.default_rng(sampling.seed)
     stops, done = set(stop_tokens), np.zeros(batch, dtype=bool)
     out: list[list[int]] = [[] for _ in prompts]
@@ -166,3 +169,18 @@ def generate(engine: OrtEngine, prompts: list[list[int]], max_new_tokens: int, s
         if on_cache is not None:
             on_cache(cache)
     return out
+
+
+def _prefill(engine: OrtEngine, binding, ids: np.ndarray, lengths: np.ndarray, chunk: int) -> np.ndarray:
+    """Right-padded prompts ids [B, W] in chunks -> logits at each prompt's last token [B, V]."""
+    batch, width = ids.shape
+    last = None
+    for start in range(0, width, chunk):
+        stop = min(start + chunk, width)
+        positions = np.broadcast_to(np.arange(start, stop), (batch, stop - start))
+        logits = engine.step(binding, ids[:, start:stop], positions, np.full(batch, start, np.int64))
+        if last is None:
+            last = np.empty((batch, logits.shape[-1]), dtype=logits.dtype)
+        ends = (lengths - 1 >= start) & (lengths - 1 < stop)
+        last[ends] = logits[ends, (lengths - 1 - start)[ends]]
+    return last

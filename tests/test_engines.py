@@ -56,6 +56,7 @@ def test_greedy_64_tokens_match_torch_and_batch_matches_alone(built):
     alone = [generate(engine, [p], 64)[0] for p in prompts]
     assert alone[0] == _torch_greedy(folded, prompts[0], 64)
     assert generate(engine, prompts, 64) == alone  # batch 4, different prompt lengths
+    assert generate(engine, prompts, 16, prefill_chunk=4) == [a[:16] for a in alone]  # chunked prefill
 
 
 def test_kv_buffers_never_move_or_rebind_during_decode(built):
