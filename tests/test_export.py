@@ -193,7 +193,9 @@ def test_interrupted_export_leaves_no_graph(workdir, tmp_path, sig):
     cmd = [sys.executable, "-m", "eigenkv.cli", "export", str(out), "--model", str(save), "--calib-text",
            str(workdir / "calib.txt"), "--calib-samples", "4", "--calib-seq-len", "32", "--eval-tokens", "0",
            "--no-progress", "--kv-ratio", "0.5", "--decode-steps", "126", "--max-seq-len", "128"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell that runs us in the background ignores SIGINT, and children inherit that: restore it
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def reached() -> bool:  # SIGINT once the graph is in the temporary folder, SIGKILL as soon as it exists
         tmp = [p for p in tmp_path.iterdir() if p.name.startswith(".m.onnx.")]
