@@ -182,6 +182,30 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"values must be >= 1, got {text!r}")
+    return values
+
+
+def _cmd_bench(args) -> int:
+    from pathlib import Path
+
+    from eigenkv.engines.bench import BenchConfig, bench, markdown, write
+    config = BenchConfig(contexts=args.contexts, batches=args.batches, decode_tokens=args.decode_tokens,
+                         warmup=args.warmup, repeats=args.repeats, prefill_chunk=args.prefill_chunk,
+                         threads=args.threads, progress=not args.no_progress)
+    result = bench(args.engine, args.baseline, config)
+    files = write(result, Path(args.out))
+    print(markdown(result))
+    print(f"peak RSS {result['peak_rss_mib']} MiB; wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eigenkv", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -223,6 +247,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stream", action="store_true", help="print only when done")
     p.add_argument("--prefill-chunk", type=int, metavar="N", help="prefill long prompts N tokens at a time")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("bench", help="decode/prefill latency of an engine against a baseline engine",
+                       description="Both engines in one process, same random prompts, interleaved runs after "
+                                   "warm-up: prefill latency, per-token decode latency p50/p90, tokens/s and KV "
+                                   "bytes at each context and batch. Writes OUT/bench.json, bench.md (+ bench.png "
+                                   "with matplotlib).")
+    p.add_argument("engine", metavar="ENGINE_DIR", help="the compressed engine")
+    p.add_argument("--baseline", required=True, metavar="ENGINE_DIR", help="e.g. built from export-eigen --no-compress")
+    p.add_argument("--contexts", type=_ints, default=(512, 1024, 2048, 4096), metavar="N,N,...")
+    p.add_argument("--batches", type=_ints, default=(1, 8), metavar="N,N,...")
+    p.add_argument("--decode-tokens", type=int, default=32, metavar="N")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--prefill-chunk", type=int, default=512, metavar="N")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    p.add_argument("--out", default="bench-results", metavar="DIR")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -96,6 +96,12 @@ class OrtEngine:
         self.present = [io["outputs"][k].format(i=i) for i in range(n) for k in ("present_key", "present_value")]
         self.binds = 0  # KV buffer bindings made (a test checks they stay per call, not per token)
 
+    @property
+    def vocab_size(self) -> int:
+        """From the graph's logits output [B, S, V]."""
+        name = self.config.io["outputs"]["logits"]
+        return int(next(o.shape[-1] for o in self.session.get_outputs() if o.name == name))
+
     def new_cache(self, batch: int, capacity: int) -> KVBuffers:
         if capacity > self.layout.max_seq_len:
             raise EigenError(f"{capacity} tokens exceed the engine's max_seq_len {self.layout.max_seq_len}")

@@ -141,3 +141,26 @@ def test_runtime_version_mismatch_says_rebuild(built, tmp_path):
     (tmp_path / "e" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(EigenError, match="rebuild it with `eigenkv build"):
         OrtEngine(tmp_path / "e")
+
+
+def test_bench_compressed_vs_baseline_writes_tables(built, tmp_path):
+    root, _, engine_dir, _ = built
+    base = root / "base" / "model.onnx"
+    if not base.exists():
+        assert export_tiny(root, "llama", base, "--no-compress", "--max-seq-len", "96", "--decode-steps", "4") == 0
+        assert main(["build", str(base), "-o", str(root / "base-engine")]) == 0
+    out = tmp_path / "bench"
+    assert main(["bench", str(engine_dir), "--baseline", str(root / "base-engine"), "--contexts", "8,32",
+                 "--batches", "1,2", "--decode-tokens", "4", "--repeats", "1", "--prefill-chunk", "16",
+                 "--out", str(out), "--no-progress"]) == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert len(result["points"]) == 2 * 2 * 2
+    by = {(p["engine"], p["context"], p["batch"]): p for p in result["points"]}
+    for (_, ctx, batch), p in by.items():
+        assert p["decode_steps_timed"] == 4 and p["decode_ms_p50"] > 0 and p["prefill_ms_median"] > 0
+    comp, base_cfg = (json.loads((d / "config.json").read_text())["kv_layout"]
+                      for d in (engine_dir, root / "base-engine"))
+    ratio = (sum(comp["key_ranks"]) + sum(comp["value_ranks"])) / (sum(base_cfg["key_ranks"]) + sum(base_cfg["value_ranks"]))
+    p_c, p_b = by[("compressed", 32, 2)], by[("baseline", 32, 2)]
+    assert p_c["kv_bytes"] / p_b["kv_bytes"] == pytest.approx(ratio)
+    assert "speed-up" in (out / "bench.md").read_text()

@@ -1,0 +1,144 @@
+"""`eigenkv bench ENGINE --baseline ENGINE2`: both engines in one process, same prompts,
+interleaved runs; prefill latency, per-token decode latency p50/p90, tokens/s, KV bytes.
+
+Each (context, batch) point runs warm-up rounds, then `repeats` rounds alternating which
+engine goes first, on the same random prompt. Writes bench.json and bench.md (and
+bench.png when matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from eigenkv.engines.runtime import OrtEngine, _prefill
+from eigenkv.errors import EigenError
+
+
+@dataclass
+class BenchConfig:
+    contexts: tuple[int, ...] = (512, 1024, 2048, 4096)
+    batches: tuple[int, ...] = (1, 8)
+    decode_tokens: int = 32
+    warmup: int = 1
+    repeats: int = 2
+    prefill_chunk: int = 512
+    threads: int = 0  # 0: onnxruntime's default
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Point:
+    engine: str
+    context: int
+    batch: int
+    prefill_s: list[float] = field(default_factory=list)
+    step_s: list[float] = field(default_factory=list)
+    kv_bytes: int = 0
+
+    def summary(self) -> dict:
+        steps = np.array(self.step_s) * 1e3
+        return {"engine": self.engine, "context": self.context, "batch": self.batch,
+                "prefill_ms_median": round(float(np.median(self.prefill_s)) * 1e3, 2),
+                "decode_ms_p50": round(float(np.percentile(steps, 50)), 3),
+                "decode_ms_p90": round(float(np.percentile(steps, 90)), 3),
+                "tokens_per_s": round(self.batch * 1e3 / float(steps.mean()), 2),
+                "kv_bytes": self.kv_bytes, "decode_steps_timed": int(steps.size)}
+
+
+def _run_once(engine: OrtEngine, prompt: np.ndarray, config: BenchConfig, point: Point | None) -> None:
+    """One prefill (chunked) + `decode_tokens` greedy steps; timings go into `point`."""
+    batch, ctx = prompt.shape
+    cache = engine.new_cache(batch, ctx + config.decode_tokens + 1)
+    binding = engine.binding(cache)
+    lengths = np.full(batch, ctx, dtype=np.int64)
+    t0 = time.perf_counter()
+    last = _prefill(engine, binding, prompt, lengths, config.prefill_chunk)
+    t1 = time.perf_counter()
+    steps = []
+    for _ in range(config.decode_tokens):
+        tokens = last.argmax(-1)
+        s0 = time.perf_counter()
+        last = engine.step(binding, tokens[:, None], lengths[:, None], lengths)[:, 0]
+        steps.append(time.perf_counter() - s0)
+        lengths = lengths + 1
+    if point is not None:
+        point.prefill_s.append(t1 - t0)
+        point.step_s += steps
+        point.kv_bytes = sum(v.numpy().nbytes for v in cache.values)
+
+
+def bench(engine_dir: Path, baseline_dir: Path, config: BenchConfig) -> dict:
+    engines = {"compressed": OrtEngine(engine_dir, config.threads), "baseline": OrtEngine(baseline_dir, config.threads)}
+    sources = {e.config.source.get("source_hash") for e in engines.values()}
+    if len(sources) != 1:
+        raise EigenError("the two engines come from different source models; compare engines of one checkpoint")
+    limit = min(e.layout.max_seq_len for e in engines.values())
+    if max(config.contexts) + config.decode_tokens + 1 > limit:
+        raise EigenError(f"context {max(config.contexts)} + {config.decode_tokens} decode tokens exceeds the "
+                         f"engines' max_seq_len {limit}")
+    rng = np.random.default_rng(config.seed)
+    points = []
+    grid = [(c, b) for b in config.batches for c in config.contexts]
+    for ctx, batch in tqdm(grid, desc="bench", unit="point", disable=not config.progress):
+        prompt = rng.integers(0, engines["compressed"].vocab_size, size=(batch, ctx), dtype=np.int64)
+        results = {name: Point(name, ctx, batch) for name in engines}
+        for r in range(config.warmup + config.repeats):
+            order = list(engines) if r % 2 == 0 else list(reversed(engines))
+            for name in order:
+                _run_once(engines[name], prompt, config, results[name] if r >= config.warmup else None)
+        points += [p.summary() for p in results.values()]
+    return {"machine": f"{platform.machine()} CPU, {platform.platform()}",
+            "engines": {name: str(e.dir) for name, e in engines.items()},
+            "config": asdict(config), "points": points,
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def markdown(result: dict) -> str:
+    rows = {(p["context"], p["batch"], p["engine"]): p for p in result["points"]}
+    lines = ["| context | batch | decode ms/token p50 (compressed / baseline) | p90 | tokens/s | "
+             "speed-up | prefill ms | KV MiB |", "|---|---|---|---|---|---|---|---|"]
+    for ctx, batch, _ in sorted(k for k in rows if k[2] == "compressed"):
+        c, b = rows[(ctx, batch, "compressed")], rows[(ctx, batch, "baseline")]
+        lines.append(
+            f"| {ctx} | {batch} | {c['decode_ms_p50']:.1f} / {b['decode_ms_p50']:.1f} | "
+            f"{c['decode_ms_p90']:.1f} / {b['decode_ms_p90']:.1f} | {c['tokens_per_s']:.1f} / {b['tokens_per_s']:.1f} | "
+            f"{b['decode_ms_p50'] / c['decode_ms_p50']:.2f}x | {c['prefill_ms_median']:.0f} / {b['prefill_ms_median']:.0f} | "
+            f"{c['kv_bytes'] / 2**20:.1f} / {b['kv_bytes'] / 2**20:.1f} |")
+    return "\n".join(lines)
+
+
+def write(result: dict, out_dir: Path) -> list[Path]:
+    from eigenkv.artifacts import atomic_path, write_json
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "bench.json", result)
+    with atomic_path(out_dir / "bench.md") as tmp:
+        tmp.write_text(markdown(result) + "\n")
+    written = [out_dir / "bench.json", out_dir / "bench.md"]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return written
+    fig, axes = plt.subplots(1, len(result["config"]["batches"]), figsize=(5 * len(result["config"]["batches"]), 4))
+    for ax, batch in zip(np.atleast_1d(axes), result["config"]["batches"]):
+        for name in ("compressed", "baseline"):
+            pts = sorted((p["context"], p["decode_ms_p50"]) for p in result["points"]
+                         if p["engine"] == name and p["batch"] == batch)
+            ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set(title=f"batch {batch}", xlabel="context (tokens)", ylabel="decode ms/token (p50)")
+        ax.legend()
+    fig.tight_layout()
+    with atomic_path(out_dir / "bench.png") as tmp:
+        fig.savefig(tmp, format="png")
+    written.append(out_dir / "bench.png")
+    return written
