@@ -1,5 +1,6 @@
 """Engines (ort backend) and the runtime: parity with torch, batching, in-place KV, bad input."""
 
+import importlib.util
 import json
 
 import pytest
@@ -164,3 +165,5 @@ def test_bench_compressed_vs_baseline_writes_tables(built, tmp_path):
     p_c, p_b = by[("compressed", 32, 2)], by[("baseline", 32, 2)]
     assert p_c["kv_bytes"] / p_b["kv_bytes"] == pytest.approx(ratio)
     assert "speed-up" in (out / "bench.md").read_text()
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
