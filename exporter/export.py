@@ -168,13 +168,14 @@ FP32_LOGIT_TOLERANCE = 1e-3  # max |logit diff| of the fp32 graph
 def _require_parity(figures: dict, dtype: torch.dtype) -> None:
     """fp32 graphs must give every greedy token of torch, and prefill logits within 1e-3 of the
     folded torch model, or, where torch's own float32 round-off is that large (the default
-    model's logits reach ~30), within max(1e-3, 2x torch fp32's distance) of the float64
-    model. fp16 graphs are reported, not judged."""
+    model's logits reach ~30), within max(1e-3, 3x torch fp32's distance) of the float64
+    model: export bugs give errors of order 1, round-off stays near torch's own. fp16
+    graphs are reported, not judged."""
     if dtype != torch.float32:
         return
     diff, vs64, torch64 = (figures["prefill_max_abs_logit_diff"], figures["prefill_max_abs_logit_diff_vs_float64"],
                            figures["torch_float32_max_abs_logit_diff_vs_float64"])
-    close = diff <= FP32_LOGIT_TOLERANCE or (vs64 is not None and vs64 <= max(FP32_LOGIT_TOLERANCE, 2 * torch64))
+    close = diff <= FP32_LOGIT_TOLERANCE or (vs64 is not None and vs64 <= max(FP32_LOGIT_TOLERANCE, 3 * torch64))
     if not close or not figures["decode_tokens_equal"]:
         raise EigenError(f"validation failed: prefill max |logit diff| {diff:.2e} vs torch fp32, {vs64} vs float64 "
                          f"(torch fp32 itself: {torch64}); greedy tokens equal: {figures['decode_tokens_equal']}")
