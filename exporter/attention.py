@@ -34,6 +34,12 @@ class Rope(nn.Module):
         return apply_rope(x, positions[:, None, :], self.cos, self.sin)
 
 
+def slot_index(starts: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """Scatter index writing update [B, H, S, r] at slots starts[b] + 0..S-1 along dim 2."""
+    slots = starts[:, None] + torch.arange(update.shape[2])  # [B, S]
+    return slots[:, None, :, None].expand(-1, update.shape[1], -1, update.shape[3])
+
+
 class KVCache:
     """Preallocated per-layer buffers key [B, Hkv, Smax, r_k_i], value [B, Hkv, Smax, r_v_i].
 
@@ -52,10 +58,8 @@ class KVCache:
         seq = k.shape[2]
         if int(self.lengths.max()) + seq > self.max_len:
             raise ValueError(f"cache full: {int(self.lengths.max())} + {seq} tokens > capacity {self.max_len}")
-        slots = self.lengths[:, None] + torch.arange(seq)  # [B, S]
         for buf, new in ((self.keys[layer], k), (self.values[layer], v)):
-            idx = slots[:, None, :, None].expand(-1, new.shape[1], -1, new.shape[3])
-            buf.scatter_(2, idx, new.to(buf.dtype))
+            buf.scatter_(2, slot_index(self.lengths, new), new.to(buf.dtype))
         return self.keys[layer], self.values[layer], self.lengths + seq
 
     def advance(self, seq: int) -> None:

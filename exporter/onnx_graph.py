@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from eigenkv.exporter.attention import slot_index
 from eigenkv.exporter.decoder import EigenDecoder
 
 OPSET = 24
@@ -27,9 +28,7 @@ def tensor_scatter(past: torch.Tensor, update: torch.Tensor, write_indices: torc
         return torch.onnx.ops.symbolic("::TensorScatter", (past, update, write_indices),
                                        dict(axis=-2, mode="linear"), dtype=past.dtype, shape=past.shape,
                                        version=OPSET)
-    slots = write_indices[:, None] + torch.arange(update.shape[2])
-    idx = slots[:, None, :, None].expand(-1, update.shape[1], -1, update.shape[3])
-    return past.scatter(2, idx, update.to(past.dtype))
+    return past.scatter(2, slot_index(write_indices, update), update.to(past.dtype))
 
 
 class GraphCache:

@@ -114,15 +114,15 @@ def _saved_ranks(config: CompressConfig, decoder: EigenDecoder, source_hash: str
     mine = {"model_type": decoder.family.model_type, "source_hash": source_hash, "n_layers": d.n_layers,
             "n_kv_heads": d.n_kv_heads, "head_dim": d.head_dim}
     wrong = [k for k, v in mine.items() if meta.get(k) != v]
+    rope_mode = meta["rope_mode"] if meta["rope_mode"] in ROPE_MODES else config.rope_mode  # the bases' own mode
     if wrong:
         raise EigenError(f"--projections {config.projections} was made for another model "
                          f"({', '.join(f'{k}={meta.get(k)!r}' for k in wrong)}); recalibrate without --projections")
-    config.rope_mode = meta["rope_mode"] if meta["rope_mode"] in ROPE_MODES else config.rope_mode
     if config.kv_ratio is not None:
         key_ranks, value_ranks = rank_sel.allocate_kv_ratio(bases, config.kv_ratio, d.n_kv_heads)
         return bases, key_ranks, value_ranks, {"method": "kv-ratio", "target": config.kv_ratio,
-                                               "projections": str(config.projections)}
-    return bases, meta["key_ranks"], meta["value_ranks"], {"method": "projections file",
+                                               "projections": str(config.projections), "rope_mode": rope_mode}
+    return bases, meta["key_ranks"], meta["value_ranks"], {"method": "projections file", "rope_mode": rope_mode,
                                                            "projections": str(config.projections)}
 
 
@@ -169,7 +169,7 @@ def compress(config: CompressConfig) -> CompressResult:
         details, folded = {"method": "none (uncompressed baseline)"}, decoder
     elif config.projections:
         bases, key_ranks, value_ranks, details = _saved_ranks(config, decoder, source_hash)
-        folded = fold(decoder, bases, key_ranks, value_ranks, config.rope_mode)
+        folded = fold(decoder, bases, key_ranks, value_ranks, details["rope_mode"])
     else:
         bases, key_ranks, value_ranks, details = choose_ranks(config, decoder, samples)
         folded = fold(decoder, bases, key_ranks, value_ranks, config.rope_mode)
@@ -181,7 +181,7 @@ def compress(config: CompressConfig) -> CompressResult:
         "model_type": model.config.model_type,
         "n_layers": dims.n_layers, "n_heads": dims.n_heads, "n_kv_heads": dims.n_kv_heads, "head_dim": dims.head_dim,
         "rope_mode": ("none" if decoder.family.positions != "rope" else
-                      "uncompressed" if config.no_compress else config.rope_mode),
+                      "uncompressed" if config.no_compress else details.get("rope_mode", config.rope_mode)),
         "calibration": {"text": config.calib_text, "samples": config.calib_samples, "seq_len": config.calib_seq_len},
         "ranks": {"key": key_ranks, "value": value_ranks, **details},
         "kv_ratio": round(rank_sel.kv_ratio(key_ranks, value_ranks, dims.head_dim), 6),
