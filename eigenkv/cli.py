@@ -160,6 +160,7 @@ def _cmd_run(args) -> int:
     prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in args.prompt]
     stops = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None and not args.ignore_eos else set()
     stream = len(prompts) == 1 and not args.no_stream
+    tokens: list[int] = []
     shown = [""]
 
     def on_tokens(step: dict) -> None:  # print the text as it grows (batch 1)
@@ -168,7 +169,6 @@ def _cmd_run(args) -> int:
         print(text[len(shown[0]):], end="", flush=True)
         shown[0] = text
 
-    tokens: list[int] = []
     if stream:
         print(args.prompt[0], end="", flush=True)
     out = generate(engine, prompts, args.max_new_tokens, sampling, stops, on_tokens if stream else None,

@@ -28,9 +28,6 @@ class KVLayout:
     value_ranks: list[int]
     max_seq_len: int
 
-    def bytes_per_token(self, element_size: int) -> int:
-        return element_size * self.n_kv_heads * (sum(self.key_ranks) + sum(self.value_ranks))
-
 
 @dataclass
 class EngineConfig:

@@ -63,9 +63,6 @@ class KVBuffers:
     def pointers(self) -> list[int]:
         return [v.data_ptr() for v in self.values]
 
-    def numpy(self, i: int) -> np.ndarray:
-        return self.values[i].numpy()
-
 
 class OrtEngine:
     """An `ort` engine directory, loaded; `step` runs the graph once over bound buffers."""

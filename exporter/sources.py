@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,7 +148,3 @@ def split_for_calibration(tokens: torch.Tensor, n_samples: int, seq_len: int, so
         raise EigenError(f"calibration text {source!r} has {tokens.numel()} tokens; {n_samples} samples × "
                          f"{seq_len} tokens need {need} (use a longer text or fewer/shorter samples)")
     return tokens[:need].view(n_samples, seq_len)
-
-
-def cpu_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
