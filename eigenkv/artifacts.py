@@ -13,7 +13,7 @@ import torch
 
 from eigenkv.errors import EigenError
 
-PROJECTIONS_SCHEMA = 1
+PROJECTIONS_SCHEMA = 2  # 2: folded attention tensors (1 held bases)
 
 
 @contextmanager
@@ -51,31 +51,39 @@ def ensure_output_dir(path: Path, force: bool) -> Path:
     return path
 
 
-def save_projections(path: Path, bases, key_ranks, value_ranks, meta: dict) -> None:
-    """bases: list of LayerBases -> one safetensors file with JSON metadata."""
+ATTENTION_TENSORS = ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias",
+                     "o_proj.weight", "o_proj.bias", "key_up", "joint_basis", "joint_query_basis")
+
+
+def save_projections(path: Path, folded, meta: dict) -> None:
+    """The folded attention tensors of every layer (what `fold` and healing produced) plus
+    JSON metadata (ranks, key mode, source model hash) -> one safetensors file."""
     from safetensors.torch import save_file
     tensors = {}
-    for i, b in enumerate(bases):
-        for name in ("key", "key_sv", "value", "value_sv"):
-            tensors[f"layers.{i}.{name}"] = getattr(b, name).to(torch.float32).contiguous()
-    header = dict(meta, schema=PROJECTIONS_SCHEMA, key_ranks=list(key_ranks), value_ranks=list(value_ranks))
+    for i, layer in enumerate(folded.layers):
+        state = layer.attn.state_dict()
+        for name in ATTENTION_TENSORS:
+            if state.get(name) is not None:
+                tensors[f"layers.{i}.{name}"] = state[name].detach().to(torch.float32).contiguous()
+    header = dict(meta, schema=PROJECTIONS_SCHEMA, key_ranks=folded.key_ranks, value_ranks=folded.value_ranks,
+                  key_mode=folded.layers[0].attn.key_mode)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"eigenkv": json.dumps(header)})
 
 
-def load_projections(path: Path):
-    """-> (list of LayerBases, metadata dict); one-line errors for unreadable or foreign files."""
+def load_projections(path: Path) -> tuple[list[dict], dict]:
+    """-> (per-layer {tensor name: tensor}, metadata); one-line errors for unreadable or foreign files."""
     from safetensors import safe_open
-
-    from eigenkv.exporter.decompose import LayerBases
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("eigenkv", "null"))
             if not isinstance(meta, dict) or meta.get("schema") != PROJECTIONS_SCHEMA:
-                raise EigenError(f"{path} is not an eigenkv projections file (schema {PROJECTIONS_SCHEMA})")
-            bases = [LayerBases(*(f.get_tensor(f"layers.{i}.{n}").double()
-                                  for n in ("key", "key_sv", "value", "value_sv")))
-                     for i in range(meta["n_layers"])]
+                found = meta.get("schema") if isinstance(meta, dict) else None
+                raise EigenError(f"{path} is not an eigenkv projections file of schema {PROJECTIONS_SCHEMA} "
+                                 f"(found {found}); rerun `eigenkv compress` to make one")
+            keys = set(f.keys())
+            layers = [{n: f.get_tensor(f"layers.{i}.{n}") for n in ATTENTION_TENSORS if f"layers.{i}.{n}" in keys}
+                      for i in range(meta["n_layers"])]
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         raise EigenError(f"cannot read projections {path}: {e}") from None
-    return bases, meta
+    return layers, meta

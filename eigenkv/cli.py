@@ -18,8 +18,9 @@ each layer's keys and values, keep a per-layer rank and fold the bases into the 
 weights, so the cache holds rank-r keys and values instead of head_dim.
 
 examples:
-  eigenkv compress -o out/                      # default model, paper's error budget 0.025
-  eigenkv compress -o out/ --kv-ratio 0.5       # half the KV bytes, ranks spent where cheapest
+  eigenkv compress -o out/ --kv-ratio 0.5       # half the KV bytes, loss-aware bases, ranks by measured KL
+  eigenkv compress -o out/ --max-ppl-increase 0.1 --heal-steps 150   # smallest cache within +10%, healed
+  eigenkv compress -o out/ --method eigen --error-budget 0.025       # the paper
   eigenkv compress -o out/ --model ./my-llama --rope-mode joint --calib-text notes.txt
 """
 
@@ -51,8 +52,25 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
                         help="global target: compressed / original KV bytes, in (0, 1]")
     target.add_argument("--error-budget", type=float, metavar="E",
                         help="the paper's per-layer search: max relative layer-output error (default 0.025)")
+    target.add_argument("--max-ppl-increase", type=float, metavar="X",
+                        help="the smallest cache whose perplexity on validation text (held out from calibration "
+                             "and evaluation) rises by at most X (a fraction: 0.1 = +10%%); the search is "
+                             "recorded in the report")
     target.add_argument("--key-rank", type=int, metavar="R", help="same key rank for every layer (1..head_dim)")
     p.add_argument("--value-rank", type=int, metavar="R", help="same value rank for every layer (1..head_dim)")
+    p.add_argument("--method", default=None, metavar="NAME",
+                   help="basis method: " + ", ".join(_method_names()) + " (default loss-aware: query-aware keys "
+                        "per KV head + output-aware values, with --kv-ratio 0.5 when no target is given; "
+                        "eigen = the paper's SVD, with its --error-budget 0.025 when no target is given)")
+    p.add_argument("--allocation", choices=("loss", "energy"), default="loss",
+                   help="how --kv-ratio spends ranks: 'loss' measures each layer's KL cost per byte on "
+                        "calibration text (default); 'energy' follows the singular-value spectra")
+    p.add_argument("--heal-steps", type=int, default=0, metavar="N",
+                   help="after folding, distil to the original model (KL on logits) for N steps on calibration "
+                        "text, training only the folded projections (default 0: off; ~100-200 is useful)")
+    p.add_argument("--heal-lr", type=float, default=1e-4, metavar="LR", help="healing learning rate (default 1e-4)")
+    p.add_argument("--validation-tokens", type=int, default=8192, metavar="T",
+                   help="tokens of validation text for --max-ppl-increase (default 8192)")
     p.add_argument("--rope-mode", choices=("pre", "joint"), default="pre",
                    help="RoPE models: 'pre' caches pre-RoPE rank-r keys and rotates after reconstruction "
                         "(the paper); 'joint' projects rotated queries and keys (scores in rank space)")
@@ -66,9 +84,17 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _method_names() -> list[str]:
+    from eigenkv.exporter.methods import METHODS
+    return list(METHODS)
+
+
 def _config(args):
     from eigenkv.exporter.pipeline import CompressConfig
+    method = args.method or ("eigen" if args.error_budget is not None else "loss-aware")
     return CompressConfig(model=args.model, kv_ratio=args.kv_ratio, error_budget=args.error_budget,
+                          max_ppl_increase=args.max_ppl_increase, method=method, allocation=args.allocation,
+                          heal_steps=args.heal_steps, heal_lr=args.heal_lr, validation_tokens=args.validation_tokens,
                           rope_mode=args.rope_mode, calib_text=args.calib_text, calib_samples=args.calib_samples,
                           calib_seq_len=args.calib_seq_len, eval_tokens=args.eval_tokens,
                           eval_window=args.eval_window, key_rank=args.key_rank, value_rank=args.value_rank,
@@ -90,6 +116,14 @@ def _print_summary(r: dict, out) -> None:
     print(f"\n{r['source_model']} ({r['model_type']}, {r['n_layers']} layers), rope mode {r['rope_mode']}")
     print(f"key ranks   {r['ranks']['key']}\nvalue ranks {r['ranks']['value']}")
     print(f"KV cache: {kv['compressed']} / {kv['original']} bytes per token (fp16) = ratio {r['kv_ratio']:.3f}")
+    budget = r["ranks"].get("quality_budget")
+    if budget:
+        print(f"quality budget {100 * budget['max_ppl_increase']:.1f}%: validation ppl {budget['original_ppl']:.3f} -> "
+              f"{budget['validation_ppl']:.3f} ({budget['validation_increase_pct']:+.1f}%, "
+              f"{budget['validation_tokens']} tokens)")
+    if r.get("healing"):
+        h = r["healing"]
+        print(f"healing: {h['steps']} steps in {h['seconds']:.0f} s, KL {h['kl_first']:.4f} -> {h['kl_last']:.4f}")
     for name, p in r["perplexity"].items():
         print(f"perplexity {name:5s} ({p['tokens']} tokens, window {p['window']}): "
               f"{p['original']:.3f} -> {p['folded']:.3f} ({p['increase_pct']:+.1f}%)")
@@ -199,7 +233,7 @@ def _cmd_bench(args) -> int:
     config = BenchConfig(contexts=args.contexts, batches=args.batches, decode_tokens=args.decode_tokens,
                          warmup=args.warmup, repeats=args.repeats, prefill_chunk=args.prefill_chunk,
                          threads=args.threads, progress=not args.no_progress)
-    result = bench(args.engine, args.baseline, config)
+    result = bench(args.engine, args.baseline, config, peer_dir=args.peer)
     files = write(result, Path(args.out))
     print(markdown(result))
     print(f"peak RSS {result['peak_rss_mib']} MiB; wrote " + ", ".join(str(f) for f in files))
@@ -255,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with matplotlib).")
     p.add_argument("engine", metavar="ENGINE_DIR", help="the compressed engine")
     p.add_argument("--baseline", required=True, metavar="ENGINE_DIR", help="e.g. built from export-eigen --no-compress")
+    p.add_argument("--peer", metavar="DIR", help="also time an Optimum-exported ONNX decoder directory of the same "
+                   "checkpoint (see tools/optimum_baseline.py)")
     p.add_argument("--contexts", type=_ints, default=(512, 1024, 2048, 4096), metavar="N,N,...")
     p.add_argument("--batches", type=_ints, default=(1, 8), metavar="N,N,...")
     p.add_argument("--decode-tokens", type=int, default=32, metavar="N")

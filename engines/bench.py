@@ -1,9 +1,11 @@
-"""`eigenkv bench ENGINE --baseline ENGINE2`: both engines in one process, same prompts,
-interleaved runs; prefill latency, per-token decode latency p50/p90, tokens/s, KV bytes.
+"""`eigenkv bench ENGINE --baseline ENGINE2 [--peer DIR]`: the engines in one process, same
+prompts, interleaved runs; prefill latency, per-token decode latency p50/p90, tokens/s, KV bytes.
 
-Each (context, batch) point runs warm-up rounds, then `repeats` rounds alternating which
-engine goes first, on the same random prompt. Writes bench.json and bench.md (and
-bench.png when matplotlib is installed).
+Each (context, batch) point runs warm-up rounds, then `repeats` rounds alternating the order
+of the engines, on the same random prompt. The optional peer is the same checkpoint exported
+by Optimum (tools/optimum_baseline.py), run by `PeerEngine`: chunked prefill like ours, then
+a cache grown by concatenation. Writes bench.json and bench.md (and bench.png when
+matplotlib is installed).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from eigenkv.engines.peer import PeerEngine
 from eigenkv.engines.runtime import OrtEngine, _prefill
 from eigenkv.errors import EigenError
 
@@ -76,12 +79,49 @@ def _run_once(engine: OrtEngine, prompt: np.ndarray, config: BenchConfig, point:
         point.kv_bytes = sum(v.numpy().nbytes for v in cache.values)
 
 
-def bench(engine_dir: Path, baseline_dir: Path, config: BenchConfig) -> dict:
+def _run_peer_once(engine: PeerEngine, prompt: np.ndarray, config: BenchConfig, point: Point | None) -> None:
+    """`_run_once` for the Optimum peer: same chunks, same greedy steps; its cache grows each step."""
+    t0 = time.perf_counter()
+    last, cache = engine.prefill(prompt, config.prefill_chunk)
+    t1 = time.perf_counter()
+    steps = []
+    for _ in range(config.decode_tokens):
+        tokens = last.argmax(-1)
+        s0 = time.perf_counter()
+        logits, cache = engine.step(cache, tokens[:, None])
+        steps.append(time.perf_counter() - s0)
+        last = logits[:, -1]
+    if point is not None:
+        point.prefill_s.append(t1 - t0)
+        point.step_s += steps
+        point.kv_bytes = cache.nbytes  # after the last step: context + decode_tokens positions
+
+
+def _load_peer(peer_dir: Path, engines: dict, threads: int) -> PeerEngine:
+    peer = PeerEngine(peer_dir, threads)
+    ours = engines["compressed"]
+    if peer.source_hash is not None and peer.source_hash != ours.config.source.get("source_hash"):
+        raise EigenError(f"the peer {peer_dir} comes from another source model than the engines "
+                         f"({peer.info.get('source_model')}); export the same checkpoint")
+    if peer.vocab_size != ours.vocab_size:
+        raise EigenError(f"the peer {peer_dir} has vocabulary {peer.vocab_size}, the engines {ours.vocab_size}")
+    return peer
+
+
+def _max_seq_len(engine) -> int:
+    if isinstance(engine, OrtEngine):
+        return engine.layout.max_seq_len
+    return engine.max_positions or 2**62
+
+
+def bench(engine_dir: Path, baseline_dir: Path, config: BenchConfig, peer_dir: Path | None = None) -> dict:
     engines = {"compressed": OrtEngine(engine_dir, config.threads), "baseline": OrtEngine(baseline_dir, config.threads)}
     sources = {e.config.source.get("source_hash") for e in engines.values()}
     if len(sources) != 1:
         raise EigenError("the two engines come from different source models; compare engines of one checkpoint")
-    limit = min(e.layout.max_seq_len for e in engines.values())
+    if peer_dir is not None:
+        engines["peer"] = _load_peer(Path(peer_dir), engines, config.threads)
+    limit = min(_max_seq_len(e) for e in engines.values())
     if max(config.contexts) + config.decode_tokens + 1 > limit:
         raise EigenError(f"context {max(config.contexts)} + {config.decode_tokens} decode tokens exceeds the "
                          f"engines' max_seq_len {limit}")
@@ -94,7 +134,8 @@ def bench(engine_dir: Path, baseline_dir: Path, config: BenchConfig) -> dict:
         for r in range(config.warmup + config.repeats):
             order = list(engines) if r % 2 == 0 else list(reversed(engines))
             for name in order:
-                _run_once(engines[name], prompt, config, results[name] if r >= config.warmup else None)
+                run = _run_peer_once if isinstance(engines[name], PeerEngine) else _run_once
+                run(engines[name], prompt, config, results[name] if r >= config.warmup else None)
         points += [p.summary() for p in results.values()]
     return {"machine": f"{platform.machine()} CPU, {platform.platform()}",
             "engines": {name: str(e.dir) for name, e in engines.items()},
@@ -103,16 +144,29 @@ def bench(engine_dir: Path, baseline_dir: Path, config: BenchConfig) -> dict:
 
 
 def markdown(result: dict) -> str:
+    """One row per (context, batch); with a peer, four more columns: its decode p50, prefill and
+    KV MiB, and the compressed engine's speed-up over it (peer p50 / compressed p50)."""
     rows = {(p["context"], p["batch"], p["engine"]): p for p in result["points"]}
-    lines = ["| context | batch | decode ms/token p50 (compressed / baseline) | p90 | tokens/s | "
-             "speed-up | prefill ms | KV MiB |", "|---|---|---|---|---|---|---|---|"]
+    peer = "peer" in result["engines"]
+    head = ("| context | batch | decode ms/token p50 (compressed / baseline) | p90 | tokens/s | "
+            "speed-up | prefill ms | KV MiB |")
+    rule = "|---|---|---|---|---|---|---|---|"
+    if peer:
+        head += " peer (Optimum) decode ms p50 | speed-up vs peer | peer prefill ms | peer KV MiB |"
+        rule += "---|---|---|---|"
+    lines = [head, rule]
     for ctx, batch, _ in sorted(k for k in rows if k[2] == "compressed"):
         c, b = rows[(ctx, batch, "compressed")], rows[(ctx, batch, "baseline")]
-        lines.append(
+        line = (
             f"| {ctx} | {batch} | {c['decode_ms_p50']:.1f} / {b['decode_ms_p50']:.1f} | "
             f"{c['decode_ms_p90']:.1f} / {b['decode_ms_p90']:.1f} | {c['tokens_per_s']:.1f} / {b['tokens_per_s']:.1f} | "
             f"{b['decode_ms_p50'] / c['decode_ms_p50']:.2f}x | {c['prefill_ms_median']:.0f} / {b['prefill_ms_median']:.0f} | "
             f"{c['kv_bytes'] / 2**20:.1f} / {b['kv_bytes'] / 2**20:.1f} |")
+        if peer:
+            q = rows[(ctx, batch, "peer")]
+            line += (f" {q['decode_ms_p50']:.1f} | {q['decode_ms_p50'] / c['decode_ms_p50']:.2f}x | "
+                     f"{q['prefill_ms_median']:.0f} | {q['kv_bytes'] / 2**20:.1f} |")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -131,7 +185,7 @@ def write(result: dict, out_dir: Path) -> list[Path]:
         return written
     fig, axes = plt.subplots(1, len(result["config"]["batches"]), figsize=(5 * len(result["config"]["batches"]), 4))
     for ax, batch in zip(np.atleast_1d(axes), result["config"]["batches"]):
-        for name in ("compressed", "baseline"):
+        for name in result["engines"]:
             pts = sorted((p["context"], p["decode_ms_p50"]) for p in result["points"]
                          if p["engine"] == name and p["batch"] == batch)
             ax.plot(*zip(*pts), marker="o", label=name)

@@ -6,8 +6,9 @@ this module only projects, rotates and caches around it. Key modes:
          folded to rank r_k with queries folded the same way (non-RoPE models)
   pre    RoPE models: keys cached pre-RoPE at rank r_k; the op reconstructs with key_up
          [G, r_k, head_dim] (G = 1 shared, or Hkv) and rotates at each slot's position
-  joint  RoPE models: queries and keys rotated at head_dim, then projected by one basis
-         [head_dim, r_k] per layer; the cache holds post-RoPE rank-r_k keys
+  joint  RoPE models: queries and keys rotated at head_dim, then projected per layer:
+         keys by `joint_basis` [head_dim, r_k], queries by `joint_query_basis` (default: the
+         same); the cache holds post-RoPE rank-r_k keys
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from eigenkv.plugins.reference import ROPE_NONE, ROPE_PRE, apply_rope
+from eigenkv.plugins.reference import ROPE_NONE, ROPE_PRE, apply_rope, low_rank_attention
 from eigenkv.plugins.torch_op import low_rank_attention_op
 
 KEY_MODES = ("plain", "pre", "joint")
@@ -73,7 +74,8 @@ class LowRankAttention(nn.Module):
     def __init__(self, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear, o_proj: nn.Linear, *,
                  n_heads: int, n_kv_heads: int, head_dim: int, scale: float, rope: bool,
                  key_mode: str = "plain", key_up: torch.Tensor | None = None,
-                 joint_basis: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None):
+                 joint_basis: torch.Tensor | None = None, joint_query_basis: torch.Tensor | None = None,
+                 alibi_slopes: torch.Tensor | None = None):
         super().__init__()
         if key_mode not in KEY_MODES:
             raise ValueError(f"key_mode must be one of {KEY_MODES}")
@@ -82,6 +84,8 @@ class LowRankAttention(nn.Module):
         self.scale, self.rope, self.key_mode = scale, rope, key_mode
         self.register_buffer("key_up", key_up)
         self.register_buffer("joint_basis", joint_basis)
+        self.register_buffer("joint_query_basis", joint_query_basis)
+        self.differentiable = False  # True: call the reference math (has autograd) instead of the op
         self.register_buffer("alibi_slopes", alibi_slopes)
         # Identity taps: calibration hooks read rotated full-width queries/keys here.
         self.rotated_query, self.rotated_key = nn.Identity(), nn.Identity()
@@ -108,7 +112,8 @@ class LowRankAttention(nn.Module):
             if self.key_mode != "pre":
                 k = self.rotated_key(rope(k, positions))
             if self.key_mode == "joint":
-                q, k = q @ self.joint_basis, k @ self.joint_basis
+                q_basis = self.joint_basis if self.joint_query_basis is None else self.joint_query_basis
+                q, k = q @ q_basis, k @ self.joint_basis
         return q, k, v
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: Rope | None = None,
@@ -124,7 +129,8 @@ class LowRankAttention(nn.Module):
             k, v, lengths = cache.write(layer, k, v)
             slots = None  # slot index = position
         pre = self.rope and self.key_mode == "pre"
-        out = low_rank_attention_op(
+        attention = low_rank_attention if self.differentiable else low_rank_attention_op
+        out = attention(
             q, k, v, lengths, positions, scale=self.scale, rope_mode=ROPE_PRE if pre else ROPE_NONE,
             slot_positions=slots, key_up=self.key_up if pre else None,
             rope_cos=rope.cos if pre else None, rope_sin=rope.sin if pre else None,

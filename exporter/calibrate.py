@@ -22,18 +22,34 @@ from eigenkv.exporter.decoder import EigenDecoder
 
 @dataclass
 class LayerStats:
-    """Float64 Gram matrices of one layer, each [heads, head_dim, head_dim].
+    """Float64 Gram matrices Σ x xᵀ of one layer's activations over `tokens` calibration tokens.
 
-    key_pre   pre-RoPE keys per KV head (RoPE models) or keys + their group's queries
-              per KV head (other models)
-    key_joint rotated queries + keys, all heads summed [1, d, d] (RoPE models only)
-    value     values per KV head
+    query     [Hq, d, d]   queries as projected (pre-RoPE in RoPE models)
+    key       [Hkv, d, d]  keys as projected (pre-RoPE in RoPE models)
+    value     [Hkv, d, d]
+    rot_query [1, d, d]    rotated queries, all heads summed (RoPE models, else None)
+    rot_key   [1, d, d]    rotated keys, all heads summed (RoPE models, else None)
+    attn_out  [Hq*d, Hq*d] attention outputs as o_proj reads them (all heads, cross terms kept)
     """
 
-    key_pre: torch.Tensor
+    query: torch.Tensor
+    key: torch.Tensor
     value: torch.Tensor
-    key_joint: torch.Tensor | None
+    rot_query: torch.Tensor | None
+    rot_key: torch.Tensor | None
+    attn_out: torch.Tensor
     tokens: int
+
+    @property
+    def key_pre(self) -> torch.Tensor:
+        """The paper's key statistic per KV head: pre-RoPE keys (RoPE models) or keys plus
+        their group's queries (others)."""
+        return self.key if self.rot_key is not None else self.key + _group_sum(self.query, self.key.shape[0])
+
+    @property
+    def key_joint(self) -> torch.Tensor | None:
+        """Rotated queries + keys [1, d, d] (the paper's `joint` statistic; RoPE models)."""
+        return None if self.rot_key is None else self.rot_query + self.rot_key
 
 
 def _gram(x: torch.Tensor) -> torch.Tensor:
@@ -53,6 +69,11 @@ class _Accumulator:
         self.grams: dict[str, torch.Tensor] = {}
 
     def add(self, name: str, x: torch.Tensor, n_heads: int) -> None:
+        if name == "attn_out":  # [B, S, Hq*d]: one Gram over all heads
+            x = x.detach().to(torch.float64).flatten(0, 1)
+            g = (x.T @ x)[None]
+            self.grams[name] = self.grams[name] + g if name in self.grams else g
+            return
         if x.dim() == 3:  # projection output [B, S, H*d] -> [B, H, S, d]
             x = x.view(x.shape[0], x.shape[1], n_heads, -1).transpose(1, 2)
         b, s = x.shape[0], x.shape[2]
@@ -62,27 +83,24 @@ class _Accumulator:
             self.tokens += b * s
 
     def result(self) -> LayerStats:
-        a, g = self.attn, self.grams
-        if a.rope:
-            key_pre = g["key"]
-            joint = (g["rot_q"].sum(0) + g["rot_k"].sum(0))[None]
-        else:
-            key_pre = g["key"] + _group_sum(g["query"], a.n_kv_heads)
-            joint = None
-        return LayerStats(key_pre=key_pre, value=g["value"], key_joint=joint, tokens=self.tokens)
+        g = self.grams
+        rot_q = g["rot_q"].sum(0, keepdim=True) if "rot_q" in g else None
+        rot_k = g["rot_k"].sum(0, keepdim=True) if "rot_k" in g else None
+        return LayerStats(query=g["query"], key=g["key"], value=g["value"], rot_query=rot_q, rot_key=rot_k,
+                          attn_out=g["attn_out"][0], tokens=self.tokens)
 
 
 @contextmanager
 def gram_hooks(attn: LowRankAttention) -> Iterator[_Accumulator]:
     """Hooks on one uncompressed attention module; removed on exit, whatever happens."""
     acc = _Accumulator(attn)
-    taps = [(attn.k_proj, "key", attn.n_kv_heads), (attn.v_proj, "value", attn.n_kv_heads)]
+    taps = [(attn.q_proj, "query", attn.n_heads), (attn.k_proj, "key", attn.n_kv_heads),
+            (attn.v_proj, "value", attn.n_kv_heads)]
     if attn.rope:
         taps += [(attn.rotated_query, "rot_q", attn.n_heads), (attn.rotated_key, "rot_k", attn.n_kv_heads)]
-    else:
-        taps.append((attn.q_proj, "query", attn.n_heads))
     handles = [m.register_forward_hook(lambda mod, inp, out, n=name, h=heads: acc.add(n, out, h))
                for m, name, heads in taps]
+    handles.append(attn.o_proj.register_forward_pre_hook(lambda mod, inp: acc.add("attn_out", inp[0], attn.n_heads)))
     try:
         yield acc
     finally:

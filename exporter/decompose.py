@@ -1,4 +1,5 @@
-"""Bases from Gram matrices: eigenvectors sorted by singular value, per head or shared."""
+"""Bases from Gram matrices: the paper's eigenvectors (`LayerBases`), and the general
+down/up factor pairs every basis method produces (`LayerFactors`), which `fold` consumes."""
 
 from __future__ import annotations
 
@@ -24,6 +25,39 @@ class LayerBases:
     key_sv: torch.Tensor
     value: torch.Tensor
     value_sv: torch.Tensor
+
+
+@dataclass
+class LayerFactors:
+    """Rank-ordered down/up projections of one layer, usable at any rank r.
+
+    A cached key is key_down[g, :r] @ k and k ≈ key_up[g, :, :r] @ cached (same for values);
+    G = 1 (shared) or Hkv (per KV head) for keys, Hkv for values.
+    key_down, key_up [G, d, d]; value_down, value_up [Hkv, d, d]
+    key_loss, value_loss [d + 1]: the method's objective when r directions are kept (r = 0..d)
+    output_gram [Hq*d, Hq*d] or None: attention-output Gram; when set, the fold refits W_o by
+        least squares on it (output-aware values) instead of folding value_up into W_o.
+    """
+
+    key_down: torch.Tensor
+    key_up: torch.Tensor
+    key_loss: torch.Tensor
+    value_down: torch.Tensor
+    value_up: torch.Tensor
+    value_loss: torch.Tensor
+    output_gram: torch.Tensor | None = None
+
+
+def tail_loss(sv: torch.Tensor) -> torch.Tensor:
+    """sv [H, d] -> [d + 1]: Σ_h Σ_{i>=r} s_h,i², the energy left out at rank r."""
+    e = sv.pow(2).sum(0)
+    return torch.cat([e.flip(0).cumsum(0).flip(0), e.new_zeros(1)])
+
+
+def eigen_factors(bases: LayerBases) -> LayerFactors:
+    """The paper's orthonormal bases as factors: down = Uᵀ, up = U, loss = energy left out."""
+    return LayerFactors(bases.key.transpose(1, 2), bases.key, tail_loss(bases.key_sv),
+                        bases.value.transpose(1, 2), bases.value, tail_loss(bases.value_sv))
 
 
 def eig_basis(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -208,6 +208,6 @@ def _manifest(config, report, decoder, dtype, max_seq_len, out, figures, seconds
                "outputs": {"logits": names.logits, "present_key": names.present_key,
                            "present_value": names.present_value}},
         "kv_bytes_per_token": {"original": original, "compressed": kv_bytes_per_token(decoder, dtype)},
-        "ranks": report["ranks"], "calibration": report["calibration"],
+        "ranks": report["ranks"], "healing": report["healing"], "calibration": report["calibration"],
         "perplexity": report["perplexity"], "validation": figures, "seconds": seconds,
     }

@@ -1,11 +1,13 @@
-"""Fold rank-r bases into the attention weights (computed in float64, stored in the model dtype).
+"""Fold rank-r factors into the attention weights (computed in float64, stored in the model dtype).
 
-Per KV head h with value basis U_v,h [d, r_v]: W_v,h <- U_v,hᵀ W_v,h (bias too), and for
-every query head j of h's group: W_o[:, j] <- W_o[:, j] U_v,h. Keys:
-  no RoPE  per KV head U_k,h [d, r_k]: W_k,h <- U_k,hᵀ W_k,h and W_q,j <- U_k,hᵀ W_q,j
-  pre      shared U_k: W_k,h <- U_kᵀ W_k,h; key_up = U_kᵀ [1, r_k, d] (op reconstructs)
-  joint    shared U_k applied after RoPE to queries and keys (joint_basis = U_k)
-Orthonormal U at full rank reproduces the original model to round-off.
+With a layer's `LayerFactors` (down D [r, d], up U [d, r] per head; the paper's bases have
+D = Uᵀ), per KV head h and every query head j of h's group:
+  values   W_v,h <- D_v,h W_v,h (bias too); W_o[:, j] <- W_o[:, j] U_v,h, or W_o refitted
+           by least squares on the attention-output Gram (output-aware methods)
+  no RoPE  W_k,h <- D_k,h W_k,h and W_q,j <- U_k,hᵀ W_q,j  (scores qᵀ U D k)
+  pre      W_k,h <- D_k,h W_k,h; key_up = U_kᵀ [G, r_k, d] (the op reconstructs and rotates)
+  joint    after RoPE: keys @ D_kᵀ, queries @ U_k (one pair per layer)
+Factors with D U = I at full rank reproduce the original model to round-off.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from torch import nn
 from eigenkv.errors import EigenError
 from eigenkv.exporter.attention import LowRankAttention
 from eigenkv.exporter.decoder import EigenDecoder
-from eigenkv.exporter.decompose import LayerBases
+from eigenkv.exporter.decompose import LayerBases, LayerFactors, eigen_factors
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:
@@ -29,63 +31,105 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) ->
     return out
 
 
-def _project_rows(lin: nn.Linear, bases: torch.Tensor, n_heads: int, group: int) -> nn.Linear:
-    """Rows of head j (d of them) -> U_{j//group}ᵀ rows: lin [H*d, in] -> [H*r, in]."""
+def _project_rows(lin: nn.Linear, down: torch.Tensor, n_heads: int, group: int) -> nn.Linear:
+    """Rows of head j (d of them) -> D_{j//group} rows: lin [H*d, in] -> [H*r, in]; down [G, r, d]."""
     w = lin.weight.detach().to(torch.float64).view(n_heads, -1, lin.in_features)
-    u = bases.to(torch.float64).repeat_interleave(group, dim=0)  # [H, d, r]
-    w_new = torch.einsum("hdr,hdi->hri", u, w).reshape(-1, lin.in_features)
+    m = down.to(torch.float64).repeat_interleave(group, dim=0)  # [H, r, d]
+    w_new = torch.einsum("hrd,hdi->hri", m, w).reshape(-1, lin.in_features)
     b_new = None
     if lin.bias is not None:
         b = lin.bias.detach().to(torch.float64).view(n_heads, -1)
-        b_new = torch.einsum("hdr,hd->hr", u, b).reshape(-1)
+        b_new = torch.einsum("hrd,hd->hr", m, b).reshape(-1)
     return _linear(w_new, b_new, lin)
 
 
-def _project_cols(lin: nn.Linear, bases: torch.Tensor, n_heads: int, group: int) -> nn.Linear:
-    """Input columns of head j -> times U_{j//group}: lin [out, H*d] -> [out, H*r]."""
+def _project_cols(lin: nn.Linear, up: torch.Tensor, n_heads: int, group: int) -> nn.Linear:
+    """Input columns of head j -> times U_{j//group}: lin [out, H*d] -> [out, H*r]; up [G, d, r]."""
     w = lin.weight.detach().to(torch.float64).view(lin.out_features, n_heads, -1)
-    u = bases.to(torch.float64).repeat_interleave(group, dim=0)  # [H, d, r]
+    u = up.to(torch.float64).repeat_interleave(group, dim=0)  # [H, d, r]
     w_new = torch.einsum("ohd,hdr->ohr", w, u).reshape(lin.out_features, -1)
     bias = None if lin.bias is None else lin.bias.detach()
     return _linear(w_new, bias, lin)
 
 
-def fold_attention(attn: LowRankAttention, bases: LayerBases, key_rank: int, value_rank: int,
+def refit_output(o_proj: nn.Linear, value_down: torch.Tensor, gram: torch.Tensor, n_heads: int,
+                 ridge: float = 1e-9) -> nn.Linear:
+    """Least-squares W_o' [out, Hq*r] minimising Σ ||W_o a - W_o' Â a||² over the calibration
+    attention outputs a [Hq*d] (Gram `gram`), Â = blockdiag(D_{h(j)}): cross-head terms included.
+    value_down [Hkv, r, d]. W_o' = W_o C Âᵀ (Â C Âᵀ + ridge)⁻¹."""
+    n_kv, r, d = value_down.shape
+    a_hat = torch.block_diag(*value_down.to(torch.float64).repeat_interleave(n_heads // n_kv, dim=0))
+    c = gram.to(torch.float64)
+    lhs = a_hat @ c @ a_hat.T
+    lhs = lhs + ridge * lhs.diagonal().mean() * torch.eye(lhs.shape[0], dtype=lhs.dtype)
+    w = o_proj.weight.detach().to(torch.float64)
+    w_new = torch.linalg.solve(lhs, (w @ c @ a_hat.T).T).T
+    bias = None if o_proj.bias is None else o_proj.bias.detach()
+    return _linear(w_new, bias, o_proj)
+
+
+def fold_attention(attn: LowRankAttention, factors: LayerFactors | LayerBases, key_rank: int, value_rank: int,
                    rope_mode: str) -> LowRankAttention:
     """A new attention module caching rank-`key_rank` keys and rank-`value_rank` values."""
+    if isinstance(factors, LayerBases):
+        factors = eigen_factors(factors)
     d = attn.head_dim
     for what, r in (("key", key_rank), ("value", value_rank)):
         if not 1 <= r <= d:
             raise EigenError(f"{what} rank {r} is out of range: ranks must be in 1..head_dim ({d})")
     group = attn.n_heads // attn.n_kv_heads
-    u_v = bases.value[:, :, :value_rank]
-    u_k = bases.key[:, :, :key_rank]
-    v_proj = _project_rows(attn.v_proj, u_v, attn.n_kv_heads, 1)
-    o_proj = _project_cols(attn.o_proj, u_v, attn.n_heads, group)
-    q_proj, k_proj, key_up, joint = attn.q_proj, attn.k_proj, None, None
+    d_v, u_v = factors.value_down[:, :value_rank], factors.value_up[:, :, :value_rank]
+    d_k, u_k = factors.key_down[:, :key_rank], factors.key_up[:, :, :key_rank]
+    v_proj = _project_rows(attn.v_proj, d_v, attn.n_kv_heads, 1)
+    if factors.output_gram is not None:
+        o_proj = refit_output(attn.o_proj, d_v, factors.output_gram, attn.n_heads)
+    else:
+        o_proj = _project_cols(attn.o_proj, u_v, attn.n_heads, group)
+    q_proj, k_proj, key_up, joint_k, joint_q = attn.q_proj, attn.k_proj, None, None, None
     dtype = attn.k_proj.weight.dtype
+    per_head = d_k.shape[0] == attn.n_kv_heads
     if not attn.rope:
-        k_proj = _project_rows(attn.k_proj, u_k, attn.n_kv_heads, 1)
-        q_proj = _project_rows(attn.q_proj, u_k, attn.n_heads, group)
+        k_proj = _project_rows(attn.k_proj, d_k.expand(attn.n_kv_heads, -1, -1), attn.n_kv_heads, 1)
+        q_proj = _project_rows(attn.q_proj, u_k.transpose(1, 2).expand(attn.n_kv_heads, -1, -1),
+                               attn.n_heads, group)
         mode = "plain"
     elif rope_mode == "pre":
-        k_proj = _project_rows(attn.k_proj, u_k.expand(attn.n_kv_heads, -1, -1), attn.n_kv_heads, 1)
-        key_up = u_k.transpose(1, 2).to(dtype).contiguous()  # [1, r_k, d]
+        k_proj = _project_rows(attn.k_proj, d_k.expand(attn.n_kv_heads, -1, -1), attn.n_kv_heads, 1)
+        key_up = u_k.transpose(1, 2).to(dtype).contiguous()  # [G, r_k, d]
         mode = "pre"
     else:
-        joint = u_k[0].to(dtype).contiguous()  # [d, r_k]
+        if per_head and attn.n_kv_heads > 1:
+            raise EigenError("joint RoPE mode needs one key basis per layer (shared), not per-head factors")
+        joint_k = d_k[0].T.to(dtype).contiguous()  # [d, r_k]
+        joint_q = u_k[0].to(dtype).contiguous()
         mode = "joint"
     return LowRankAttention(q_proj, k_proj, v_proj, o_proj, n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads,
                             head_dim=d, scale=attn.scale, rope=attn.rope, key_mode=mode, key_up=key_up,
-                            joint_basis=joint, alibi_slopes=attn.alibi_slopes)
+                            joint_basis=joint_k, joint_query_basis=joint_q, alibi_slopes=attn.alibi_slopes)
 
 
-def fold(decoder: EigenDecoder, bases: list[LayerBases], key_ranks: list[int], value_ranks: list[int],
+def fold(decoder: EigenDecoder, factors: list, key_ranks: list[int], value_ranks: list[int],
          rope_mode: str) -> EigenDecoder:
-    """The folded decoder (shares every non-attention module with `decoder`)."""
+    """The folded decoder (shares every non-attention module with `decoder`); factors: one
+    LayerFactors (or LayerBases) per layer."""
     n = decoder.dims.n_layers
-    if not len(bases) == len(key_ranks) == len(value_ranks) == n:
-        raise EigenError(f"need bases and ranks for all {n} layers, got {len(bases)}/{len(key_ranks)}/{len(value_ranks)}")
+    if not len(factors) == len(key_ranks) == len(value_ranks) == n:
+        raise EigenError(f"need factors and ranks for all {n} layers, got {len(factors)}/{len(key_ranks)}/{len(value_ranks)}")
     return decoder.with_attention([
-        fold_attention(layer.attn, b, kr, vr, rope_mode)
-        for layer, b, kr, vr in zip(decoder.layers, bases, key_ranks, value_ranks)])
+        fold_attention(layer.attn, f, kr, vr, rope_mode)
+        for layer, f, kr, vr in zip(decoder.layers, factors, key_ranks, value_ranks)])
+
+
+def attention_from_tensors(attn: LowRankAttention, tensors: dict, key_mode: str) -> LowRankAttention:
+    """Rebuild a folded attention module from saved tensors (`artifacts.load_projections`);
+    `attn` is the original module (geometry, and the projections the fold left unchanged)."""
+    def lin(name: str, like: nn.Linear) -> nn.Linear:
+        w = tensors.get(f"{name}.weight")
+        return like if w is None else _linear(w, tensors.get(f"{name}.bias"), like)
+    dtype = attn.k_proj.weight.dtype
+    get = lambda n: None if tensors.get(n) is None else tensors[n].to(dtype)  # noqa: E731
+    return LowRankAttention(lin("q_proj", attn.q_proj), lin("k_proj", attn.k_proj), lin("v_proj", attn.v_proj),
+                            lin("o_proj", attn.o_proj), n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads,
+                            head_dim=attn.head_dim, scale=attn.scale, rope=attn.rope, key_mode=key_mode,
+                            key_up=get("key_up"), joint_basis=get("joint_basis"),
+                            joint_query_basis=get("joint_query_basis"), alibi_slopes=attn.alibi_slopes)

@@ -1,4 +1,4 @@
-"""The compress stage: model -> calibrate -> decompose -> ranks -> fold -> perplexity.
+"""The compress stage: model -> calibrate -> factors (--method) -> ranks -> fold [-> heal] -> perplexity.
 
 `compress(CompressConfig)` returns the folded decoder with a report; `run_compress` also
 writes `projections.safetensors` and `compress.json` into an output directory.
@@ -15,10 +15,14 @@ import torch
 from eigenkv import __version__
 from eigenkv.errors import EigenError
 from eigenkv.exporter import ranks as rank_sel
+from eigenkv.exporter import sensitivity
 from eigenkv.exporter.calibrate import calibrate
 from eigenkv.exporter.decoder import EigenDecoder, decoder_from_hf
-from eigenkv.exporter.decompose import ROPE_MODES, decompose
-from eigenkv.exporter.fold import fold
+from eigenkv.exporter.decompose import ROPE_MODES
+from eigenkv.exporter.fold import attention_from_tensors, fold
+from eigenkv.exporter.heal import HealSettings, heal
+from eigenkv.exporter.methods import METHODS, get_method, method_factors
+from eigenkv.exporter.quality import search_smallest_cache
 from eigenkv.exporter.perplexity import perplexity
 from eigenkv.exporter.families import Dims, family_for
 from eigenkv.exporter.sources import (load_config, load_model, model_hash, read_text, resolve_model, split_for_calibration,
@@ -34,8 +38,14 @@ class CompressConfig:
     error_budget: float | None = None  # the paper's per-layer search (default 0.025)
     key_rank: int | None = None  # or the same ranks for every layer
     value_rank: int | None = None
+    max_ppl_increase: float | None = None  # or the smallest cache within this perplexity rise
+    method: str = "loss-aware"  # basis method (exporter/methods.py)
+    allocation: str = "loss"  # --kv-ratio: "loss" (measured KL per byte) or "energy" (the paper's spectra)
     rope_mode: str = "pre"
-    projections: str | None = None  # reuse bases + ranks from a projections.safetensors
+    heal_steps: int = 0  # distillation steps on calibration text after the fold
+    heal_lr: float = 1e-4
+    validation_tokens: int = 8192  # --max-ppl-increase judges on this many held-out tokens
+    projections: str | None = None  # reuse folded attention from a projections.safetensors
     no_compress: bool = False  # the uncompressed baseline through the same code
     calib_text: str = "wiki"  # built-in name or file
     calib_samples: int = 16
@@ -49,10 +59,28 @@ class CompressConfig:
         if self.rope_mode not in ROPE_MODES:
             raise EigenError(f"--rope-mode must be one of {', '.join(ROPE_MODES)}, got {self.rope_mode!r}")
         uniform = self.key_rank is not None or self.value_rank is not None
-        if sum([self.kv_ratio is not None, self.error_budget is not None, uniform]) > 1:
-            raise EigenError("pass one of --kv-ratio, --error-budget or --key-rank/--value-rank")
-        if self.no_compress and (self.projections or self.kv_ratio or self.error_budget or uniform):
-            raise EigenError("--no-compress takes no rank option and no --projections")
+        targets = [self.kv_ratio is not None, self.error_budget is not None, uniform, self.max_ppl_increase is not None]
+        if sum(targets) > 1:
+            raise EigenError("pass one of --kv-ratio, --error-budget, --max-ppl-increase or --key-rank/--value-rank")
+        if self.no_compress and (self.projections or any(targets) or self.heal_steps):
+            raise EigenError("--no-compress takes no rank option, no --heal-steps and no --projections")
+        if self.projections and (any(targets) or self.heal_steps):
+            raise EigenError("--projections holds folded weights at fixed ranks: pass no rank option and no "
+                             "--heal-steps with it (recalibrate instead)")
+        get_method(self.method)
+        if not any(targets) and self.method != "eigen" and not self.no_compress and not self.projections:
+            self.kv_ratio = 0.5  # the default target; the paper's error budget belongs to --method eigen
+        if self.error_budget is not None and self.method != "eigen":
+            raise EigenError("--error-budget is the paper's search over its own bases: use it with --method eigen")
+        if self.allocation not in ("loss", "energy"):
+            raise EigenError(f"--allocation must be loss or energy, got {self.allocation!r}")
+        if self.heal_steps < 0 or not self.heal_lr > 0:
+            raise EigenError("--heal-steps must be >= 0 and --heal-lr > 0")
+        if self.max_ppl_increase is not None and not 0 < self.max_ppl_increase <= 10:
+            raise EigenError(f"--max-ppl-increase is a fraction in (0, 10] (0.1 = +10%), got {self.max_ppl_increase}")
+        if self.max_ppl_increase is not None and self.validation_tokens < self.eval_window:
+            raise EigenError(f"--validation-tokens must be >= --eval-window ({self.eval_window}) for "
+                             "--max-ppl-increase")
         for name in ("key_rank", "value_rank"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise EigenError(f"--{name.replace('_', '-')} must be >= 1")
@@ -71,25 +99,41 @@ class CompressConfig:
 class CompressResult:
     folded: EigenDecoder
     original: EigenDecoder
-    bases: list
     key_ranks: list[int]
     value_ranks: list[int]
     report: dict = field(default_factory=dict)
 
 
-def _texts(config: CompressConfig, tokenizer):
-    """Calibration samples [N, S] and held-out eval token streams: a text used for both is
-    split in halves (calibration from the first, evaluation from the second)."""
+@dataclass
+class Texts:
+    """Token streams of one run. A text used for several roles is split: calibration (and
+    healing) take its first half; evaluation the start of the second half; validation
+    (--max-ppl-increase) the end of the second half, so no token serves two roles."""
+
+    samples: torch.Tensor  # [N, S] calibration sequences
+    calibration: torch.Tensor  # [T] the calibration stream (healing draws from it)
+    evals: dict
+    validation: torch.Tensor | None
+
+
+def _texts(config: CompressConfig, tokenizer) -> Texts:
     calib_tokens = tokenize(tokenizer, read_text(config.calib_text))
+    half = calib_tokens.numel() // 2
     evals = {}
     for name in config.eval_texts if config.eval_tokens else ():
-        tokens = calib_tokens if name == config.calib_text else tokenize(tokenizer, read_text(name))
-        if name == config.calib_text:
-            tokens = tokens[tokens.numel() // 2:]
+        tokens = calib_tokens[half:] if name == config.calib_text else tokenize(tokenizer, read_text(name))
         evals[name] = tokens[: config.eval_tokens]
-    usable = calib_tokens[: calib_tokens.numel() // 2] if config.calib_text in evals else calib_tokens
+    validation = None
+    if config.max_ppl_increase is not None:
+        held_out = calib_tokens[half:]
+        used = evals[config.calib_text].numel() if config.calib_text in evals else 0
+        if held_out.numel() - used < config.validation_tokens:
+            raise EigenError(f"calibration text {config.calib_text} is too short for {config.validation_tokens} "
+                             f"validation tokens after {used} evaluation tokens in its second half")
+        validation = held_out[held_out.numel() - config.validation_tokens:]
+    usable = calib_tokens[:half] if (evals or validation is not None) else calib_tokens
     samples = split_for_calibration(usable, config.calib_samples, config.calib_seq_len, config.calib_text)
-    return samples, evals
+    return Texts(samples, usable, evals, validation)
 
 
 def _check_dims(config: CompressConfig, dims: Dims) -> None:
@@ -106,49 +150,66 @@ def _check_dims(config: CompressConfig, dims: Dims) -> None:
                              f"maximum positions ({limit})")
 
 
-def _saved_ranks(config: CompressConfig, decoder: EigenDecoder, source_hash: str):
-    """Bases and ranks from --projections, refused if they were made for another model."""
+def _saved(config: CompressConfig, decoder: EigenDecoder, source_hash: str):
+    """The folded decoder from --projections, refused if it was made for another model."""
     from eigenkv.artifacts import load_projections
-    bases, meta = load_projections(Path(config.projections))
+    layers, meta = load_projections(Path(config.projections))
     d = decoder.dims
     mine = {"model_type": decoder.family.model_type, "source_hash": source_hash, "n_layers": d.n_layers,
             "n_kv_heads": d.n_kv_heads, "head_dim": d.head_dim}
     wrong = [k for k, v in mine.items() if meta.get(k) != v]
-    rope_mode = meta["rope_mode"] if meta["rope_mode"] in ROPE_MODES else config.rope_mode  # the bases' own mode
     if wrong:
         raise EigenError(f"--projections {config.projections} was made for another model "
                          f"({', '.join(f'{k}={meta.get(k)!r}' for k in wrong)}); recalibrate without --projections")
-    if config.kv_ratio is not None:
-        key_ranks, value_ranks = rank_sel.allocate_kv_ratio(bases, config.kv_ratio, d.n_kv_heads)
-        return bases, key_ranks, value_ranks, {"method": "kv-ratio", "target": config.kv_ratio,
-                                               "projections": str(config.projections), "rope_mode": rope_mode}
-    return bases, meta["key_ranks"], meta["value_ranks"], {"method": "projections file", "rope_mode": rope_mode,
-                                                           "projections": str(config.projections)}
+    folded = decoder.with_attention([attention_from_tensors(layer.attn, t, meta["key_mode"])
+                                     for layer, t in zip(decoder.layers, layers)])
+    details = {"method": meta.get("method", "projections file"), "allocation": "projections file",
+               "projections": str(config.projections), "rope_mode": meta["rope_mode"]}
+    return folded, details
 
 
-def choose_ranks(config: CompressConfig, decoder: EigenDecoder, samples: torch.Tensor):
-    """Calibrate and pick ranks -> (bases, key_ranks, value_ranks, search details)."""
+def choose_ranks(config: CompressConfig, decoder: EigenDecoder, texts: Texts):
+    """Calibrate, build the method's factors and pick ranks -> (factors, key_ranks, value_ranks, details)."""
     dims = decoder.dims
     rope = decoder.family.positions == "rope"
+    method = get_method(config.method)
     search = None
     uniform = config.key_rank is not None or config.value_rank is not None
-    if config.kv_ratio is None and not uniform:
+    if config.kv_ratio is None and config.max_ppl_increase is None and not uniform:
         budget = 0.025 if config.error_budget is None else config.error_budget
         search = rank_sel.ErrorBudgetSearch(decoder, rank_sel.default_search(budget, rope), config.rope_mode)
-    stats = calibrate(decoder, samples, on_layer=search, progress=config.progress)
-    bases = decompose(stats, rope, config.rope_mode)
+    stats = calibrate(decoder, texts.samples, on_layer=search, progress=config.progress)
+    factors = method_factors(method, decoder, stats, config.rope_mode, config.calib_seq_len)
+    details = {"method": method.name, "rope_mode": config.rope_mode}
     if uniform:
         key_ranks = [config.key_rank or dims.head_dim] * dims.n_layers
         value_ranks = [config.value_rank or dims.head_dim] * dims.n_layers
-        details = {"method": "uniform"}
-    elif search is None:
-        key_ranks, value_ranks = rank_sel.allocate_kv_ratio(bases, config.kv_ratio, dims.n_kv_heads)
-        details = {"method": "kv-ratio", "target": config.kv_ratio}
-    else:
+        details["allocation"] = "uniform"
+    elif search is not None:
         key_ranks, value_ranks = search.key_ranks, search.value_ranks
-        details = {"method": "error-budget", "budget": search.settings.budget,
-                   "layer_errors": [round(e, 6) for e in search.errors], "thresholds": search.thresholds}
-    return bases, key_ranks, value_ranks, details
+        details.update(allocation="error-budget", budget=search.settings.budget,
+                       layer_errors=[round(e, 6) for e in search.errors], thresholds=search.thresholds)
+    else:
+        allocation = "loss" if config.max_ppl_increase is not None else config.allocation
+        if allocation == "energy":
+            curves = rank_sel.energy_curves(factors)
+        else:
+            probe = texts.samples[:4, :256]
+            sens = sensitivity.measure(decoder, factors, probe, config.rope_mode, progress=config.progress)
+            curves = sens.predicted(factors)
+            details["sensitivity"] = {"probe_rank": sens.probe_rank, "tokens": sens.tokens,
+                                      "key_kl": [round(k, 6) for k in sens.key_kl],
+                                      "value_kl": [round(v, 6) for v in sens.value_kl]}
+        details["allocation"] = allocation
+        if config.max_ppl_increase is None:
+            key_ranks, value_ranks = rank_sel.allocate(*curves, config.kv_ratio)
+            details["target"] = config.kv_ratio
+        else:
+            found = search_smallest_cache(decoder, factors, curves, texts.validation, config.max_ppl_increase,
+                                          config.rope_mode, config.eval_window, progress=config.progress)
+            key_ranks, value_ranks = found.key_ranks, found.value_ranks
+            details["quality_budget"] = found.summary()
+    return factors, key_ranks, value_ranks, details
 
 
 def compress(config: CompressConfig) -> CompressResult:
@@ -160,20 +221,30 @@ def compress(config: CompressConfig) -> CompressResult:
     _check_dims(config, family_for(hf_config).dims(hf_config))
     model, tokenizer = load_model(source, progress=config.progress)
     decoder = decoder_from_hf(model)
-    samples, evals = _texts(config, tokenizer)
+    texts = _texts(config, tokenizer)
+    evals = texts.evals
     t_load = time.perf_counter()
     dims = decoder.dims
     source_hash = model_hash(source)
     if config.no_compress:
-        bases, key_ranks, value_ranks = None, [dims.head_dim] * dims.n_layers, [dims.head_dim] * dims.n_layers
         details, folded = {"method": "none (uncompressed baseline)"}, decoder
     elif config.projections:
-        bases, key_ranks, value_ranks, details = _saved_ranks(config, decoder, source_hash)
-        folded = fold(decoder, bases, key_ranks, value_ranks, details["rope_mode"])
+        folded, details = _saved(config, decoder, source_hash)
     else:
-        bases, key_ranks, value_ranks, details = choose_ranks(config, decoder, samples)
-        folded = fold(decoder, bases, key_ranks, value_ranks, config.rope_mode)
+        factors, key_ranks, value_ranks, details = choose_ranks(config, decoder, texts)
+        folded = fold(decoder, factors, key_ranks, value_ranks, config.rope_mode)
+    key_ranks, value_ranks = folded.key_ranks, folded.value_ranks
     t_fold = time.perf_counter()
+    healed = None
+    if config.heal_steps:
+        settings = HealSettings(steps=config.heal_steps, lr=config.heal_lr, seq_len=min(256, config.calib_seq_len))
+        healed = heal(folded, decoder, texts.calibration, settings,
+                      progress=config.progress)
+        if texts.validation is not None:
+            from eigenkv.exporter.quality import validation_rise
+            details["quality_budget"]["after_healing"] = validation_rise(
+                decoder, folded, texts.validation, config.eval_window, config.progress)
+    t_heal = time.perf_counter()
     report = {
         "eigenkv_version": __version__,
         "source_model": source.label,
@@ -188,7 +259,9 @@ def compress(config: CompressConfig) -> CompressResult:
         "kv_bytes_per_token_fp16": {
             "original": 2 * 2 * dims.n_layers * dims.n_kv_heads * dims.head_dim,
             "compressed": 2 * dims.n_kv_heads * (sum(key_ranks) + sum(value_ranks))},
-        "seconds": {"load": round(t_load - t0, 2), "calibrate_decompose_fold": round(t_fold - t_load, 2)},
+        "healing": None if healed is None else healed.summary(),
+        "seconds": {"load": round(t_load - t0, 2), "calibrate_decompose_fold": round(t_fold - t_load, 2),
+                    "heal": round(t_heal - t_fold, 2)},
         "perplexity": {},
     }
     for name, tokens in evals.items():
@@ -199,7 +272,7 @@ def compress(config: CompressConfig) -> CompressResult:
                                       "increase_pct": round(100 * (after.value / before.value - 1), 2),
                                       "tokens": before.tokens, "window": before.window}
     report["config"] = {k: v for k, v in asdict(config).items() if k != "progress"}
-    return CompressResult(folded, decoder, bases, key_ranks, value_ranks, report)
+    return CompressResult(folded, decoder, key_ranks, value_ranks, report)
 
 
 def run_compress(config: CompressConfig, out_dir: Path, force: bool = False) -> dict:
@@ -215,6 +288,7 @@ def run_compress(config: CompressConfig, out_dir: Path, force: bool = False) -> 
         raise
     r = result.report
     meta = {k: r[k] for k in ("model_type", "source_hash", "rope_mode", "n_layers", "n_kv_heads", "head_dim")}
-    save_projections(out_dir / "projections.safetensors", result.bases, result.key_ranks, result.value_ranks, meta)
+    meta.update(method=r["ranks"]["method"], healing=r["healing"])
+    save_projections(out_dir / "projections.safetensors", result.folded, meta)
     write_json(out_dir / "compress.json", r)
     return r

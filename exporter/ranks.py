@@ -44,24 +44,25 @@ def check_kv_ratio(ratio: float) -> None:
         raise EigenError(f"--kv-ratio must be in (0, 1] (compressed KV bytes / original), got {ratio}")
 
 
-def allocate_kv_ratio(bases: list[LayerBases], ratio: float, n_kv_heads: int) -> tuple[list[int], list[int]]:
-    """Global target: drop basis directions, cheapest first, until KV bytes <= ratio × original.
+def allocate(key_curves: list[torch.Tensor], value_curves: list[torch.Tensor], ratio: float,
+             min_rank: int = 1) -> tuple[list[int], list[int]]:
+    """Global target: drop directions, cheapest first, until KV bytes <= ratio × original.
 
-    The cost of dropping direction r of a layer's keys (or values) is the share of that
-    layer's activation energy it carries, Σ_h s_h,r² / Σ_h ||s_h||², so rank goes where it
-    buys the most reconstruction per byte. Every key/value direction costs the same bytes.
+    key_curves[i], value_curves[i] [d + 1]: predicted cost of layer i's keys (values) at
+    rank r = 0..d, non-increasing in r. Dropping direction r costs curve[r] - curve[r+1];
+    every key/value direction costs the same bytes.
     """
     check_kv_ratio(ratio)
-    d = bases[0].value.shape[1]
+    d = key_curves[0].numel() - 1
     candidates = []  # (cost, layer, kind, rank after the drop)
-    for i, b in enumerate(bases):
-        for kind, sv in (("key", b.key_sv), ("value", b.value_sv)):
-            energy = sv.pow(2).sum(0)
-            cost = (energy / energy.sum().clamp_min(1e-300)).tolist()
-            candidates += [(cost[r], i, kind, r) for r in range(1, d)]
+    for kind, curves in (("key", key_curves), ("value", value_curves)):
+        for i, c in enumerate(curves):
+            marginal = (c[:-1] - c[1:]).tolist()
+            candidates += [(marginal[r], i, kind, r) for r in range(min_rank, d)]
     candidates.sort(key=lambda c: (c[0], -c[3]))  # ties: drop the highest index first
-    ranks = {"key": [d] * len(bases), "value": [d] * len(bases)}
-    total, target = 2 * d * len(bases), ratio * 2 * d * len(bases)
+    n = len(key_curves)
+    ranks = {"key": [d] * n, "value": [d] * n}
+    total, target = 2 * d * n, ratio * 2 * d * n
     for _, i, kind, r in candidates:
         if total <= target + 1e-9:
             break
@@ -69,6 +70,19 @@ def allocate_kv_ratio(bases: list[LayerBases], ratio: float, n_kv_heads: int) ->
             ranks[kind][i] = r
             total -= 1
     return ranks["key"], ranks["value"]
+
+
+def energy_curves(factors) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each layer's objective curve as a share of its total (the energy allocation)."""
+    return ([f.key_loss / f.key_loss[0].clamp_min(1e-300) for f in factors],
+            [f.value_loss / f.value_loss[0].clamp_min(1e-300) for f in factors])
+
+
+def allocate_kv_ratio(bases: list[LayerBases], ratio: float, n_kv_heads: int) -> tuple[list[int], list[int]]:
+    """Energy allocation of the paper's bases: dropping direction r of a layer's keys (or
+    values) costs the share of that layer's activation energy it carries, Σ_h s_h,r² / Σ_h ||s_h||²."""
+    from eigenkv.exporter.decompose import eigen_factors
+    return allocate(*energy_curves([eigen_factors(b) for b in bases]), ratio)
 
 
 def kv_ratio(key_ranks: list[int], value_ranks: list[int], head_dim: int) -> float:

@@ -37,8 +37,9 @@ def test_compress_writes_projections_and_report(tiny_dir, text_file, tmp_path, c
     assert len(report["ranks"]["key"]) == 3
     assert (out / "projections.safetensors").stat().st_size > 0
     from eigenkv.artifacts import load_projections
-    bases, meta = load_projections(out / "projections.safetensors")
-    assert meta["key_ranks"] == report["ranks"]["key"] and len(bases) == 3
+    layers, meta = load_projections(out / "projections.safetensors")
+    assert meta["key_ranks"] == report["ranks"]["key"] and len(layers) == 3
+    assert layers[0]["k_proj.weight"].shape[0] == 2 * report["ranks"]["key"][0]  # 2 KV heads at the chosen rank
     assert "KV cache" in capsys.readouterr().out
     # a second run into the same directory needs --force
     assert main(_args(tiny_dir, text_file, out, "--kv-ratio", "0.5")) == 2
@@ -48,7 +49,7 @@ def test_error_budget_respects_budget(tiny_dir, text_file, tmp_path):
     out = tmp_path / "out"
     assert main(_args(tiny_dir, text_file, out, "--error-budget", "0.05", "--rope-mode", "joint")) == 0
     ranks = json.loads((out / "compress.json").read_text())["ranks"]
-    assert ranks["method"] == "error-budget"
+    assert ranks["method"] == "eigen" and ranks["allocation"] == "error-budget"
     assert all(e <= 0.05 for e in ranks["layer_errors"])
     assert all(r >= 0.45 * 16 for r in ranks["key"] + ranks["value"])  # the paper's floor (head_dim 16)
 

@@ -56,7 +56,7 @@ def main() -> int:
     result = {
         "command": "python " + " ".join(sys.argv),
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads",
-        "model": source.label, "rank_method": details["method"], "rope_mode": config.rope_mode,
+        "model": source.label, "rank_method": details["allocation"], "basis_method": details["method"], "rope_mode": config.rope_mode,
         "calibration_tokens": int(samples.numel()),
         "seconds": stages,
         "seconds_calibrate_decompose_fold": round(t["fold"] - t["text"], 2),

@@ -1,0 +1,106 @@
+"""Healing: distil the folded model to the original (KL on next-token distributions) on
+calibration text, training only the folded attention projections, so they stay foldable.
+
+Trained: every attention tensor the fold created (k/v/o projections, `key_up`, the joint
+bases, and q_proj where the fold rewrote it); shared modules (embeddings, norms, MLPs and
+unfolded projections, which the original model uses too) stay frozen. The op has no
+backward, so attention runs its reference math while healing.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from eigenkv.exporter.decoder import EigenDecoder
+
+
+@dataclass(frozen=True)
+class HealSettings:
+    steps: int = 0
+    lr: float = 1e-4
+    batch_size: int = 2
+    seq_len: int = 256
+    seed: int = 0
+
+
+@dataclass
+class HealReport:
+    steps: int
+    seconds: float
+    kl_first: float  # mean KL of the first 10% of steps (nats/token)
+    kl_last: float  # mean KL of the last 10%
+    trained_parameters: int
+    losses: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"steps": self.steps, "seconds": round(self.seconds, 1), "kl_first": round(self.kl_first, 5),
+                "kl_last": round(self.kl_last, 5), "trained_parameters": self.trained_parameters}
+
+
+def folded_parameters(folded: EigenDecoder, original: EigenDecoder) -> list[torch.Tensor]:
+    """Tensors the fold created (not shared with the original model)."""
+    shared = {id(p) for p in original.parameters()} | {id(b) for b in original.buffers()}
+    out = []
+    for layer in folded.layers:
+        a = layer.attn
+        for t in [*a.parameters(), a.key_up, a.joint_basis, a.joint_query_basis]:
+            if t is not None and id(t) not in shared and t.is_floating_point() and t is not a.alibi_slopes:
+                out.append(t)
+    return list({id(t): t for t in out}.values())
+
+
+@contextmanager
+def _training(folded: EigenDecoder, params: list[torch.Tensor]):
+    saved = [p.requires_grad for p in folded.parameters()]
+    try:
+        for p in folded.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        for layer in folded.layers:
+            layer.attn.differentiable = True
+        yield
+    finally:
+        for p, r in zip(folded.parameters(), saved):
+            p.requires_grad_(r)
+        for p in params:
+            p.requires_grad_(False)
+        for layer in folded.layers:
+            layer.attn.differentiable = False
+
+
+def heal(folded: EigenDecoder, original: EigenDecoder, tokens: torch.Tensor, settings: HealSettings,
+         progress: bool = True) -> HealReport:
+    """Train `folded` in place. tokens [T] calibration stream, cut into random windows
+    [batch_size, seq_len] per step; Adam on KL(original ‖ folded)."""
+    params = folded_parameters(folded, original)
+    gen = torch.Generator().manual_seed(settings.seed)
+    n_windows = tokens.numel() // settings.seq_len
+    if n_windows < 1:
+        raise ValueError(f"healing needs at least {settings.seq_len} tokens, got {tokens.numel()}")
+    windows = tokens[: n_windows * settings.seq_len].view(n_windows, settings.seq_len)
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    with _training(folded, params):
+        opt = torch.optim.Adam(params, lr=settings.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * (1 - s / max(settings.steps, 1)))
+        for _ in tqdm(range(settings.steps), desc="heal", unit="step", disable=not progress):
+            ids = windows[torch.randint(0, n_windows, (settings.batch_size,), generator=gen)]
+            with torch.no_grad():
+                ref = torch.log_softmax(original(ids).float(), -1)
+            logp = torch.log_softmax(folded(ids).float(), -1)
+            loss = (ref.exp() * (ref - logp)).sum(-1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+    k = max(1, len(losses) // 10)
+    return HealReport(settings.steps, time.perf_counter() - t0,
+                      sum(losses[:k]) / k if losses else 0.0, sum(losses[-k:]) / k if losses else 0.0,
+                      sum(p.numel() for p in params), losses)

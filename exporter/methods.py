@@ -1,0 +1,183 @@
+"""Basis methods: how a layer's calibration statistics become down/up factors.
+
+Each method is a small registered dataclass with one hook, `factors(stats, context)`;
+`--method NAME` picks one. `eigen` is the paper (orthonormal eigenvectors of the key and
+value activations); the loss-aware methods minimise what the model actually reads:
+
+  query-aware keys    E over query/key pairs of (qᵀ R (k - U D k))², the error of the
+                      attention logits (KQ-SVD's closed form), with the query second
+                      moment averaged over the RoPE rotations R of all relative distances
+                      in the calibration window (RoPE models cache pre-RoPE keys)
+  output-aware values E ||W_o (a - U D a)||² over attention outputs a (what the value
+                      cache feeds), then W_o refitted by least squares on all heads'
+                      attention outputs (cross-head terms included)
+
+Both are oblique projections from the SVD of M^½ C^½ (M the loss weight, C the activation
+second moment), never worse than the plain SVD on their objective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from eigenkv.errors import EigenError
+from eigenkv.exporter.calibrate import LayerStats
+from eigenkv.exporter.decompose import LayerFactors, eigen_factors, layer_bases
+from eigenkv.plugins.reference import rotate_half
+
+
+@dataclass(frozen=True)
+class LayerContext:
+    """What a method may read besides the statistics: one layer's weights and geometry."""
+
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    o_weight: torch.Tensor  # [hidden, Hq*d]
+    rope: bool
+    rope_mode: str
+    rope_cos: torch.Tensor | None = None  # [P, d]
+    rope_sin: torch.Tensor | None = None
+    window: int = 1024  # calibration sequence length: relative distances 0..window-1
+
+
+def psd_sqrt(gram: torch.Tensor, rel_floor: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric square root and its inverse of a PSD matrix [d, d], eigenvalues floored at
+    rel_floor × the largest (so the inverse exists and full rank stays exact)."""
+    evals, evecs = torch.linalg.eigh(gram.to(torch.float64))
+    evals = evals.clamp_min(rel_floor * float(evals.max().clamp_min(1e-300)))
+    root = evals.sqrt()
+    return (evecs * root) @ evecs.T, (evecs / root) @ evecs.T
+
+
+def oblique(m: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Minimise tr(M (I - U D) C (I - U D)ᵀ) over rank-r U [d, r], D [r, d], for every r at once.
+
+    SVD M^½ C^½ = P S Vᵀ; D = Vᵀ C^-½, U = C^½ V (columns/rows in order). Returns
+    (down [d, d], up [d, d], loss [d + 1]) with loss[r] = Σ_{i>=r} S_i², the objective at rank r.
+    """
+    m_half, _ = psd_sqrt(m)
+    c_half, c_inv_half = psd_sqrt(c)
+    _, s, vh = torch.linalg.svd(m_half @ c_half)
+    e = s.pow(2)
+    loss = torch.cat([e.flip(0).cumsum(0).flip(0), e.new_zeros(1)])
+    return vh @ c_inv_half, c_half @ vh.T, loss
+
+
+def rope_averaged(gram: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, window: int) -> torch.Tensor:
+    """Σ_Δ w_Δ R_Δ G R_Δᵀ / Σ w over relative distances Δ = 0..window-1, w_Δ = window - Δ
+    (the causal pairs of a window), R_Δ x = x·cos_Δ + rotate_half(x)·sin_Δ. gram [H, d, d].
+
+    A query q at position m scores a key at n < m as (R_{m-n} q)ᵀ k, so this is the second
+    moment of the queries as a pre-RoPE key error meets them.
+    """
+    n = min(window, cos.shape[0])
+    w = torch.arange(n, 0, -1, dtype=torch.float64)
+    c, s = cos[:n].to(torch.float64), sin[:n].to(torch.float64)
+    wcc, wcs, wss = (a.T @ (w[:, None] * b) / w.sum() for a, b in ((c, c), (c, s), (s, s)))
+    g = gram.to(torch.float64)
+    eye = torch.eye(g.shape[-1], dtype=torch.float64)
+    j = rotate_half(eye).T  # J x = rotate_half(x)
+    return wcc * g + wcs * (g @ j.T) + wcs.T * (j @ g) + wss * (j @ g @ j.T)
+
+
+def _group_sum(x: torch.Tensor, n_kv: int) -> torch.Tensor:
+    return x.view(n_kv, -1, *x.shape[1:]).sum(1)
+
+
+@dataclass(frozen=True)
+class Eigen:
+    """The paper: orthonormal eigenvectors of keys (shared in RoPE `pre`/`joint`, per KV head
+    otherwise, stacked with queries) and values (per KV head)."""
+
+    name: str = "eigen"
+
+    def factors(self, stats: LayerStats, ctx: LayerContext) -> LayerFactors:
+        return eigen_factors(layer_bases(stats, ctx.rope, ctx.rope_mode))
+
+
+@dataclass(frozen=True)
+class LossAware:
+    """Query-aware keys and/or output-aware values (the other side falls back to `eigen`).
+
+    keys: "query-aware" | "eigen"; values: "output-aware" | "eigen";
+    key_sharing: "per-head" (a basis per KV head) | "shared" (one per layer; `joint` needs it);
+    value_stats: "output" (attention outputs a, what values feed) | "value" (values v).
+    """
+
+    name: str
+    keys: str = "query-aware"
+    values: str = "output-aware"
+    key_sharing: str = "per-head"
+    value_stats: str = "output"
+
+    def _keys(self, st: LayerStats, ctx: LayerContext):
+        n = max(st.tokens, 1)
+        if ctx.rope and ctx.rope_mode == "joint":
+            m, c = st.rot_query / n, st.rot_key / n  # already rotated, summed over heads
+        else:
+            q = st.query / n
+            if ctx.rope:
+                q = rope_averaged(q, ctx.rope_cos, ctx.rope_sin, ctx.window)
+            m, c = _group_sum(q, ctx.n_kv_heads), st.key / n
+            if self.key_sharing == "shared":
+                m, c = m.sum(0, keepdim=True), c.sum(0, keepdim=True)
+        parts = [oblique(mh, ch) for mh, ch in zip(m, c)]
+        return (torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]),
+                torch.stack([p[2] for p in parts]).sum(0))
+
+    def _values(self, st: LayerStats, ctx: LayerContext):
+        n, d, hq, hkv = max(st.tokens, 1), ctx.head_dim, ctx.n_heads, ctx.n_kv_heads
+        w = ctx.o_weight.to(torch.float64).view(-1, hq, d)
+        m = _group_sum(torch.einsum("ohd,ohe->hde", w, w), hkv)  # Σ_j W_o,jᵀ W_o,j per KV head
+        if self.value_stats == "output":
+            blocks = st.attn_out.view(hq, d, hq, d).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+            c = _group_sum(blocks, hkv) / n
+        else:
+            c = st.value / n
+        parts = [oblique(mh, ch) for mh, ch in zip(m, c)]
+        return (torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]),
+                torch.stack([p[2] for p in parts]).sum(0))
+
+    def factors(self, stats: LayerStats, ctx: LayerContext) -> LayerFactors:
+        base = eigen_factors(layer_bases(stats, ctx.rope, ctx.rope_mode))
+        if ctx.rope and ctx.rope_mode == "joint" and self.key_sharing != "shared" and self.keys != "eigen":
+            raise EigenError(f"--method {self.name} uses per-head key bases; --rope-mode joint needs shared ones "
+                             f"(use --method {self.name}-shared or --rope-mode pre)")
+        kd, ku, kl = (self._keys(stats, ctx) if self.keys == "query-aware"
+                      else (base.key_down, base.key_up, base.key_loss))
+        if self.values == "output-aware":
+            vd, vu, vl = self._values(stats, ctx)
+            gram = stats.attn_out / max(stats.tokens, 1)
+        else:
+            vd, vu, vl, gram = base.value_down, base.value_up, base.value_loss, None
+        return LayerFactors(kd, ku, kl, vd, vu, vl, output_gram=gram)
+
+
+METHODS = {m.name: m for m in (
+    Eigen(),
+    LossAware("loss-aware"),
+    LossAware("loss-aware-shared", key_sharing="shared"),
+    LossAware("query-aware-keys", values="eigen"),
+    LossAware("output-aware-values", keys="eigen"),
+)}
+
+
+def get_method(name: str):
+    if name not in METHODS:
+        raise EigenError(f"unknown --method {name!r}; choose one of: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def layer_context(decoder, index: int, rope_mode: str, window: int) -> LayerContext:
+    attn = decoder.layers[index].attn
+    rope = decoder.rope if attn.rope else None
+    return LayerContext(attn.n_heads, attn.n_kv_heads, attn.head_dim, attn.o_proj.weight.detach(), attn.rope,
+                        rope_mode, None if rope is None else rope.cos, None if rope is None else rope.sin, window)
+
+
+def method_factors(method, decoder, stats: list[LayerStats], rope_mode: str, window: int) -> list[LayerFactors]:
+    """One LayerFactors per layer from the calibration statistics."""
+    return [method.factors(s, layer_context(decoder, i, rope_mode, window)) for i, s in enumerate(stats)]

@@ -1,0 +1,130 @@
+"""Basis methods: objectives against their closed forms, and full-rank folds of every method."""
+
+import pytest
+import torch
+from tiny_models import FAMILIES, tiny_model
+
+from eigenkv.exporter.calibrate import calibrate
+from eigenkv.exporter.decoder import decoder_from_hf
+from eigenkv.exporter.fold import fold, refit_output
+from eigenkv.exporter.methods import METHODS, get_method, method_factors, oblique, rope_averaged
+from eigenkv.errors import EigenError
+from eigenkv.plugins.reference import apply_rope
+
+TOL = 1e-4  # max |logit diff| at full rank, float32
+
+
+def _psd(d, rank, gen):
+    x = torch.randn(d, rank, generator=gen, dtype=torch.float64) * torch.logspace(0, -2, rank, dtype=torch.float64)  # well above the 1e-8 floor
+    return x @ x.T
+
+
+def _objective(m, c, up, down):
+    e = torch.eye(m.shape[0], dtype=torch.float64) - up @ down
+    return float(torch.trace(m @ e @ c @ e.T))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_oblique_matches_closed_form_and_beats_plain_svd(seed):
+    """loss[r] is the objective tr(M E C Eᵀ) at rank r; it equals the optimum Σ_{i>=r} s_i²
+    of SVD(M^½ C^½), and is <= the plain SVD's (eigenvectors of C) on the same objective."""
+    gen = torch.Generator().manual_seed(seed)
+    d = 12
+    m, c = _psd(d, d, gen), _psd(d, d, gen)
+    down, up, loss = oblique(m, c)
+    evals, evecs = torch.linalg.eigh(c)
+    plain = evecs[:, evals.argsort(descending=True)]
+    m_half = torch.linalg.cholesky(m)  # any square root gives the same singular values
+    c_half = torch.linalg.cholesky(c)
+    s = torch.linalg.svdvals(m_half.T @ c_half)
+    for r in range(d + 1):
+        got = _objective(m, c, up[:, :r], down[:r])
+        assert got == pytest.approx(float(loss[r]), rel=1e-6, abs=1e-9)
+        assert got == pytest.approx(float(s[r:].pow(2).sum()), rel=1e-6, abs=1e-9)
+        svd = _objective(m, c, plain[:, :r], plain[:, :r].T)
+        assert got <= svd * (1 + 1e-9) + 1e-12
+    assert _objective(m, c, up, down) < 1e-9  # full rank: exact
+    r = d // 2  # and strictly better somewhere when M is not isotropic
+    assert float(loss[r]) < 0.9 * _objective(m, c, plain[:, :r], plain[:, :r].T)
+
+
+def test_rope_average_matches_brute_force():
+    """Σ_Δ w_Δ R_Δ G R_Δᵀ via four elementwise weights == rotating G at every Δ explicitly."""
+    gen = torch.Generator().manual_seed(3)
+    d, window = 8, 37
+    g = _psd(d, d, gen)[None]
+    inv = 1.0 / (100.0 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    ang = torch.arange(64, dtype=torch.float64)[:, None] * torch.cat([inv, inv])[None]
+    cos, sin = ang.cos(), ang.sin()
+    eye = torch.eye(d, dtype=torch.float64)
+    total, wsum = torch.zeros(d, d, dtype=torch.float64), 0.0
+    for delta in range(window):
+        rot = apply_rope(eye, torch.full((d,), delta), cos, sin).T  # R_Δ (columns = images of e_i)
+        total += (window - delta) * rot @ g[0] @ rot.T
+        wsum += window - delta
+    got = rope_averaged(g, cos, sin, window)[0]
+    assert torch.allclose(got, total / wsum, atol=1e-12)
+
+
+def test_output_refit_is_least_squares():
+    """refit_output == the normal-equations solution, and never worse than folding value_up."""
+    gen = torch.Generator().manual_seed(4)
+    hq, hkv, d, r, out = 4, 2, 6, 3, 10
+    a = torch.randn(500, hq * d, generator=gen, dtype=torch.float64) @ torch.randn(hq * d, hq * d, generator=gen,
+                                                                                  dtype=torch.float64)
+    lin = torch.nn.Linear(hq * d, out, bias=False, dtype=torch.float64)
+    down = torch.linalg.qr(torch.randn(hkv, d, d, generator=gen, dtype=torch.float64))[0][:, :, :r].transpose(1, 2)
+    new = refit_output(lin, down, a.T @ a, hq, ridge=0.0)
+    a_hat = torch.block_diag(*down.repeat_interleave(hq // hkv, 0))
+    target = a @ lin.weight.T.detach()
+    z = a @ a_hat.T
+    best = torch.linalg.lstsq(z, target).solution.T
+    assert torch.allclose(new.weight.detach(), best, atol=1e-8)
+    err_refit = (target - z @ new.weight.detach().T).norm()
+    up = down.transpose(1, 2).repeat_interleave(hq // hkv, 0)  # orthonormal D: U = Dᵀ, [Hq, d, r]
+    folded_up = torch.einsum("ohd,hdr->ohr", lin.weight.detach().view(out, hq, d), up).reshape(out, -1)
+    err_up = (target - z @ folded_up.T).norm()
+    assert err_refit <= err_up + 1e-9
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def setup(request):
+    model = tiny_model(request.param)
+    decoder = decoder_from_hf(model)
+    samples = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(5))
+    return model, decoder, calibrate(decoder, samples, progress=False)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@torch.no_grad()
+def test_every_method_reproduces_original_at_full_rank(setup, method):
+    model, decoder, stats = setup
+    d, n = decoder.dims.head_dim, decoder.dims.n_layers
+    factors = method_factors(get_method(method), decoder, stats, "pre", 48)
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(12))
+    ref = model(ids).logits
+    diff = (ref - fold(decoder, factors, [d] * n, [d] * n, "pre")(ids)).abs().max().item()
+    assert diff <= TOL, diff
+    low = fold(decoder, factors, [d // 2] * n, [d // 2] * n, "pre")(ids)
+    assert (ref - low).abs().max().item() > 1e-3  # not a no-op
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # joint mode exists for RoPE models only
+@torch.no_grad()
+def test_shared_keys_in_joint_mode_and_per_head_refused(family):
+    model = tiny_model(family)
+    decoder = decoder_from_hf(model)
+    stats = calibrate(decoder, torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(5)),
+                      progress=False)
+    d, n = decoder.dims.head_dim, decoder.dims.n_layers
+    factors = method_factors(get_method("loss-aware-shared"), decoder, stats, "joint", 48)
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(13))
+    assert (model(ids).logits - fold(decoder, factors, [d] * n, [d] * n, "joint")(ids)).abs().max() <= TOL
+    if decoder.dims.n_kv_heads > 1:
+        with pytest.raises(EigenError, match="joint needs shared"):
+            method_factors(get_method("loss-aware"), decoder, stats, "joint", 48)
+
+
+def test_unknown_method_is_one_line():
+    with pytest.raises(EigenError, match="unknown --method 'svd'; choose one of: eigen"):
+        get_method("svd")
