@@ -61,6 +61,7 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default=None, metavar="NAME",
                    help="basis method: " + ", ".join(_method_names()) + " (default loss-aware: query-aware keys "
                         "per KV head + output-aware values, with --kv-ratio 0.5 when no target is given; "
+                        "loss-aware-shared under --rope-mode joint; "
                         "eigen = the paper's SVD, with its --error-budget 0.025 when no target is given)")
     p.add_argument("--allocation", choices=("loss", "energy"), default="loss",
                    help="how --kv-ratio spends ranks: 'loss' measures each layer's KL cost per byte on "
@@ -91,9 +92,8 @@ def _method_names() -> list[str]:
 
 def _config(args):
     from eigenkv.exporter.pipeline import CompressConfig
-    method = args.method or ("eigen" if args.error_budget is not None else "loss-aware")
     return CompressConfig(model=args.model, kv_ratio=args.kv_ratio, error_budget=args.error_budget,
-                          max_ppl_increase=args.max_ppl_increase, method=method, allocation=args.allocation,
+                          max_ppl_increase=args.max_ppl_increase, method=args.method, allocation=args.allocation,
                           heal_steps=args.heal_steps, heal_lr=args.heal_lr, validation_tokens=args.validation_tokens,
                           rope_mode=args.rope_mode, calib_text=args.calib_text, calib_samples=args.calib_samples,
                           calib_seq_len=args.calib_seq_len, eval_tokens=args.eval_tokens,
@@ -234,6 +234,11 @@ def _cmd_bench(args) -> int:
                          warmup=args.warmup, repeats=args.repeats, prefill_chunk=args.prefill_chunk,
                          threads=args.threads, progress=not args.no_progress)
     result = bench(args.engine, args.baseline, config, peer_dir=args.peer)
+    result["command"] = (f"eigenkv bench {args.engine} --baseline {args.baseline}"
+                         + (f" --peer {args.peer}" if args.peer else "")
+                         + f" --contexts {','.join(map(str, args.contexts))} --batches {','.join(map(str, args.batches))}"
+                         f" --decode-tokens {args.decode_tokens} --warmup {args.warmup} --repeats {args.repeats}"
+                         f" --prefill-chunk {args.prefill_chunk} --threads {args.threads} --out {args.out}")
     files = write(result, Path(args.out))
     print(markdown(result))
     print(f"peak RSS {result['peak_rss_mib']} MiB; wrote " + ", ".join(str(f) for f in files))
@@ -248,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="calibrate, choose ranks, fold, report perplexity; write projections",
                        description="Calibrate, decompose, choose per-layer ranks, fold, and measure perplexity "
                                    "(original vs folded) on held-out text. Writes OUTPUT/projections.safetensors "
-                                   "(bases, spectra, ranks) and OUTPUT/compress.json (the report).")
+                                   "(the folded attention weights and ranks, reusable by export-eigen --projections) "
+                                   "and OUTPUT/compress.json (the report).")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
     p.add_argument("--force", action="store_true", help="overwrite results already in DIR")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -174,8 +174,9 @@ def write(result: dict, out_dir: Path) -> list[Path]:
     from eigenkv.artifacts import atomic_path, write_json
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "bench.json", result)
+    head = f"Command: `{result['command']}` on {result['machine']}.\n\n" if result.get("command") else ""
     with atomic_path(out_dir / "bench.md") as tmp:
-        tmp.write_text(markdown(result) + "\n")
+        tmp.write_text(head + markdown(result) + "\n")
     written = [out_dir / "bench.json", out_dir / "bench.md"]
     try:
         import matplotlib

@@ -46,6 +46,7 @@ class LayerFactors:
     value_up: torch.Tensor
     value_loss: torch.Tensor
     output_gram: torch.Tensor | None = None
+    output_ridge: float = 1e-9  # relative ridge of that refit
 
 
 def tail_loss(sv: torch.Tensor) -> torch.Tensor:

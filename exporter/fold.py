@@ -82,7 +82,7 @@ def fold_attention(attn: LowRankAttention, factors: LayerFactors | LayerBases, k
     d_k, u_k = factors.key_down[:, :key_rank], factors.key_up[:, :, :key_rank]
     v_proj = _project_rows(attn.v_proj, d_v, attn.n_kv_heads, 1)
     if factors.output_gram is not None:
-        o_proj = refit_output(attn.o_proj, d_v, factors.output_gram, attn.n_heads)
+        o_proj = refit_output(attn.o_proj, d_v, factors.output_gram, attn.n_heads, factors.output_ridge)
     else:
         o_proj = _project_cols(attn.o_proj, u_v, attn.n_heads, group)
     q_proj, k_proj, key_up, joint_k, joint_q = attn.q_proj, attn.k_proj, None, None, None

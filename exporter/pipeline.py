@@ -22,7 +22,7 @@ from eigenkv.exporter.decompose import ROPE_MODES
 from eigenkv.exporter.fold import attention_from_tensors, fold
 from eigenkv.exporter.heal import HealSettings, heal
 from eigenkv.exporter.methods import METHODS, get_method, method_factors
-from eigenkv.exporter.quality import search_smallest_cache
+from eigenkv.exporter.quality import search_smallest_cache, validation_rise
 from eigenkv.exporter.perplexity import perplexity
 from eigenkv.exporter.families import Dims, family_for
 from eigenkv.exporter.sources import (load_config, load_model, model_hash, read_text, resolve_model, split_for_calibration,
@@ -39,7 +39,8 @@ class CompressConfig:
     key_rank: int | None = None  # or the same ranks for every layer
     value_rank: int | None = None
     max_ppl_increase: float | None = None  # or the smallest cache within this perplexity rise
-    method: str = "loss-aware"  # basis method (exporter/methods.py)
+    method: str | None = None  # basis method (exporter/methods.py); None: loss-aware, loss-aware-shared
+    #                            under rope_mode joint, eigen with error_budget
     allocation: str = "loss"  # --kv-ratio: "loss" (measured KL per byte) or "energy" (the paper's spectra)
     rope_mode: str = "pre"
     heal_steps: int = 0  # distillation steps on calibration text after the fold
@@ -67,6 +68,9 @@ class CompressConfig:
         if self.projections and (any(targets) or self.heal_steps):
             raise EigenError("--projections holds folded weights at fixed ranks: pass no rank option and no "
                              "--heal-steps with it (recalibrate instead)")
+        if self.method is None:
+            self.method = ("eigen" if self.error_budget is not None else
+                           "loss-aware-shared" if self.rope_mode == "joint" else "loss-aware")
         get_method(self.method)
         if not any(targets) and self.method != "eigen" and not self.no_compress and not self.projections:
             self.kv_ratio = 0.5  # the default target; the paper's error budget belongs to --method eigen
@@ -241,7 +245,6 @@ def compress(config: CompressConfig) -> CompressResult:
         healed = heal(folded, decoder, texts.calibration, settings,
                       progress=config.progress)
         if texts.validation is not None:
-            from eigenkv.exporter.quality import validation_rise
             details["quality_budget"]["after_healing"] = validation_rise(
                 decoder, folded, texts.validation, config.eval_window, config.progress)
     t_heal = time.perf_counter()

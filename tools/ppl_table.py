@@ -53,7 +53,8 @@ def main() -> int:
     source = resolve_model(config.model)
     model, tokenizer = load_model(source)
     decoder = decoder_from_hf(model)
-    samples, evals = _texts(config, tokenizer)
+    texts = _texts(config, tokenizer)
+    samples, evals = texts.samples, texts.evals
     d, L = decoder.dims.head_dim, decoder.dims.n_layers
     rope = decoder.family.positions == "rope"
     modes = ("pre", "joint") if rope else ("pre",)

@@ -1,0 +1,130 @@
+"""Basis methods vs perplexity at several KV ratios, with and without healing (issue 5's table).
+
+One calibration serves every row. For each method the ranks for a ratio come from the
+loss-based allocation (measured KL per byte); `eigen` is also shown with the energy
+allocation. Healing rows distil the folded model on calibration text (wiki, first half);
+perplexity is measured on text used for neither (wiki second half, c4). Prints a markdown
+table and writes JSON + md.
+
+    python tools/method_table.py --out docs/results/method_table_smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from eigenkv.exporter import ranks as rank_sel
+from eigenkv.exporter import sensitivity
+from eigenkv.exporter.calibrate import calibrate
+from eigenkv.exporter.decoder import decoder_from_hf
+from eigenkv.exporter.fold import fold
+from eigenkv.exporter.heal import HealSettings, heal
+from eigenkv.exporter.methods import get_method, method_factors
+from eigenkv.exporter.perplexity import perplexity
+from eigenkv.exporter.pipeline import CompressConfig, _texts
+from eigenkv.exporter.sources import load_model, resolve_model
+
+METHODS = "eigen,query-aware-keys,output-aware-values,loss-aware-shared,loss-aware"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--ratios", default="0.75,0.6,0.5")
+    ap.add_argument("--methods", default=METHODS, help=f"comma-separated (default {METHODS})")
+    ap.add_argument("--joint-methods", default="loss-aware-shared",
+                    help="methods also run in RoPE mode joint (shared key bases only; '' for none)")
+    ap.add_argument("--heal-methods", default="eigen,loss-aware", help="methods that also get healed rows")
+    ap.add_argument("--heal-steps", type=int, default=150, help="0 skips the healed rows")
+    ap.add_argument("--heal-lr", type=float, default=1e-4)
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--out", default="docs/results/method_table_smollm2")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    config = CompressConfig(model=args.model, calib_samples=args.calib_samples, eval_tokens=args.eval_tokens)
+    source = resolve_model(config.model)
+    model, tokenizer = load_model(source)
+    decoder = decoder_from_hf(model)
+    texts = _texts(config, tokenizer)
+    d = decoder.dims.head_dim
+    t0 = time.perf_counter()
+    stats = calibrate(decoder, texts.samples)
+    calib_s = time.perf_counter() - t0
+    base = {n: perplexity(decoder, t, desc=f"original {n}") for n, t in texts.evals.items()}
+    ratios = [float(r) for r in args.ratios.split(",")]
+    results = [{"method": "original", "allocation": "-", "healing_steps": 0, "kv_ratio": 1.0,
+                **{f"ppl_{n}": round(p.value, 3) for n, p in base.items()},
+                **{f"increase_{n}_pct": 0.0 for n in base}}]
+
+    def measure(label: str, allocation: str, folded, kr, vr, heal_report=None) -> None:
+        row = {"method": label, "allocation": allocation, "kv_ratio": round(rank_sel.kv_ratio(kr, vr, d), 4),
+               "healing_steps": heal_report.steps if heal_report else 0,
+               "healing_seconds": round(heal_report.seconds, 1) if heal_report else 0.0,
+               "key_ranks": kr, "value_ranks": vr}
+        for n, t in texts.evals.items():
+            p = perplexity(folded, t, desc=f"{label} {row['kv_ratio']} {n}").value
+            row[f"ppl_{n}"] = round(p, 3)
+            row[f"increase_{n}_pct"] = round(100 * (p / base[n].value - 1), 1)
+        results.append(row)
+        print(json.dumps({k: v for k, v in row.items() if "ranks" not in k}), flush=True)
+
+    seconds = {"calibrate": round(calib_s, 1)}
+    runs = [(name, "pre") for name in args.methods.split(",")]
+    runs += [(name, "joint") for name in args.joint_methods.split(",") if name]
+    for name, mode in runs:
+        t = time.perf_counter()
+        factors = method_factors(get_method(name), decoder, stats, mode, config.calib_seq_len)
+        sens = sensitivity.measure(decoder, factors, texts.samples[:4, :256], mode)
+        seconds[f"factors+sensitivity {name} {mode}"] = round(time.perf_counter() - t, 1)
+        allocations = {"loss": sens.predicted(factors)}
+        if name == "eigen":
+            allocations["energy"] = rank_sel.energy_curves(factors)
+        label = name if mode == "pre" else f"{name}, joint"
+        for ratio in ratios:
+            for allocation, curves in allocations.items():
+                kr, vr = rank_sel.allocate(*curves, ratio)
+                measure(label, allocation, fold(decoder, factors, kr, vr, mode), kr, vr)
+                if (args.heal_steps and allocation == "loss" and mode == "pre"
+                        and name in args.heal_methods.split(",")):
+                    folded = fold(decoder, factors, kr, vr, mode)
+                    report = heal(folded, decoder, texts.calibration, HealSettings(steps=args.heal_steps, lr=args.heal_lr))
+                    measure(name, allocation, folded, kr, vr, report)
+
+    names = list(texts.evals)
+    header = ("| method | allocation | healing | KV ratio | " + " | ".join(f"ppl {n} (rise)" for n in names) + " |")
+    lines = [header, "|" + "---|" * (4 + len(names))]
+    for r in results:
+        cells = " | ".join(f"{r[f'ppl_{n}']:.2f} ({r[f'increase_{n}_pct']:+.1f}%)" for n in names)
+        heal_cell = f"{r['healing_steps']} steps, {r['healing_seconds']:.0f} s" if r["healing_steps"] else "-"
+        lines.append(f"| {r['method']} | {r['allocation']} | {heal_cell} | {r['kv_ratio']:.3f} | {cells} |")
+    table = "\n".join(lines)
+    print(table)
+    tokens = {n: base[n].tokens for n in names}
+    meta = {"command": "python " + " ".join(sys.argv),
+            "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads",
+            "model": source.label,
+            "calibration": f"wiki (first half of the file), {args.calib_samples} x {config.calib_seq_len} tokens; "
+                           f"healing draws 2 x 256-token windows per step from the same half",
+            "evaluation": {"texts": "wiki: second half of the file; c4: from its start", "tokens_scored": tokens,
+                           "window": config.eval_window},
+            "seconds": seconds, "rows": results}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    out.with_suffix(".md").write_text(f"Command: `{meta['command']}` on {meta['machine']}.\n"
+                                      f"Calibration: {meta['calibration']}. Perplexity: {tokens} tokens scored, "
+                                      f"windows of {config.eval_window}, texts used for neither calibration nor "
+                                      f"healing.\n\n{table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
