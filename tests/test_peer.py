@@ -157,7 +157,9 @@ def test_bench_with_peer_writes_peer_columns(tiny, tmp_path):
     assert len(result["points"]) == 3 * 2
     assert by[("peer", 16)]["decode_steps_timed"] == 3 and by[("peer", 16)]["decode_ms_p50"] > 0
     assert by[("peer", 16)]["kv_bytes"] == 2 * 3 * 2 * 2 * (16 + 3) * 16 * 4
-    table = (out / "bench.md").read_text().splitlines()
+    text = (out / "bench.md").read_text()
+    assert text.startswith("Command: `eigenkv bench ")  # each result says how it was made
+    table = [line for line in text.splitlines() if line.startswith("|")]
     assert "speed-up vs peer" in table[0] and table[0].count("|") == table[1].count("|") == table[2].count("|")
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
