@@ -9,8 +9,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import torch
-
 from eigenkv.errors import EigenError
 
 PROJECTIONS_SCHEMA = 2  # 2: folded attention tensors (1 held bases)
@@ -33,6 +31,17 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def write_json(path: Path, data: dict) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_json_object(path: Path, remedy: str) -> dict:
+    """A JSON object from `path`, or a one-line EigenError ending with `remedy`."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EigenError(f"{path} is corrupt ({e}); {remedy}") from None
+    if not isinstance(data, dict):
+        raise EigenError(f"{path} is corrupt (not a JSON object); {remedy}")
+    return data
 
 
 def ensure_output_dir(path: Path, force: bool) -> Path:
@@ -58,6 +67,7 @@ ATTENTION_TENSORS = ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bi
 def save_projections(path: Path, folded, meta: dict) -> None:
     """The folded attention tensors of every layer (what `fold` and healing produced) plus
     JSON metadata (ranks, key mode, source model hash) -> one safetensors file."""
+    import torch
     from safetensors.torch import save_file
     tensors = {}
     for i, layer in enumerate(folded.layers):

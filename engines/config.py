@@ -7,10 +7,10 @@ says what to rebuild.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from eigenkv.artifacts import read_json_object
 from eigenkv.errors import EigenError
 
 ENGINE_SCHEMA = 1
@@ -52,12 +52,7 @@ class EngineConfig:
         path = Path(engine_dir) / "config.json"
         if not path.is_file():
             raise EigenError(f"{engine_dir} is not an engine directory (no config.json); build one with `eigenkv build`")
-        try:
-            raw = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise EigenError(f"{path} is corrupt ({e}); rebuild the engine with `eigenkv build`") from None
-        if not isinstance(raw, dict):
-            raise EigenError(f"{path} is corrupt (not a JSON object); rebuild the engine with `eigenkv build`")
+        raw = read_json_object(path, "rebuild the engine with `eigenkv build`")
         version = raw.get("schema_version")
         if not isinstance(version, int) or version > ENGINE_SCHEMA:
             raise EigenError(f"{path} has schema {version!r}, newer than this eigenkv reads ({ENGINE_SCHEMA}); "

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eigenkv.artifacts import read_json_object
 from eigenkv.errors import EigenError
 
 _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
@@ -81,13 +82,7 @@ class PeerEngine:
         path = self.dir / "peer.json"
         if not path.is_file():
             return {}
-        try:
-            info = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise EigenError(f"{path} is corrupt ({e}); re-export with tools/optimum_baseline.py") from None
-        if not isinstance(info, dict):
-            raise EigenError(f"{path} is corrupt (not a JSON object); re-export with tools/optimum_baseline.py")
-        return info
+        return read_json_object(path, "re-export with tools/optimum_baseline.py")
 
     @property
     def source_hash(self) -> str | None:
