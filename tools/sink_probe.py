@@ -8,7 +8,7 @@ model (a built-in check). Needs a stats file from a calibration run (see --stats
 
     python tools/sink_probe.py --stats STATS.pt   # or without --stats: calibrate first
 """
-import sys
+import argparse
 import types
 
 import torch
@@ -44,11 +44,14 @@ def sink_forward(self, x, positions, rope=None, cache=None, layer=0):
     y = self.o_proj(out_r.transpose(1, 2).reshape(b, s, -1))
     return y + torch.nn.functional.linear(out_f.transpose(1, 2).reshape(b, s, -1), o.o_proj.weight)
 
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("--stats", metavar="FILE", help="torch.save'd list of LayerStats (default: calibrate first)")
+args = ap.parse_args()
 src = resolve_model(None); model, tok = load_model(src, progress=False); dec = decoder_from_hf(model)
 cfg = CompressConfig(eval_texts=("wiki", "c4"), eval_tokens=8192)
 tx = _texts(cfg, tok)
-if len(sys.argv) > 2 and sys.argv[1] == "--stats":
-    stats = torch.load(sys.argv[2], weights_only=False)
+if args.stats:
+    stats = torch.load(args.stats, weights_only=False)
 else:
     from eigenkv.exporter.calibrate import calibrate
     stats = calibrate(dec, tx.samples)
