@@ -90,6 +90,12 @@ def _group_sum(x: torch.Tensor, n_kv: int) -> torch.Tensor:
     return x.view(n_kv, -1, *x.shape[1:]).sum(1)
 
 
+def _oblique_heads(m: torch.Tensor, c: torch.Tensor):
+    """`oblique` per head: m, c [G, d, d] -> (down [G, d, d], up [G, d, d], loss summed over heads [d + 1])."""
+    downs, ups, losses = zip(*(oblique(mh, ch) for mh, ch in zip(m, c)))
+    return torch.stack(downs), torch.stack(ups), torch.stack(losses).sum(0)
+
+
 @dataclass(frozen=True)
 class Eigen:
     """The paper: orthonormal eigenvectors of keys (shared in RoPE `pre`/`joint`, per KV head
@@ -128,9 +134,7 @@ class LossAware:
             m, c = _group_sum(q, ctx.n_kv_heads), st.key / n
             if self.key_sharing == "shared":
                 m, c = m.sum(0, keepdim=True), c.sum(0, keepdim=True)
-        parts = [oblique(mh, ch) for mh, ch in zip(m, c)]
-        return (torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]),
-                torch.stack([p[2] for p in parts]).sum(0))
+        return _oblique_heads(m, c)
 
     def _values(self, st: LayerStats, ctx: LayerContext):
         n, d, hq, hkv = max(st.tokens, 1), ctx.head_dim, ctx.n_heads, ctx.n_kv_heads
@@ -141,15 +145,14 @@ class LossAware:
             c = _group_sum(blocks, hkv) / n
         else:
             c = st.value / n
-        parts = [oblique(mh, ch) for mh, ch in zip(m, c)]
-        return (torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]),
-                torch.stack([p[2] for p in parts]).sum(0))
+        return _oblique_heads(m, c)
 
     def factors(self, stats: LayerStats, ctx: LayerContext) -> LayerFactors:
-        base = eigen_factors(layer_bases(stats, ctx.rope, ctx.rope_mode))
         if ctx.rope and ctx.rope_mode == "joint" and self.key_sharing != "shared" and self.keys != "eigen":
             raise EigenError(f"--method {self.name} uses per-head key bases; --rope-mode joint needs shared ones "
                              f"(use --method {self.name}-shared or --rope-mode pre)")
+        base = None if self.keys == "query-aware" and self.values == "output-aware" else \
+            eigen_factors(layer_bases(stats, ctx.rope, ctx.rope_mode))  # the paper's side, where one is kept
         kd, ku, kl = (self._keys(stats, ctx) if self.keys == "query-aware"
                       else (base.key_down, base.key_up, base.key_loss))
         if self.values == "output-aware":

@@ -140,6 +140,13 @@ def _texts(config: CompressConfig, tokenizer) -> Texts:
     return Texts(samples, usable, evals, validation)
 
 
+def load_for_tables(config: CompressConfig):
+    """Model, decoder and token streams of `config` (the dev tables' setup) -> (source, decoder, texts)."""
+    source = resolve_model(config.model)
+    model, tokenizer = load_model(source, progress=config.progress)
+    return source, decoder_from_hf(model), _texts(config, tokenizer)
+
+
 def _check_dims(config: CompressConfig, dims: Dims) -> None:
     """Options that the model's sizes bound, checked before any weight is read."""
     for name in ("key_rank", "value_rank"):

@@ -23,13 +23,11 @@ import torch
 from eigenkv.exporter import ranks as rank_sel
 from eigenkv.exporter import sensitivity
 from eigenkv.exporter.calibrate import calibrate
-from eigenkv.exporter.decoder import decoder_from_hf
 from eigenkv.exporter.fold import fold
 from eigenkv.exporter.heal import HealSettings, heal
 from eigenkv.exporter.methods import get_method, method_factors
 from eigenkv.exporter.perplexity import perplexity
-from eigenkv.exporter.pipeline import CompressConfig, _texts
-from eigenkv.exporter.sources import load_model, resolve_model
+from eigenkv.exporter.pipeline import CompressConfig, load_for_tables
 
 METHODS = "eigen,query-aware-keys,output-aware-values,loss-aware-shared,loss-aware"
 
@@ -50,10 +48,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.manual_seed(0)
     config = CompressConfig(model=args.model, calib_samples=args.calib_samples, eval_tokens=args.eval_tokens)
-    source = resolve_model(config.model)
-    model, tokenizer = load_model(source)
-    decoder = decoder_from_hf(model)
-    texts = _texts(config, tokenizer)
+    source, decoder, texts = load_for_tables(config)
     d = decoder.dims.head_dim
     t0 = time.perf_counter()
     stats = calibrate(decoder, texts.samples)

@@ -20,12 +20,10 @@ import torch
 
 from eigenkv.exporter import ranks as rank_sel
 from eigenkv.exporter.calibrate import calibrate
-from eigenkv.exporter.decoder import decoder_from_hf
 from eigenkv.exporter.decompose import decompose
 from eigenkv.exporter.fold import fold
 from eigenkv.exporter.perplexity import perplexity
-from eigenkv.exporter.pipeline import CompressConfig, _texts
-from eigenkv.exporter.sources import load_model, resolve_model
+from eigenkv.exporter.pipeline import CompressConfig, load_for_tables
 
 
 class _Both:
@@ -50,10 +48,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.manual_seed(0)
     config = CompressConfig(model=args.model, calib_samples=args.calib_samples, eval_tokens=args.eval_tokens)
-    source = resolve_model(config.model)
-    model, tokenizer = load_model(source)
-    decoder = decoder_from_hf(model)
-    texts = _texts(config, tokenizer)
+    source, decoder, texts = load_for_tables(config)
     samples, evals = texts.samples, texts.evals
     d, L = decoder.dims.head_dim, decoder.dims.n_layers
     rope = decoder.family.positions == "rope"
