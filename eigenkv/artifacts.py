@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,28 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def staging_dir(target: Path) -> Iterator[Path]:
+    """Yield a hidden temporary folder beside `target` (named `.{target.name}.*`) that is always
+    removed afterwards; the block moves its finished files into place (`publish`)."""
+    target = Path(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(staged: Path, target: Path, replace: bool = False) -> None:
+    """Move a staged file or folder to `target` (an existing folder is replaced only if `replace`)."""
+    target = Path(target)
+    if target.is_dir() and not target.is_symlink():
+        if not replace:
+            raise EigenError(f"{target} exists; pass --force to replace it")
+        shutil.rmtree(target)
+    os.replace(staged, target)
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -61,7 +84,7 @@ def ensure_output_dir(path: Path, force: bool) -> Path:
 
 
 ATTENTION_TENSORS = ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias",
-                     "o_proj.weight", "o_proj.bias", "key_up", "joint_basis", "joint_query_basis")
+                     "o_proj.weight", "o_proj.bias", "key_up", "joint_basis", "joint_query_basis", "key_gram")
 
 
 def save_projections(path: Path, folded, meta: dict) -> None:
@@ -76,7 +99,7 @@ def save_projections(path: Path, folded, meta: dict) -> None:
             if state.get(name) is not None:
                 tensors[f"layers.{i}.{name}"] = state[name].detach().to(torch.float32).contiguous()
     header = dict(meta, schema=PROJECTIONS_SCHEMA, key_ranks=folded.key_ranks, value_ranks=folded.value_ranks,
-                  key_mode=folded.layers[0].attn.key_mode)
+                  key_mode=folded.layers[0].attn.rope_mode.value)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"eigenkv": json.dumps(header)})
 

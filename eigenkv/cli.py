@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 
 from eigenkv import __version__
@@ -85,6 +86,11 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _backend_names() -> list[str]:
+    from eigenkv.engines.backend import backend_names
+    return backend_names()
+
+
 def _method_names() -> list[str]:
     from eigenkv.exporter.methods import METHODS
     return list(METHODS)
@@ -151,19 +157,21 @@ def _cmd_export(args) -> int:
     from eigenkv.exporter.export import ExportConfig, export
     config = _config(args)
     config.projections, config.no_compress = args.projections, args.no_compress
+    from eigenkv.manifest import manifest_path
     manifest = export(ExportConfig(output=args.output, compress=config, max_seq_len=args.max_seq_len,
                                    dtype=args.dtype, force=args.force, decode_steps=args.decode_steps))
-    v, kv = manifest["validation"], manifest["kv_bytes_per_token"]
-    print(f"\nwrote {args.output} (+ {manifest['files']['data']}, eigen.json): {manifest['n_layers']} "
-          f"{manifest['op']['domain']}::{manifest['op']['name']} nodes, {manifest['dtype']}, "
-          f"max_seq_len {manifest['max_seq_len']}")
-    print(f"KV cache: {kv['compressed']} / {kv['original']} bytes per token")
+    v, layout = manifest.report["validation"], manifest.layout
+    print(f"\nwrote {args.output} (+ {manifest.files.data}, {manifest_path(args.output).name}): {layout.n_layers} "
+          f"{manifest.op['domain']}::{manifest.op['name']} nodes, {manifest.precision}, "
+          f"max_seq_len {layout.max_seq_len}")
+    print(f"KV cache: {layout.bytes_per_token(manifest.precision)} / "
+          f"{layout.original_bytes_per_token(manifest.precision)} bytes per token")
     vs64 = v["prefill_max_abs_logit_diff_vs_float64"]
     detail = "" if vs64 is None else (f" ({vs64:.2e} vs the float64 model, where torch fp32 itself is "
                                       f"{v['torch_float32_max_abs_logit_diff_vs_float64']:.2e})")
     print(f"validation vs torch: prefill max |logit diff| {v['prefill_max_abs_logit_diff']:.2e}{detail}; "
           f"{v['decode_steps']} greedy tokens {'identical' if v['decode_tokens_equal'] else 'DIFFER'}")
-    for name, p in manifest["perplexity"].items():
+    for name, p in manifest.report["perplexity"].items():
         print(f"perplexity {name}: {p['original']:.3f} -> {p['folded']:.3f} ({p['increase_pct']:+.1f}%)")
     return 0
 
@@ -178,19 +186,23 @@ def _cmd_build(args) -> int:
     return 0
 
 
-def _load_tokenizer(config):
+def _load_tokenizer(source):
+    """The tokenizer of the engine's source checkpoint (`manifest.Source`)."""
     from transformers import AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(config.tokenizer["path"], gguf_file=config.tokenizer.get("gguf_file"))
+        return AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
     except (OSError, ValueError) as e:
-        raise EigenError(f"cannot load the tokenizer of {config.tokenizer['path']}: {str(e).splitlines()[0]}") from None
+        raise EigenError(f"cannot load the tokenizer of {source.label}: {str(e).splitlines()[0]}") from None
 
 
 def _cmd_run(args) -> int:
-    from eigenkv.engines.runtime import OrtEngine, Sampling, generate
+    from eigenkv.engines.backend import load_engine
+    from eigenkv.engines.config import EngineConfig
+    from eigenkv.engines.runtime import Sampling, generate
     sampling = Sampling(args.temperature, args.top_p, args.seed)
-    engine = OrtEngine(args.engine)
-    tokenizer = _load_tokenizer(engine.config)
+    config = EngineConfig.load(args.engine)
+    engine = load_engine(args.engine)
+    tokenizer = _load_tokenizer(config.source)
     prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in args.prompt]
     stops = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None and not args.ignore_eos else set()
     stream = len(prompts) == 1 and not args.no_stream
@@ -205,8 +217,10 @@ def _cmd_run(args) -> int:
 
     if stream:
         print(args.prompt[0], end="", flush=True)
+    from eigenkv.engines.eviction import make_evictor
+    evictor = make_evictor(_eviction(args), engine)
     out = generate(engine, prompts, args.max_new_tokens, sampling, stops, on_tokens if stream else None,
-                   prefill_chunk=args.prefill_chunk)
+                   prefill_chunk=args.prefill_chunk, evictor=evictor)
     if stream:
         print()
     else:
@@ -214,6 +228,32 @@ def _cmd_run(args) -> int:
             print(prompt + tokenizer.decode(new, skip_special_tokens=True))
             print("---")
     return 0
+
+
+def _add_eviction_args(p: argparse.ArgumentParser, target: str) -> None:
+    g = p.add_argument_group("eviction", f"key L2-norm eviction on {target} (engines/eviction.py)")
+    g.add_argument("--evict", metavar="POLICY", help="key-norm (keep the lowest key norms), random or recent "
+                   "(controls); off by default")
+    size = g.add_mutually_exclusive_group()
+    size.add_argument("--keep", type=float, metavar="R", help="fraction of the context kept, in (0, 1]")
+    size.add_argument("--kv-budget", type=int, metavar="N", help="tokens kept per sequence, layer and KV head")
+    g.add_argument("--sink", type=int, default=4, metavar="N", help="first tokens always kept (default 4)")
+    g.add_argument("--recent", type=int, default=32, metavar="N", help="newest tokens always kept (default 32)")
+    g.add_argument("--skip-layers", default="0,1", metavar="I,J|none",
+                   help="layers never evicted (default 0,1, as in the paper's runs)")
+    g.add_argument("--evict-headroom", type=int, default=64, metavar="N",
+                   help="slots above the budget before eviction runs; bounds prefill chunks (default 64)")
+
+
+def _eviction(args):
+    """EvictionSettings from the CLI, or None when --evict is not given (EigenError for stray options)."""
+    from eigenkv.engines.eviction import EvictionSettings
+    if args.evict is None:
+        if args.keep is not None or args.kv_budget is not None:
+            raise EigenError("--keep/--kv-budget need --evict POLICY (e.g. --evict key-norm)")
+        return None
+    return EvictionSettings.from_args(args.evict, args.keep, args.kv_budget, args.sink, args.recent,
+                                      args.skip_layers, args.evict_headroom)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -232,13 +272,9 @@ def _cmd_bench(args) -> int:
     from eigenkv.engines.bench import BenchConfig, bench, markdown, write
     config = BenchConfig(contexts=args.contexts, batches=args.batches, decode_tokens=args.decode_tokens,
                          warmup=args.warmup, repeats=args.repeats, prefill_chunk=args.prefill_chunk,
-                         threads=args.threads, progress=not args.no_progress)
+                         threads=args.threads, progress=not args.no_progress, eviction=_eviction(args))
     result = bench(args.engine, args.baseline, config, peer_dir=args.peer)
-    result["command"] = (f"eigenkv bench {args.engine} --baseline {args.baseline}"
-                         + (f" --peer {args.peer}" if args.peer else "")
-                         + f" --contexts {','.join(map(str, args.contexts))} --batches {','.join(map(str, args.batches))}"
-                         f" --decode-tokens {args.decode_tokens} --warmup {args.warmup} --repeats {args.repeats}"
-                         f" --prefill-chunk {args.prefill_chunk} --threads {args.threads} --out {args.out}")
+    result["command"] = "eigenkv " + shlex.join(args.argv)
     files = write(result, Path(args.out))
     print(markdown(result))
     print(f"peak RSS {result['peak_rss_mib']} MiB; wrote " + ", ".join(str(f) for f in files))
@@ -266,11 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("build", help="build an engine directory from an exported graph",
-                       description="Build ENGINE_DIR (config.json + model) from export-eigen's OUT.onnx and its "
-                                   "eigen.json. Backend ort: ONNX Runtime optimises the graph once and saves it.")
-    p.add_argument("onnx", metavar="OUT.onnx", help="graph written by export-eigen (eigen.json beside it)")
+                       description="Build ENGINE_DIR (config.json + the backend's files) from export-eigen's "
+                                   "OUT.onnx and its OUT.eigen.json. Backend ort: ONNX Runtime optimises the "
+                                   "graph once and saves it.")
+    p.add_argument("onnx", metavar="OUT.onnx", help="graph written by export-eigen (OUT.eigen.json beside it)")
     p.add_argument("-o", "--output", required=True, metavar="ENGINE_DIR")
-    p.add_argument("--backend", choices=("ort", "trt"), default="ort", help="ort (ONNX Runtime) or trt (TensorRT)")
+    p.add_argument("--backend", choices=_backend_names(), default="ort",
+                   help="engine backend (default ort: ONNX Runtime, CPU)")
     p.add_argument("--force", action="store_true", help="replace ENGINE_DIR")
     p.set_defaults(func=_cmd_build)
 
@@ -286,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.add_argument("--no-stream", action="store_true", help="print only when done")
     p.add_argument("--prefill-chunk", type=int, metavar="N", help="prefill long prompts N tokens at a time")
+    _add_eviction_args(p, "the engine's cache")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("bench", help="decode/prefill latency of an engine against a baseline engine",
@@ -306,13 +345,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     p.add_argument("--out", default="bench-results", metavar="DIR")
     p.add_argument("--no-progress", action="store_true")
+    _add_eviction_args(p, "the compressed engine (the baseline never evicts)")
     p.set_defaults(func=_cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         code = args.func(args)
     except EigenError as e:

@@ -1,11 +1,12 @@
 """`eigenkv bench ENGINE --baseline ENGINE2 [--peer DIR]`: the engines in one process, same
-prompts, interleaved runs; prefill latency, per-token decode latency p50/p90, tokens/s, KV bytes.
+prompts, interleaved runs; prefill latency, per-token decode latency p50/p90, tokens/s, KV
+bytes held, KV bytes read per decode step and the achieved read bandwidth.
 
+Written against `Engine` only (engines/backend.py): any backend, and the Optimum peer
+(`PeerEngine`, tools/optimum_baseline.py), run through the same prefill and decode code.
 Each (context, batch) point runs warm-up rounds, then `repeats` rounds alternating the order
-of the engines, on the same random prompt. The optional peer is the same checkpoint exported
-by Optimum (tools/optimum_baseline.py), run by `PeerEngine`: chunked prefill like ours, then
-a cache grown by concatenation. Writes bench.json and bench.md (and bench.png when
-matplotlib is installed).
+of the engines, on the same random prompt. Writes bench.json and bench.md (and bench.png
+when matplotlib is installed).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from eigenkv.engines.peer import PeerEngine
-from eigenkv.engines.runtime import OrtEngine, _prefill
+from eigenkv.engines.backend import Engine, load_engine
+from eigenkv.engines.runtime import capacities, decode_step, prefill
 from eigenkv.errors import EigenError
 
 
@@ -36,6 +37,7 @@ class BenchConfig:
     threads: int = 0  # 0: onnxruntime's default
     seed: int = 0
     progress: bool = True
+    eviction: object = None  # EvictionSettings for the compressed engine (engines/eviction.py), or None
 
 
 @dataclass
@@ -46,82 +48,71 @@ class Point:
     prefill_s: list[float] = field(default_factory=list)
     step_s: list[float] = field(default_factory=list)
     kv_bytes: int = 0
+    read_bytes: list[int] = field(default_factory=list)  # KV bytes each timed decode step read
 
     def summary(self) -> dict:
         steps = np.array(self.step_s) * 1e3
+        read = np.array(self.read_bytes, dtype=np.float64)
         return {"engine": self.engine, "context": self.context, "batch": self.batch,
                 "prefill_ms_median": round(float(np.median(self.prefill_s)) * 1e3, 2),
                 "decode_ms_p50": round(float(np.percentile(steps, 50)), 3),
                 "decode_ms_p90": round(float(np.percentile(steps, 90)), 3),
                 "tokens_per_s": round(self.batch * 1e3 / float(steps.mean()), 2),
-                "kv_bytes": self.kv_bytes, "decode_steps_timed": int(steps.size)}
+                "kv_bytes": self.kv_bytes, "kv_bytes_read_per_step": int(read.mean()),
+                "kv_read_gb_per_s": round(float((read / (steps / 1e3)).mean()) / 1e9, 3),
+                "decode_steps_timed": int(steps.size)}
 
 
-def _run_once(engine: OrtEngine, prompt: np.ndarray, config: BenchConfig, point: Point | None) -> None:
-    """One prefill (chunked) + `decode_tokens` greedy steps; timings go into `point`."""
+def _run_once(engine: Engine, prompt: np.ndarray, config: BenchConfig, point: Point | None,
+              evictor=None) -> None:
+    """One prefill (chunked) + `decode_tokens` greedy steps; timings go into `point`. With an
+    evictor the cache is sized by its budget and eviction runs inside the timed steps."""
     batch, ctx = prompt.shape
-    cache = engine.new_cache(batch, ctx + config.decode_tokens + 1)
-    binding = engine.binding(cache)
+    cache = engine.new_cache(batch, capacities(engine, ctx + config.decode_tokens + 1, config.prefill_chunk, evictor))
     lengths = np.full(batch, ctx, dtype=np.int64)
     t0 = time.perf_counter()
-    last = _prefill(engine, binding, prompt, lengths, config.prefill_chunk)
+    last = prefill(engine, cache, prompt, lengths, config.prefill_chunk, evictor)
+    engine.synchronize()
     t1 = time.perf_counter()
-    steps = []
-    for _ in range(config.decode_tokens):
+    steps, read = [], []
+    for t in range(config.decode_tokens):
         tokens = last.argmax(-1)
+        read.append(cache.bytes_read(new_tokens=1))
         s0 = time.perf_counter()
-        last = engine.step(binding, tokens[:, None], lengths[:, None], lengths)[:, 0]
+        last = decode_step(engine, cache, tokens, lengths + t, evictor)
+        engine.synchronize()
         steps.append(time.perf_counter() - s0)
-        lengths = lengths + 1
     if point is not None:
         point.prefill_s.append(t1 - t0)
         point.step_s += steps
-        point.kv_bytes = sum(v.numpy().nbytes for v in cache.values)
+        point.read_bytes += read
+        point.kv_bytes = cache.nbytes
 
 
-def _run_peer_once(engine: PeerEngine, prompt: np.ndarray, config: BenchConfig, point: Point | None) -> None:
-    """`_run_once` for the Optimum peer: same chunks, same greedy steps; its cache grows each step."""
-    t0 = time.perf_counter()
-    last, cache = engine.prefill(prompt, config.prefill_chunk)
-    t1 = time.perf_counter()
-    steps = []
-    for _ in range(config.decode_tokens):
-        tokens = last.argmax(-1)
-        s0 = time.perf_counter()
-        logits, cache = engine.step(cache, tokens[:, None])
-        steps.append(time.perf_counter() - s0)
-        last = logits[:, -1]
-    if point is not None:
-        point.prefill_s.append(t1 - t0)
-        point.step_s += steps
-        point.kv_bytes = cache.nbytes  # after the last step: context + decode_tokens positions
-
-
-def _load_peer(peer_dir: Path, engines: dict, threads: int) -> PeerEngine:
+def _load_peer(peer_dir: Path, source_hash: str, vocab_size: int, threads: int) -> Engine:
+    from eigenkv.engines.peer import PeerEngine
     peer = PeerEngine(peer_dir, threads)
-    ours = engines["compressed"]
-    if peer.source_hash is not None and peer.source_hash != ours.config.source.get("source_hash"):
+    if peer.source_hash is not None and peer.source_hash != source_hash:
         raise EigenError(f"the peer {peer_dir} comes from another source model than the engines "
                          f"({peer.info.get('source_model')}); export the same checkpoint")
-    if peer.vocab_size != ours.vocab_size:
-        raise EigenError(f"the peer {peer_dir} has vocabulary {peer.vocab_size}, the engines {ours.vocab_size}")
+    if peer.vocab_size != vocab_size:
+        raise EigenError(f"the peer {peer_dir} has vocabulary {peer.vocab_size}, the engines {vocab_size}")
     return peer
 
 
-def _max_seq_len(engine) -> int:
-    if isinstance(engine, OrtEngine):
-        return engine.layout.max_seq_len
-    return engine.max_positions or 2**62
-
-
 def bench(engine_dir: Path, baseline_dir: Path, config: BenchConfig, peer_dir: Path | None = None) -> dict:
-    engines = {"compressed": OrtEngine(engine_dir, config.threads), "baseline": OrtEngine(baseline_dir, config.threads)}
-    sources = {e.config.source.get("source_hash") for e in engines.values()}
-    if len(sources) != 1:
+    from eigenkv.engines.config import EngineConfig
+    dirs = {"compressed": Path(engine_dir), "baseline": Path(baseline_dir)}
+    if len({EngineConfig.load(d).source.hash for d in dirs.values()}) != 1:
         raise EigenError("the two engines come from different source models; compare engines of one checkpoint")
+    engines = {name: load_engine(d, threads=config.threads) for name, d in dirs.items()}
     if peer_dir is not None:
-        engines["peer"] = _load_peer(Path(peer_dir), engines, config.threads)
-    limit = min(_max_seq_len(e) for e in engines.values())
+        dirs["peer"] = Path(peer_dir)
+        engines["peer"] = _load_peer(dirs["peer"], EngineConfig.load(engine_dir).source.hash,
+                                     engines["compressed"].vocab_size, config.threads)
+    from eigenkv.engines.eviction import make_evictor
+    evictors = {"compressed": make_evictor(config.eviction, engines["compressed"])}
+    limit = min(e.max_seq_len for e in engines.values())
     if max(config.contexts) + config.decode_tokens + 1 > limit:
         raise EigenError(f"context {max(config.contexts)} + {config.decode_tokens} decode tokens exceeds the "
                          f"engines' max_seq_len {limit}")
@@ -134,12 +125,13 @@ def bench(engine_dir: Path, baseline_dir: Path, config: BenchConfig, peer_dir: P
         for r in range(config.warmup + config.repeats):
             order = list(engines) if r % 2 == 0 else list(reversed(engines))
             for name in order:
-                run = _run_peer_once if isinstance(engines[name], PeerEngine) else _run_once
-                run(engines[name], prompt, config, results[name] if r >= config.warmup else None)
+                _run_once(engines[name], prompt, config, results[name] if r >= config.warmup else None,
+                          evictors.get(name))
         points += [p.summary() for p in results.values()]
     return {"machine": f"{platform.machine()} CPU, {platform.platform()}",
-            "engines": {name: str(e.dir) for name, e in engines.items()},
-            "config": asdict(config), "points": points,
+            "engines": {name: str(d) for name, d in dirs.items()},
+            "config": asdict(config),
+            "points": points,
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
@@ -149,8 +141,8 @@ def markdown(result: dict) -> str:
     rows = {(p["context"], p["batch"], p["engine"]): p for p in result["points"]}
     peer = "peer" in result["engines"]
     head = ("| context | batch | decode ms/token p50 (compressed / baseline) | p90 | tokens/s | "
-            "speed-up | prefill ms | KV MiB |")
-    rule = "|---|---|---|---|---|---|---|---|"
+            "speed-up | prefill ms | KV MiB | KV MiB read/step | KV read GB/s |")
+    rule = "|---|---|---|---|---|---|---|---|---|---|"
     if peer:
         head += " peer (Optimum) decode ms p50 | speed-up vs peer | peer prefill ms | peer KV MiB |"
         rule += "---|---|---|---|"
@@ -161,7 +153,9 @@ def markdown(result: dict) -> str:
             f"| {ctx} | {batch} | {c['decode_ms_p50']:.1f} / {b['decode_ms_p50']:.1f} | "
             f"{c['decode_ms_p90']:.1f} / {b['decode_ms_p90']:.1f} | {c['tokens_per_s']:.1f} / {b['tokens_per_s']:.1f} | "
             f"{b['decode_ms_p50'] / c['decode_ms_p50']:.2f}x | {c['prefill_ms_median']:.0f} / {b['prefill_ms_median']:.0f} | "
-            f"{c['kv_bytes'] / 2**20:.1f} / {b['kv_bytes'] / 2**20:.1f} |")
+            f"{c['kv_bytes'] / 2**20:.1f} / {b['kv_bytes'] / 2**20:.1f} | "
+            f"{c['kv_bytes_read_per_step'] / 2**20:.1f} / {b['kv_bytes_read_per_step'] / 2**20:.1f} | "
+            f"{c['kv_read_gb_per_s']:.2f} / {b['kv_read_gb_per_s']:.2f} |")
         if peer:
             q = rows[(ctx, batch, "peer")]
             line += (f" {q['decode_ms_p50']:.1f} | {q['decode_ms_p50'] / c['decode_ms_p50']:.2f}x | "

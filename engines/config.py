@@ -1,8 +1,8 @@
-"""An engine directory: `config.json` (versioned, strict) beside the backend's model file.
+"""An engine directory: `config.json` (versioned, strict) beside the backend's files.
 
-Loading refuses what it cannot run: a newer schema, unknown keys, another backend, or a
-runtime version other than the one the engine was built with; each with one line that
-says what to rebuild.
+Loading refuses what it cannot run: a newer or older schema, unknown or missing keys, or an
+unknown backend, each with one line that says what to rebuild. The backend then checks the
+host (`Backend.check_host`: runtime version, device).
 """
 
 from __future__ import annotations
@@ -12,65 +12,69 @@ from pathlib import Path
 
 from eigenkv.artifacts import read_json_object
 from eigenkv.errors import EigenError
+from eigenkv.manifest import IONames, KVLayout, Manifest, Source, check_precision
+from eigenkv.plugins.spec import RopeMode
 
-ENGINE_SCHEMA = 1
-BACKENDS = ("ort", "trt")
-
-
-@dataclass
-class KVLayout:
-    """Per-layer cache widths: buffers are [B, n_kv_heads, Smax, rank] in `precision`."""
-
-    n_layers: int
-    n_kv_heads: int
-    head_dim: int
-    key_ranks: list[int]
-    value_ranks: list[int]
-    max_seq_len: int
+ENGINE_SCHEMA = 2  # 2: layout with slot positions and per-layer lengths, typed source, key Gram file
+_OPTIONAL = {"session_options", "device", "report", "key_gram_file", "eviction"}
 
 
 @dataclass
 class EngineConfig:
+    """What an engine directory holds and was built with."""
+
     schema_version: int
     backend: str
     precision: str  # fp32 | fp16
     model_file: str  # relative to the engine directory
     kv_layout: KVLayout
-    io: dict  # name patterns, as in the export manifest
+    io: IONames
     runtime: dict  # e.g. {"onnxruntime": "1.32.0"}
-    session_options: dict = field(default_factory=dict)
+    source: Source  # the checkpoint (its directory also holds the tokenizer)
+    family: str
+    rope_mode: RopeMode
+    session_options: dict = field(default_factory=dict)  # backend options the loader applies
     device: dict = field(default_factory=dict)  # GPU backends: name, compute capability
-    source: dict = field(default_factory=dict)  # the export manifest's model, hash, ranks, rope mode
-    tokenizer: dict = field(default_factory=dict)  # {"path": ..., "gguf_file": ...}
+    key_gram_file: str | None = None  # safetensors beside the model (key-norm eviction)
+    eviction: dict | None = None  # default eviction policy for run/bench (`engines/eviction.py`)
+    report: dict = field(default_factory=dict)  # the export's figures: KV bytes, perplexity, validation
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, backend: str, model_file: str, runtime: dict, **extra) -> "EngineConfig":
+        return cls(schema_version=ENGINE_SCHEMA, backend=backend, precision=manifest.precision, model_file=model_file,
+                   kv_layout=manifest.layout, io=manifest.io, runtime=runtime, source=manifest.source,
+                   family=manifest.family, rope_mode=manifest.rope_mode,
+                   report={"kv_bytes_per_token": manifest.to_json()["kv_bytes_per_token"],
+                           "perplexity": manifest.report.get("perplexity", {})}, **extra)
 
     def save(self, path: Path) -> None:
         from eigenkv.artifacts import write_json
-        write_json(path, asdict(self))
+        data = asdict(self)
+        data["rope_mode"] = self.rope_mode.value
+        write_json(path, data)
 
     @classmethod
-    def load(cls, engine_dir: Path, backend: str | None = None) -> "EngineConfig":
+    def load(cls, engine_dir: Path) -> "EngineConfig":
+        """The config.json of `engine_dir`, strictly (one-line EigenError saying what to rebuild)."""
         path = Path(engine_dir) / "config.json"
         if not path.is_file():
             raise EigenError(f"{engine_dir} is not an engine directory (no config.json); build one with `eigenkv build`")
-        raw = read_json_object(path, "rebuild the engine with `eigenkv build`")
+        rebuild = f"rebuild it with `eigenkv build ... -o {engine_dir} --force`"
+        raw = read_json_object(path, rebuild)
         version = raw.get("schema_version")
         if not isinstance(version, int) or version > ENGINE_SCHEMA:
             raise EigenError(f"{path} has schema {version!r}, newer than this eigenkv reads ({ENGINE_SCHEMA}); "
                              "upgrade eigenkv or rebuild the engine with this version")
+        if version != ENGINE_SCHEMA:
+            raise EigenError(f"{path} has the old schema {version}: {rebuild}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        missing = sorted(k for k in known if k not in raw and k not in ("session_options", "device", "source",
-                                                                          "tokenizer"))
+        unknown, missing = sorted(set(raw) - known), sorted(known - set(raw) - _OPTIONAL)
         if unknown or missing:
-            raise EigenError(f"{path}: unknown keys {unknown} / missing keys {missing}; rebuild the engine")
+            raise EigenError(f"{path}: unknown keys {unknown} / missing keys {missing}; {rebuild}")
         try:
-            raw["kv_layout"] = KVLayout(**raw["kv_layout"])
-        except TypeError as e:
-            raise EigenError(f"{path}: bad kv_layout ({e}); rebuild the engine") from None
-        config = cls(**raw)
-        if config.backend not in BACKENDS:
-            raise EigenError(f"{path}: unknown backend {config.backend!r} (known: {', '.join(BACKENDS)})")
-        if backend is not None and config.backend != backend:
-            raise EigenError(f"{engine_dir} is a {config.backend!r} engine, not {backend!r}; "
-                             f"build one with `eigenkv build MODEL.onnx -o DIR --backend {backend}`")
-        return config
+            raw.update(kv_layout=KVLayout(**raw["kv_layout"]), io=IONames(**raw["io"]),
+                       source=Source(**raw["source"]), rope_mode=RopeMode.parse(raw["rope_mode"]),
+                       precision=check_precision(raw["precision"]))
+        except (TypeError, ValueError) as e:
+            raise EigenError(f"{path}: bad value ({str(e).splitlines()[0]}); {rebuild}") from None
+        return cls(**raw)

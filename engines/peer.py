@@ -8,8 +8,10 @@ concatenation inside the graph: every step allocates new presents one token long
 they are fed back as the next step's past (as OrtValues, so Python copies nothing). That
 growth is what this baseline exists to measure against our fixed, in-place KV buffers.
 
-Session settings match `OrtEngine`: ORT_ENABLE_ALL, `threads` intra-op threads (0 = ORT's
-default), CPU provider. `peer.json` beside the graph (written by tools/optimum_baseline.py)
+It implements `Engine` (engines/backend.py), so `generate`, prefill and `bench` drive it like
+our engines; its cache cannot evict and holds batches of equal-length prompts only. Sessions
+come from `engines.ort.make_session` with the same options as our engines (`threads`
+intra-op threads, 0 = ORT's default). `peer.json` beside the graph (written by tools/optimum_baseline.py)
 is optional; when present its `source_hash` ties the graph to a checkpoint.
 """
 
@@ -22,43 +24,67 @@ from pathlib import Path
 import numpy as np
 
 from eigenkv.artifacts import read_json_object
+from eigenkv.engines.backend import Engine, KVCache
 from eigenkv.errors import EigenError
+from eigenkv.manifest import KVLayout, precision_of
 
 _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
 _TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-class PeerCache:
+class PeerCache(KVCache):
     """The per-layer cache as OrtValues [B, Hkv, P, D], replaced (not updated) by every step."""
 
-    def __init__(self, values: list, length: int):
-        self.values, self.length = values, length
+    def __init__(self, layout: KVLayout, values: list, batch: int):
+        self.layout, self.values, self.length = layout, values, 0
+        self.lengths = np.zeros((layout.n_layers, batch), np.int64)
+        self.itemsize = np.dtype(_TYPES[values[0].data_type()]).itemsize
+
+    @property
+    def capacities(self) -> list[int]:
+        return [self.length] * self.layout.n_layers
 
     @property
     def nbytes(self) -> int:
-        return sum(int(np.prod(v.shape())) * np.dtype(_TYPES[v.data_type()]).itemsize for v in self.values)
+        return sum(int(np.prod(v.shape())) * self.itemsize for v in self.values)
+
+    def pointers(self) -> list[int]:
+        return [v.data_ptr() for v in self.values]
+
+    def positions(self, layer: int) -> np.ndarray:
+        batch = self.lengths.shape[1]
+        return np.broadcast_to(np.arange(self.length, dtype=np.int32), (batch, self.layout.n_kv_heads, self.length))
+
+    def keys(self, layer: int) -> np.ndarray:
+        return self.values[2 * layer].numpy()
+
+    def keep(self, layer: int, seq: int, slots: np.ndarray) -> None:
+        raise EigenError("the Optimum peer's cache grows by concatenation and cannot evict; bench it without eviction")
+
+    def write_positions(self, positions: np.ndarray) -> None:
+        pass  # the peer's graph computes positions from its growing cache
+
+    def advance(self, counts: np.ndarray) -> None:
+        counts = np.asarray(counts)
+        if (counts != self.length - self.lengths[0]).any():
+            raise EigenError("the Optimum peer runs batches of equal-length prompts only")
+        super().advance(counts)
 
 
-
-class PeerEngine:
+class PeerEngine(Engine):
     """An Optimum decoder directory (model.onnx [+ external data], optional peer.json), loaded."""
 
+    name = "optimum"
+
     def __init__(self, peer_dir: Path, threads: int = 0, model_file: str = "model.onnx"):
-        import onnxruntime as ort
+        from eigenkv.engines.ort import make_session
         self.dir = Path(peer_dir)
         model = self.dir / model_file
         if not model.is_file():
             raise EigenError(f"{self.dir} has no {model_file}: export one with `python tools/optimum_baseline.py "
                              f"-o {self.dir}`")
         self.info = self._read_info()
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise EigenError(f"peer model {model} cannot be loaded ({str(e).splitlines()[0][:160]})") from None
+        self.session = make_session(model, {"intra_op_num_threads": threads}, "re-export the peer")
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name for o in self.session.get_outputs()}
         layers = sorted({int(m.group(1)) for m in map(_PAST.match, inputs) if m})
@@ -74,9 +100,15 @@ class PeerEngine:
         if first.type not in _TYPES:
             raise EigenError(f"{model}: cache type {first.type} is not supported (float32 or float16)")
         self.dtype = _TYPES[first.type]
-        self.n_layers, self.n_kv_heads, self.head_dim = len(layers), int(first.shape[1]), int(first.shape[3])
+        self.precision = precision_of(np.dtype(self.dtype))
+        n, heads, head_dim = len(layers), int(first.shape[1]), int(first.shape[3])
+        self.layout = KVLayout(n, heads, head_dim, [head_dim] * n, [head_dim] * n, self.max_positions or 2**62,
+                               slot_positions=False)
         self.has_mask, self.has_positions = "attention_mask" in inputs, "position_ids" in inputs
-        self.vocab_size = int(next(o.shape[-1] for o in self.session.get_outputs() if o.name == "logits"))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(next(o.shape[-1] for o in self.session.get_outputs() if o.name == "logits"))
 
     def _read_info(self) -> dict:
         path = self.dir / "peer.json"
@@ -97,14 +129,14 @@ class PeerEngine:
             return None
         return value if isinstance(value, int) else None
 
-    def new_cache(self, batch: int) -> PeerCache:
-        """Empty past: [B, Hkv, 0, D] per layer and kind."""
+    def new_cache(self, batch: int, capacity: int | list[int] = 0) -> PeerCache:
+        """Empty past: [B, Hkv, 0, D] per layer and kind (it grows; `capacity` is not preallocated)."""
         import onnxruntime as ort
-        empty = np.zeros((batch, self.n_kv_heads, 0, self.head_dim), self.dtype)
-        return PeerCache([ort.OrtValue.ortvalue_from_numpy(empty) for _ in self.past], 0)
+        empty = np.zeros((batch, self.layout.n_kv_heads, 0, self.layout.head_dim), self.dtype)
+        return PeerCache(self.layout, [ort.OrtValue.ortvalue_from_numpy(empty) for _ in self.past], batch)
 
-    def step(self, cache: PeerCache, ids: np.ndarray) -> tuple[np.ndarray, PeerCache]:
-        """ids [B, S] (all valid, at positions cache.length..+S-1) -> (logits [B, S, V], the longer cache)."""
+    def step(self, cache: PeerCache, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """ids [B, S] (all valid, at positions cache.length..+S-1) -> logits [B, S, V]; the cache grows."""
         import onnxruntime as ort
         batch, seq = ids.shape
         feed = {"input_ids": ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(ids, dtype=np.int64))}
@@ -112,32 +144,8 @@ class PeerEngine:
             feed["attention_mask"] = ort.OrtValue.ortvalue_from_numpy(
                 np.ones((batch, cache.length + seq), dtype=np.int64))
         if self.has_positions:
-            positions = np.broadcast_to(np.arange(cache.length, cache.length + seq, dtype=np.int64), (batch, seq))
-            feed["position_ids"] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(positions))
+            feed["position_ids"] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(positions, dtype=np.int64))
         feed.update(zip(self.past, cache.values))
         out = self.session.run_with_ort_values(["logits", *self.present], feed)
-        return out[0].numpy(), PeerCache(list(out[1:]), cache.length + seq)
-
-    def prefill(self, ids: np.ndarray, chunk: int | None = None) -> tuple[np.ndarray, PeerCache]:
-        """ids [B, S] in chunks of `chunk` tokens (None: one go) -> (last-token logits [B, V], cache)."""
-        batch, width = ids.shape
-        if width < 1:
-            raise EigenError("the prompt needs at least one token")
-        if chunk is not None and chunk < 1:
-            raise EigenError("prefill_chunk must be >= 1")
-        cache = self.new_cache(batch)
-        step = chunk or width
-        for start in range(0, width, step):
-            logits, cache = self.step(cache, ids[:, start:start + step])
-        return logits[:, -1], cache
-
-    def greedy(self, ids: np.ndarray, new_tokens: int, chunk: int | None = None) -> np.ndarray:
-        """ids [B, S] -> the next `new_tokens` greedy tokens [B, new_tokens]."""
-        last, cache = self.prefill(ids, chunk)
-        out = []
-        for t in range(new_tokens):
-            out.append(last.argmax(-1))
-            if t < new_tokens - 1:
-                logits, cache = self.step(cache, out[-1][:, None])
-                last = logits[:, -1]
-        return np.stack(out, axis=1) if out else np.zeros((len(ids), 0), np.int64)
+        cache.values, cache.length = list(out[1:]), cache.length + seq
+        return out[0].numpy()

@@ -1,23 +1,21 @@
-"""Run an engine: preallocated per-layer KV buffers bound in place, prefill, decode, generate.
+"""Generation over any `Engine`: chunked prefill, greedy or sampled decode, eviction, perplexity.
 
-The cache is one ONNX Runtime OrtValue per layer and kind, [B, Hkv, capacity, rank_i],
-allocated once per `generate` call and bound as both `past_key_values.{i}.*` and
-`present.{i}.*` through IOBinding, so the graph's TensorScatter writes in place: no
-reallocation or copy of the cache during decode.
+Written once against `engines/backend.py`; nothing here knows a backend. The cache is
+allocated once per call (per layer: the whole context, or the eviction budget plus headroom)
+and never moves; each sequence of a right-padded batch writes at its own length, so padding
+never reaches attention.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 
-from eigenkv.engines.config import EngineConfig
+from eigenkv.engines.backend import Engine, KVCache
 from eigenkv.errors import EigenError
-
-_NP = {"fp32": np.float32, "fp16": np.float16}
 
 
 @dataclass(frozen=True)
@@ -51,109 +49,81 @@ def sample(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> 
     return out
 
 
-class KVBuffers:
-    """The per-layer cache as OrtValues; `pointers()` lets tests check nothing moves."""
-
-    def __init__(self, layout, batch: int, capacity: int, dtype):
-        import onnxruntime as ort
-        self.capacity = capacity
-        self.values = [ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, layout.n_kv_heads, capacity, r), dtype))
-                       for pair in zip(layout.key_ranks, layout.value_ranks) for r in pair]
-
-    def pointers(self) -> list[int]:
-        return [v.data_ptr() for v in self.values]
+def capacities(engine: Engine, context: int, chunk: int, evictor=None) -> list[int]:
+    """Slots per layer for `context` tokens (prompt + new) prefilled `chunk` at a time: the whole
+    context, or with an evictor its budget plus room for one chunk (skipped layers: the whole)."""
+    if evictor is None:
+        return [context] * engine.layout.n_layers
+    return evictor.capacities(engine.layout.n_layers, context, chunk)
 
 
-class OrtEngine:
-    """An `ort` engine directory, loaded; `step` runs the graph once over bound buffers."""
-
-    def __init__(self, engine_dir: Path, threads: int = 0):
-        import onnxruntime as ort
-        self.dir = Path(engine_dir)
-        self.config = EngineConfig.load(self.dir, backend="ort")
-        built = self.config.runtime.get("onnxruntime")
-        if built != ort.__version__:
-            raise EigenError(f"{self.dir} was built with onnxruntime {built}, installed is {ort.__version__}: "
-                             f"rebuild it with `eigenkv build ... -o {self.dir} --force`")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        model = self.dir / self.config.model_file
-        try:
-            self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise EigenError(f"engine model {model} is corrupt or truncated ({str(e).splitlines()[0][:160]}); "
-                             f"rebuild it with `eigenkv build ... -o {self.dir} --force`") from None
-        self.layout = self.config.kv_layout
-        self.dtype = _NP[self.config.precision]
-        io = self.config.io
-        n = self.layout.n_layers
-        self.past = [io["inputs"][k].format(i=i) for i in range(n) for k in ("past_key", "past_value")]
-        self.present = [io["outputs"][k].format(i=i) for i in range(n) for k in ("present_key", "present_value")]
-        self.binds = 0  # KV buffer bindings made (a test checks they stay per call, not per token)
-
-    @property
-    def vocab_size(self) -> int:
-        """From the graph's logits output [B, S, V]."""
-        name = self.config.io["outputs"]["logits"]
-        return int(next(o.shape[-1] for o in self.session.get_outputs() if o.name == name))
-
-    def new_cache(self, batch: int, capacity: int) -> KVBuffers:
-        if capacity > self.layout.max_seq_len:
-            raise EigenError(f"{capacity} tokens exceed the engine's max_seq_len {self.layout.max_seq_len}")
-        return KVBuffers(self.layout, batch, capacity, self.dtype)
-
-    def binding(self, cache: KVBuffers):
-        """One IOBinding per generate call: past and present share each KV buffer."""
-        binding = self.session.io_binding()
-        binding.bind_output(self.config.io["outputs"]["logits"], "cpu")  # output 0, rebound every step
-        for name_in, name_out, value in zip(self.past, self.present, cache.values):
-            binding.bind_ortvalue_input(name_in, value)
-            binding.bind_ortvalue_output(name_out, value)
-            self.binds += 1
-        return binding
-
-    def step(self, binding, ids: np.ndarray, positions: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """ids/positions [B, S], lengths [B] (valid slots before the step) -> logits [B, S, V]."""
-        inputs = self.config.io["inputs"]
-        binding.bind_output(self.config.io["outputs"]["logits"], "cpu")  # fresh: its shape follows S
-        binding.bind_cpu_input(inputs["input_ids"], np.ascontiguousarray(ids, dtype=np.int64))
-        binding.bind_cpu_input(inputs["position_ids"], np.ascontiguousarray(positions, dtype=np.int64))
-        binding.bind_cpu_input(inputs["cache_lengths"], np.ascontiguousarray(lengths, dtype=np.int64))
-        self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()
+def prefill(engine: Engine, cache: KVCache, ids: np.ndarray, lengths: np.ndarray, chunk: int,
+            evictor=None) -> np.ndarray:
+    """Right-padded prompts ids [B, W] (lengths [B] real tokens) into an empty cache, `chunk` tokens
+    per step -> logits at each prompt's last token [B, V]. With an evictor, each step first makes
+    room (evicting down to the budget) so memory stays bounded by it."""
+    if chunk < 1:
+        raise EigenError("the prefill chunk must be >= 1 token")
+    batch, width = ids.shape
+    last = None
+    for start in range(0, width, chunk):
+        stop = min(start + chunk, width)
+        if evictor is not None:
+            evictor.make_room(engine, cache, stop - start)
+        positions = np.broadcast_to(np.arange(start, stop), (batch, stop - start))
+        logits = engine.step(cache, ids[:, start:stop], positions)
+        cache.advance(np.clip(lengths - start, 0, stop - start))
+        if last is None:
+            last = np.empty((batch, logits.shape[-1]), dtype=logits.dtype)
+        ends = (lengths - 1 >= start) & (lengths - 1 < stop)
+        last[ends] = logits[ends, (lengths - 1 - start)[ends]]
+    return last
 
 
-def generate(engine: OrtEngine, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
-             stop_tokens: Iterable[int] = (), on_tokens: Callable[[dict[int, int]], None] | None = None,
-             on_cache: Callable[[KVBuffers], None] | None = None, prefill_chunk: int | None = None
-             ) -> list[list[int]]:
-    """Prompts of any lengths (right-padded into one batch) -> new tokens per prompt.
+def decode_step(engine: Engine, cache: KVCache, tokens: np.ndarray, positions: np.ndarray,
+                evictor=None) -> np.ndarray:
+    """One token per sequence: tokens, positions [B] -> next-token logits [B, V]."""
+    if evictor is not None:
+        evictor.make_room(engine, cache, 1)
+    logits = engine.step(cache, tokens[:, None], positions[:, None])[:, 0]
+    cache.advance(np.ones(len(tokens), np.int64))
+    return logits
 
-    Each sequence writes at its own cache length, so padding never reaches its attention.
-    Generation stops per sequence at a stop token (kept) or after max_new_tokens.
-    `prefill_chunk` bounds the tokens per prefill step (attention memory grows with it).
-    """
-    if prefill_chunk is not None and prefill_chunk < 1:
-        raise EigenError("prefill_chunk must be >= 1")
+
+def _check_request(prompts: list[list[int]], max_new_tokens: int, chunk: int | None) -> None:
+    if chunk is not None and chunk < 1:
+        raise EigenError("--prefill-chunk must be >= 1")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise EigenError("every prompt needs at least one token")
     if max_new_tokens < 0:
         raise EigenError("--max-new-tokens must be >= 0")
+
+
+def generate(engine: Engine, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
+             stop_tokens: Iterable[int] = (), on_tokens: Callable[[dict[int, int]], None] | None = None,
+             on_cache: Callable[[KVCache], None] | None = None, prefill_chunk: int | None = None,
+             evictor=None) -> list[list[int]]:
+    """Prompts of any lengths (right-padded into one batch) -> new tokens per prompt.
+
+    Generation stops per sequence at a stop token (kept) or after max_new_tokens.
+    `prefill_chunk` bounds the tokens per prefill step (attention memory grows with it; with an
+    evictor the default is its headroom). `evictor` (engines/eviction.py) keeps each layer's cache
+    within a budget. EigenError for empty prompts, negative counts, or a context over max_seq_len.
+    """
+    _check_request(prompts, max_new_tokens, prefill_chunk)
     lengths = np.array([len(p) for p in prompts], dtype=np.int64)
-    capacity = int(lengths.max()) + max_new_tokens
-    if capacity > engine.layout.max_seq_len:
-        raise EigenError(f"prompt ({int(lengths.max())} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the "
-                         f"engine's max_seq_len {engine.layout.max_seq_len}; shorten them or export with a larger "
-                         "--max-seq-len")
     batch, width = len(prompts), int(lengths.max())
+    context = width + max_new_tokens
+    if context > engine.max_seq_len:
+        raise EigenError(f"prompt ({width} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the "
+                         f"engine's max_seq_len {engine.max_seq_len}; shorten them or export with a larger "
+                         "--max-seq-len")
+    chunk = prefill_chunk or (evictor.headroom if evictor is not None else width)
     ids = np.zeros((batch, width), dtype=np.int64)
     for b, p in enumerate(prompts):
         ids[b, : len(p)] = p
-    cache = engine.new_cache(batch, max(capacity, width + 1))
-    binding = engine.binding(cache)
-    last = _prefill(engine, binding, ids, lengths, prefill_chunk or width)
+    cache = engine.new_cache(batch, capacities(engine, max(context, width + 1), chunk, evictor))
+    last = prefill(engine, cache, ids, lengths, chunk, evictor)
     rng = np.random.default_rng(sampling.seed)
     stops, done = set(stop_tokens), np.zeros(batch, dtype=bool)
     out: list[list[int]] = [[] for _ in prompts]
@@ -167,23 +137,34 @@ def generate(engine: OrtEngine, prompts: list[list[int]], max_new_tokens: int, s
             on_tokens({int(b): int(tokens[b]) for b in active})
         if done.all() or step == max_new_tokens - 1:
             break
-        last = engine.step(binding, tokens[:, None], lengths[:, None], lengths)[:, 0]
-        lengths = lengths + 1
+        last = decode_step(engine, cache, tokens, lengths + step, evictor)
         if on_cache is not None:
             on_cache(cache)
     return out
 
 
-def _prefill(engine: OrtEngine, binding, ids: np.ndarray, lengths: np.ndarray, chunk: int) -> np.ndarray:
-    """Right-padded prompts ids [B, W] in chunks -> logits at each prompt's last token [B, V]."""
-    batch, width = ids.shape
-    last = None
-    for start in range(0, width, chunk):
-        stop = min(start + chunk, width)
-        positions = np.broadcast_to(np.arange(start, stop), (batch, stop - start))
-        logits = engine.step(binding, ids[:, start:stop], positions, np.full(batch, start, np.int64))
-        if last is None:
-            last = np.empty((batch, logits.shape[-1]), dtype=logits.dtype)
-        ends = (lengths - 1 >= start) & (lengths - 1 < stop)
-        last[ends] = logits[ends, (lengths - 1 - start)[ends]]
-    return last
+def greedy(engine: Engine, ids: np.ndarray, new_tokens: int, chunk: int | None = None, evictor=None) -> np.ndarray:
+    """Equal-length prompts ids [B, S] -> the next `new_tokens` greedy tokens [B, new_tokens]."""
+    out = generate(engine, [list(row) for row in np.asarray(ids)], new_tokens, prefill_chunk=chunk, evictor=evictor)
+    return np.array([row + [row[-1]] * (new_tokens - len(row)) for row in out], dtype=np.int64).reshape(len(out), -1)
+
+
+def stream_perplexity(engine: Engine, tokens: np.ndarray, chunk: int = 1, evictor=None) -> dict:
+    """Perplexity of one token stream [T] scored as it is generated: `chunk` tokens per step
+    (1: pure decode), evicting while scoring. -> {ppl, tokens scored, chunk}."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if tokens.size < 2:
+        raise EigenError("perplexity needs at least 2 tokens")
+    cache = engine.new_cache(1, capacities(engine, tokens.size, chunk, evictor))
+    nll, count = 0.0, 0
+    for start in range(0, tokens.size - 1, chunk):
+        stop = min(start + chunk, tokens.size - 1)
+        if evictor is not None:
+            evictor.make_room(engine, cache, stop - start)
+        logits = engine.step(cache, tokens[None, start:stop], np.arange(start, stop)[None]).astype(np.float64)[0]
+        cache.advance(np.array([stop - start]))
+        z = logits - logits.max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        nll -= float(logp[np.arange(stop - start), tokens[start + 1:stop + 1]].sum())
+        count += stop - start
+    return {"ppl": math.exp(nll / count), "tokens": count, "chunk": chunk}

@@ -1,14 +1,17 @@
 """`LowRankAttention`: one decoder layer's attention, original or folded, in torch.
 
 The attention math is `eigenkv.plugins.reference.low_rank_attention` (the op's reference);
-this module only projects, rotates and caches around it. Key modes:
-  plain  keys cached as the op scores them: no RoPE, rotated full-width keys, or keys
-         folded to rank r_k with queries folded the same way (non-RoPE models)
-  pre    RoPE models: keys cached pre-RoPE at rank r_k; the op reconstructs with key_up
-         [G, r_k, head_dim] (G = 1 shared, or Hkv) and rotates at each slot's position
-  joint  RoPE models: queries and keys rotated at head_dim, then projected per layer:
-         keys by `joint_basis` [head_dim, r_k], queries by `joint_query_basis` (default: the
-         same); the cache holds post-RoPE rank-r_k keys
+this module only projects, rotates and caches around it. How keys are cached is a
+`RopeMode` (plugins/spec.py):
+  NONE     no RoPE: keys cached as the op scores them (rank r_k when folded with the queries)
+  ROTATED  RoPE, uncompressed: rotated full-width keys
+  PRE      keys cached pre-RoPE at rank r_k; the op reconstructs with key_up [G, r_k, head_dim]
+           (G = 1 shared, or Hkv) and rotates at each slot's position
+  JOINT    queries and keys rotated at head_dim, then projected per layer: keys by
+           `joint_basis` [head_dim, r_k], queries by `joint_query_basis` (default: the same);
+           the cache holds post-RoPE rank-r_k keys
+`key_gram` [G, r_k, r_k] (folded modes) is UᵀU of the key up-projection U, so the norm of a
+reconstructed key is computed in rank space: ‖U k_r‖² = k_rᵀ (UᵀU) k_r (key-norm eviction).
 """
 
 from __future__ import annotations
@@ -16,10 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from eigenkv.plugins.reference import ROPE_NONE, ROPE_PRE, apply_rope, low_rank_attention
+from eigenkv.plugins.reference import apply_rope, low_rank_attention
+from eigenkv.plugins.spec import RopeMode
 from eigenkv.plugins.torch_op import low_rank_attention_op
-
-KEY_MODES = ("plain", "pre", "joint")
 
 
 class Rope(nn.Module):
@@ -42,53 +44,72 @@ def slot_index(starts: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache:
-    """Preallocated per-layer buffers key [B, Hkv, Smax, r_k_i], value [B, Hkv, Smax, r_v_i].
+    """Preallocated per-layer buffers key [B, Hkv, Smax, r_k_i], value [B, Hkv, Smax, r_v_i] and
+    the token position of every slot [B, Hkv, Smax] (int32), in torch (the reference runtime).
 
-    `lengths` [B] counts the valid slots of each sequence; a step's S new tokens go to
-    slots lengths..lengths+S-1 (no eviction, so a slot's position is its index).
+    `lengths` [L, B] counts each layer's valid slots per sequence; a step's S new tokens go to
+    slots lengths..lengths+S-1 of every layer, with their positions. `keep` compacts chosen slots
+    to the front, as the engines' caches do.
     """
 
     def __init__(self, batch: int, max_len: int, n_kv: int, key_ranks, value_ranks, dtype=torch.float32):
         self.keys = [torch.zeros(batch, n_kv, max_len, r, dtype=dtype) for r in key_ranks]
         self.values = [torch.zeros(batch, n_kv, max_len, r, dtype=dtype) for r in value_ranks]
-        self.lengths = torch.zeros(batch, dtype=torch.int64)
+        self.positions = [torch.zeros(batch, n_kv, max_len, dtype=torch.int32) for _ in key_ranks]
+        self.lengths = torch.zeros(len(self.keys), batch, dtype=torch.int64)
         self.max_len = max_len
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """k [B, Hkv, S, r_k], v [B, Hkv, S, r_v] -> (key buffer, value buffer, lengths after [B])."""
-        seq = k.shape[2]
-        if int(self.lengths.max()) + seq > self.max_len:
-            raise ValueError(f"cache full: {int(self.lengths.max())} + {seq} tokens > capacity {self.max_len}")
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """k [B, Hkv, S, r_k], v [B, Hkv, S, r_v], positions [B, S] -> (key buffer, value buffer,
+        lengths after the write [B], slot positions [B, Hkv, Smax]). ValueError when full."""
+        seq, lengths = k.shape[2], self.lengths[layer]
+        if int(lengths.max()) + seq > self.max_len:
+            raise ValueError(f"cache full: {int(lengths.max())} + {seq} tokens > capacity {self.max_len}")
         for buf, new in ((self.keys[layer], k), (self.values[layer], v)):
-            buf.scatter_(2, slot_index(self.lengths, new), new.to(buf.dtype))
-        return self.keys[layer], self.values[layer], self.lengths + seq
+            buf.scatter_(2, slot_index(lengths, new), new.to(buf.dtype))
+        pos = positions[:, None, :, None].expand(-1, k.shape[1], -1, 1).to(torch.int32)
+        self.positions[layer].scatter_(2, slot_index(lengths, pos)[..., 0], pos[..., 0])
+        return self.keys[layer], self.values[layer], lengths + seq, self.positions[layer]
 
     def advance(self, seq: int) -> None:
         """After every layer wrote this step's `seq` tokens."""
         self.lengths = self.lengths + seq
+
+    def keep(self, layer: int, seq: int, slots: torch.Tensor) -> None:
+        """Keep `slots` [Hkv, k] (slot indices, per KV head) of sequence `seq` in `layer`, moved
+        to the front in the given order; the layer's length for that sequence becomes k."""
+        for buf in (self.keys[layer], self.values[layer], self.positions[layer]):
+            kept = buf[seq].gather(1, slots.long().view(*slots.shape, *([1] * (buf.dim() - 3))).expand(
+                -1, -1, *buf.shape[3:]))
+            buf[seq, :, : slots.shape[1]] = kept
+        self.lengths[layer, seq] = slots.shape[1]
 
 
 class LowRankAttention(nn.Module):
     """Projections [+ RoPE] + cache + reference op + output projection. x [B, S, hidden]."""
 
     def __init__(self, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear, o_proj: nn.Linear, *,
-                 n_heads: int, n_kv_heads: int, head_dim: int, scale: float, rope: bool,
-                 key_mode: str = "plain", key_up: torch.Tensor | None = None,
-                 joint_basis: torch.Tensor | None = None, joint_query_basis: torch.Tensor | None = None,
+                 n_heads: int, n_kv_heads: int, head_dim: int, scale: float, rope_mode: RopeMode,
+                 key_up: torch.Tensor | None = None, joint_basis: torch.Tensor | None = None,
+                 joint_query_basis: torch.Tensor | None = None, key_gram: torch.Tensor | None = None,
                  alibi_slopes: torch.Tensor | None = None):
         super().__init__()
-        if key_mode not in KEY_MODES:
-            raise ValueError(f"key_mode must be one of {KEY_MODES}")
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.scale, self.rope, self.key_mode = scale, rope, key_mode
+        self.scale, self.rope_mode = scale, RopeMode(rope_mode)
         self.register_buffer("key_up", key_up)
+        self.register_buffer("key_gram", key_gram)
         self.register_buffer("joint_basis", joint_basis)
         self.register_buffer("joint_query_basis", joint_query_basis)
         self.differentiable = False  # True: call the reference math (has autograd) instead of the op
         self.register_buffer("alibi_slopes", alibi_slopes)
         # Identity taps: calibration hooks read rotated full-width queries/keys here.
         self.rotated_query, self.rotated_key = nn.Identity(), nn.Identity()
+
+    @property
+    def rope(self) -> bool:
+        """Whether this layer rotates queries and keys."""
+        return self.rope_mode.rope
 
     @property
     def key_rank(self) -> int:
@@ -109,29 +130,29 @@ class LowRankAttention(nn.Module):
         v = self._heads(self.v_proj(x), self.n_kv_heads)
         if self.rope:
             q = self.rotated_query(rope(q, positions))
-            if self.key_mode != "pre":
+            if self.rope_mode is not RopeMode.PRE:
                 k = self.rotated_key(rope(k, positions))
-            if self.key_mode == "joint":
+            if self.rope_mode is RopeMode.JOINT:
                 q_basis = self.joint_basis if self.joint_query_basis is None else self.joint_query_basis
                 q, k = q @ q_basis, k @ self.joint_basis
         return q, k, v
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: Rope | None = None,
                 cache=None, layer: int = 0) -> torch.Tensor:
-        """x [B, S, hidden], positions [B, S]; `cache.write(layer, k, v)` returns the buffers to
-        attend over and the valid lengths after the write (None: the sequence is the cache)."""
+        """x [B, S, hidden], positions [B, S]; `cache.write(layer, k, v, positions)` returns the
+        buffers to attend over, the valid lengths after the write and every slot's position
+        (cache None: the sequence is the cache)."""
         q, k, v = self.project(x, positions, rope)
         batch, seq = positions.shape
         if cache is None:
             slots = positions[:, None, :].expand(batch, self.n_kv_heads, seq)
             lengths = torch.full((batch,), seq, dtype=torch.int64)
         else:
-            k, v, lengths = cache.write(layer, k, v)
-            slots = None  # slot index = position
-        pre = self.rope and self.key_mode == "pre"
+            k, v, lengths, slots = cache.write(layer, k, v, positions)
+        pre = self.rope_mode is RopeMode.PRE
         attention = low_rank_attention if self.differentiable else low_rank_attention_op
         out = attention(
-            q, k, v, lengths, positions, scale=self.scale, rope_mode=ROPE_PRE if pre else ROPE_NONE,
+            q, k, v, lengths, positions, scale=self.scale, rope_mode=self.rope_mode.op_code,
             slot_positions=slots, key_up=self.key_up if pre else None,
             rope_cos=rope.cos if pre else None, rope_sin=rope.sin if pre else None,
             alibi_slopes=self.alibi_slopes,

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from eigenkv.exporter.attention import LowRankAttention
 from eigenkv.exporter.decoder import EigenDecoder
+from eigenkv.plugins.spec import RopeMode
 
 
 @dataclass
@@ -120,7 +121,7 @@ def calibrate(decoder: EigenDecoder, samples: torch.Tensor, batch_size: int = 4,
     with that layer's uncompressed inputs and outputs (the error-budget search uses it).
     """
     if decoder.key_ranks != [decoder.dims.head_dim] * decoder.dims.n_layers or any(
-            layer.attn.key_mode != "plain" for layer in decoder.layers):
+            layer.attn.rope_mode not in (RopeMode.NONE, RopeMode.ROTATED) for layer in decoder.layers):
         raise ValueError("calibrate needs the uncompressed decoder")
     positions = torch.arange(samples.shape[1]).expand(samples.shape[0], -1)
     hidden = decoder.embed_inputs(samples, positions)

@@ -14,6 +14,7 @@ from torch import nn
 
 from eigenkv.exporter.attention import KVCache, LowRankAttention, Rope
 from eigenkv.exporter.families import Dims, Family, family_for, get_path
+from eigenkv.plugins.spec import RopeMode
 
 
 class PlainMLP(nn.Module):
@@ -133,7 +134,8 @@ def _attention(layer: nn.Module, family: Family, dims: Dims, slopes) -> LowRankA
         q, k, v = (get_path(layer, p) for p in (family.q, family.k, family.v))
     return LowRankAttention(q, k, v, get_path(layer, family.o), n_heads=dims.n_heads,
                             n_kv_heads=dims.n_kv_heads, head_dim=dims.head_dim, scale=dims.scale,
-                            rope=family.positions == "rope", alibi_slopes=slopes)
+                            rope_mode=RopeMode.ROTATED if family.positions == "rope" else RopeMode.NONE,
+                            alibi_slopes=slopes)
 
 
 def _rope_tables(model: nn.Module, dims: Dims, max_positions: int) -> Rope:

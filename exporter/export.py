@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -21,14 +19,12 @@ from tqdm.auto import tqdm
 from eigenkv import __version__
 from eigenkv.errors import EigenError
 from eigenkv.exporter.decoder import EigenDecoder
-from eigenkv.exporter.onnx_graph import (OPSET, GraphDecoder, IONames, dynamic_shapes, example_inputs,
-                                         hierarchical_names)
+from eigenkv.exporter.onnx_graph import OPSET, GraphDecoder, dynamic_shapes, example_inputs, hierarchical_names
 from eigenkv.exporter.pipeline import CompressConfig, compress
-from eigenkv.exporter.sources import load_config, resolve_model
+from eigenkv.exporter.sources import ModelSource, load_config, resolve_model
+from eigenkv.manifest import (PRECISIONS, Files, IONames, KVLayout, Manifest, Source, manifest_path,
+                              torch_dtype)
 from eigenkv.plugins import spec
-
-MANIFEST_SCHEMA = 1
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 @dataclass
@@ -58,13 +54,12 @@ def check_output(config: ExportConfig) -> Path:
             raise EigenError(f"cannot create output directory {parent}: {existing} is not a writable directory")
     elif not os.access(parent, os.W_OK):
         raise EigenError(f"output directory {parent} is not writable")
-    if config.dtype not in DTYPES:
-        raise EigenError(f"--dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
+    if config.dtype not in PRECISIONS:
+        raise EigenError(f"--dtype must be one of {', '.join(PRECISIONS)}, got {config.dtype!r}")
     return out
 
 
-def _check_max_seq_len(config: ExportConfig) -> int:
-    source = resolve_model(config.compress.model)
+def _check_max_seq_len(config: ExportConfig, source: ModelSource) -> int:
     hf_config = load_config(source)
     from eigenkv.exporter.families import family_for
     limit = family_for(hf_config).dims(hf_config).max_positions
@@ -79,7 +74,7 @@ def to_onnx(decoder: EigenDecoder, path: Path, data_name: str, max_seq_len: int,
     import onnx
 
     from eigenkv.plugins.onnx_function import attach_function, build_function
-    names, n = IONames(), decoder.dims.n_layers
+    names, n = IONames(), decoder.dims.n_layers  # the manifest records the same default names
     graph = GraphDecoder(decoder).eval()
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # torchvision notes
     with torch.no_grad(), warnings.catch_warnings():
@@ -91,27 +86,40 @@ def to_onnx(decoder: EigenDecoder, path: Path, data_name: str, max_seq_len: int,
     model = program.model_proto
     hierarchical_names(model)
     attn = decoder.layers[0].attn
-    attach_function(model, build_function(rope_mode=int(attn.rope and attn.key_mode == "pre"),
-                                          alibi=attn.alibi_slopes is not None, slot_positions=False,
-                                          opset=OPSET))
+    attach_function(model, build_function(rope_mode=attn.rope_mode.op_code, alibi=attn.alibi_slopes is not None,
+                                          slot_positions=True, opset=OPSET))
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data_name, size_threshold=1024)
 
 
-def kv_bytes_per_token(decoder: EigenDecoder, dtype: torch.dtype) -> int:
-    """Bytes one token occupies in all layers' K and V buffers."""
-    size = torch.empty(0, dtype=dtype).element_size()
-    return size * decoder.dims.n_kv_heads * (sum(decoder.key_ranks) + sum(decoder.value_ranks))
+def layout_of(decoder: EigenDecoder, max_seq_len: int) -> KVLayout:
+    """The cache geometry of a (folded) decoder's graph."""
+    d = decoder.dims
+    return KVLayout(d.n_layers, d.n_kv_heads, d.head_dim, decoder.key_ranks, decoder.value_ranks, max_seq_len)
 
 
-def export(config: ExportConfig) -> dict:
-    """Run the whole export; returns the manifest written to eigen.json."""
+def save_key_grams(decoder: EigenDecoder, path: Path) -> bool:
+    """layers.{i}.key_gram [G, r_k, r_k] float32 (safetensors) for every folded layer; False (nothing
+    written) when the keys are cached full width, whose norms need no Gram."""
+    grams = {f"layers.{i}.key_gram": layer.attn.key_gram.detach().float().numpy()
+             for i, layer in enumerate(decoder.layers) if layer.attn.key_gram is not None}
+    if not grams:
+        return False
+    from safetensors.numpy import save_file
+    save_file(grams, str(path))
+    return True
+
+
+def export(config: ExportConfig) -> Manifest:
+    """Run the whole export; returns the manifest written to OUT.eigen.json. EigenError for bad
+    options or output locations (checked before the model loads) and failed validation."""
     out = check_output(config)
-    max_seq_len = _check_max_seq_len(config)
+    source = resolve_model(config.compress.model)
+    max_seq_len = _check_max_seq_len(config, source)
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return _export(config, out, max_seq_len)
+        return _export(config, out, max_seq_len, source)
     except BaseException:
         for p in created:  # innermost first: leave no empty folders behind
             if p.is_dir() and not any(p.iterdir()):
@@ -119,19 +127,18 @@ def export(config: ExportConfig) -> dict:
         raise
 
 
-def _export(config: ExportConfig, out: Path, max_seq_len: int) -> dict:
+def _export(config: ExportConfig, out: Path, max_seq_len: int, source: ModelSource) -> Manifest:
     import onnx  # noqa: F401 - heavy imports before any file exists, so an interrupt never lands in one
     import onnxruntime  # noqa: F401
 
-    from eigenkv.artifacts import write_json
+    from eigenkv.artifacts import staging_dir
     from eigenkv.exporter.validate import validate
     t0 = time.perf_counter()
-    result = compress(config.compress)
-    dtype = DTYPES[config.dtype]
+    result = compress(config.compress, source=source)
+    dtype = torch_dtype(config.dtype)
     folded = result.folded.with_max_positions(max_seq_len)
     export_model = folded if dtype == torch.float32 else _cast_copy(folded, dtype)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staging_dir(out) as tmp:
         stages = tqdm(total=3, desc="export", unit="stage", disable=not config.compress.progress)
         stages.set_postfix_str("trace to ONNX")
         t1 = time.perf_counter()
@@ -144,24 +151,34 @@ def _export(config: ExportConfig, out: Path, max_seq_len: int) -> dict:
         stages.update()
         stages.set_postfix_str("validate against torch")
         t2 = time.perf_counter()
-        figures = validate(tmp / out.name, folded, config.decode_steps, config.validate_prompt_tokens,
-                           max_seq_len, dtype, progress=config.compress.progress)
+        layout = layout_of(folded, max_seq_len)
+        figures = validate(tmp / out.name, folded, layout, config.dtype, config.decode_steps,
+                           config.validate_prompt_tokens, progress=config.compress.progress)
         stages.update()
         stages.close()
         _require_parity(figures, dtype)
+        gram_name = out.stem + ".key_gram.safetensors"
+        has_grams = save_key_grams(folded, tmp / gram_name)
+        from eigenkv.artifacts import save_projections  # the folded attention tensors: `eigenkv build --backend torch`
+        save_projections(tmp / (out.stem + PROJECTIONS_SUFFIX), folded, {k: result.report[k] for k in (
+            "model_type", "source_hash", "rope_mode", "n_layers", "n_kv_heads", "head_dim")})
         t3 = time.perf_counter()
-        manifest = _manifest(config, result.report, folded, dtype, max_seq_len, out, figures,
-                             {"compress": round(t1 - t0, 2), "export": round(t2 - t1, 2),
-                              "validate": round(t3 - t2, 2)})
-        write_json(tmp / "eigen.json", manifest)
-        os.replace(tmp / data_name, out.parent / data_name)
-        os.replace(tmp / "eigen.json", out.parent / "eigen.json")
+        seconds = {"compress": round(t1 - t0, 2), "export": round(t2 - t1, 2), "validate": round(t3 - t2, 2)}
+        manifest = _manifest(config, result.report, folded, layout, source, out, gram_name if has_grams else None,
+                             {**{k: result.report[k] for k in REPORT_SECTIONS}, "validation": figures,
+                              "seconds": seconds})
+        manifest.save(tmp / "manifest.json")
+        moves = [(data_name, data_name), ("manifest.json", manifest_path(out).name)]
+        moves += [(gram_name, gram_name)] if has_grams else []
+        moves += [(out.stem + PROJECTIONS_SUFFIX,) * 2]
+        for staged, final in moves:
+            os.replace(tmp / staged, out.parent / final)
         os.replace(tmp / out.name, out)  # the graph last: it exists only if everything else does
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 
+PROJECTIONS_SUFFIX = ".projections.safetensors"  # OUT.onnx -> OUT.projections.safetensors (Files.projections)
+REPORT_SECTIONS = ("ranks", "healing", "calibration", "perplexity")  # copied from the compress report
 FP32_LOGIT_TOLERANCE = 1e-3  # max |logit diff| of the fp32 graph
 
 
@@ -186,28 +203,11 @@ def _cast_copy(decoder: EigenDecoder, dtype: torch.dtype) -> EigenDecoder:
     return copy.deepcopy(decoder).to(dtype)
 
 
-def _manifest(config, report, decoder, dtype, max_seq_len, out, figures, seconds) -> dict:
-    names = IONames()
-    d = decoder.dims
-    original = torch.empty(0, dtype=dtype).element_size() * 2 * d.n_layers * d.n_kv_heads * d.head_dim
-    return {
-        "schema_version": MANIFEST_SCHEMA,
-        "eigenkv_version": __version__,
-        "source_model": report["source_model"], "source_hash": report["source_hash"],
-        "family": report["model_type"], "rope_mode": report["rope_mode"],
-        "op": {"domain": spec.DOMAIN, "name": spec.NAME, "version": spec.VERSION}, "opset": OPSET,
-        "dtype": config.dtype, "max_seq_len": max_seq_len,
-        "files": {"graph": out.name, "data": out.name + ".data"},
-        "n_layers": decoder.dims.n_layers, "n_heads": decoder.dims.n_heads,
-        "n_kv_heads": decoder.dims.n_kv_heads, "head_dim": decoder.dims.head_dim,
-        "key_ranks": decoder.key_ranks, "value_ranks": decoder.value_ranks,
-        "kv_layout": "[batch, kv_heads, max_cache_len, rank] per layer; slot = position",
-        "io": {"inputs": {"input_ids": names.input_ids, "position_ids": names.position_ids,
-                          "cache_lengths": names.cache_lengths, "past_key": names.past_key,
-                          "past_value": names.past_value},
-               "outputs": {"logits": names.logits, "present_key": names.present_key,
-                           "present_value": names.present_value}},
-        "kv_bytes_per_token": {"original": original, "compressed": kv_bytes_per_token(decoder, dtype)},
-        "ranks": report["ranks"], "healing": report["healing"], "calibration": report["calibration"],
-        "perplexity": report["perplexity"], "validation": figures, "seconds": seconds,
-    }
+def _manifest(config, report, decoder, layout, source, out, gram_name, sections) -> Manifest:
+    return Manifest(
+        source=Source(str(source.directory), source.gguf_file, report["source_hash"]), family=report["model_type"],
+        rope_mode=decoder.layers[0].attn.rope_mode, precision=config.dtype, layout=layout, io=IONames(),
+        files=Files(graph=out.name, data=out.name + ".data", key_gram=gram_name,
+                    projections=out.stem + PROJECTIONS_SUFFIX),
+        op={"domain": spec.DOMAIN, "name": spec.NAME, "version": spec.VERSION}, opset=OPSET,
+        eigenkv_version=__version__, report=sections)

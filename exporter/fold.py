@@ -8,6 +8,8 @@ D = Uᵀ), per KV head h and every query head j of h's group:
   pre      W_k,h <- D_k,h W_k,h; key_up = U_kᵀ [G, r_k, d] (the op reconstructs and rotates)
   joint    after RoPE: keys @ D_kᵀ, queries @ U_k (one pair per layer)
 Factors with D U = I at full rank reproduce the original model to round-off.
+Every folded layer also keeps key_gram = U_kᵀU_k [G, r_k, r_k] (computed before U_k folds into
+W_q where it does), so a cached key's reconstructed norm is a rank-space product.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from eigenkv.errors import EigenError
 from eigenkv.exporter.attention import LowRankAttention
 from eigenkv.exporter.decoder import EigenDecoder
 from eigenkv.exporter.decompose import LayerBases, LayerFactors, eigen_factors
+from eigenkv.plugins.spec import RopeMode
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:
@@ -88,24 +91,27 @@ def fold_attention(attn: LowRankAttention, factors: LayerFactors | LayerBases, k
     q_proj, k_proj, key_up, joint_k, joint_q = attn.q_proj, attn.k_proj, None, None, None
     dtype = attn.k_proj.weight.dtype
     per_head = d_k.shape[0] == attn.n_kv_heads
+    u64 = u_k.to(torch.float64)
+    key_gram = (u64.transpose(1, 2) @ u64).to(dtype).contiguous()  # [G, r_k, r_k]
     if not attn.rope:
         k_proj = _project_rows(attn.k_proj, d_k.expand(attn.n_kv_heads, -1, -1), attn.n_kv_heads, 1)
         q_proj = _project_rows(attn.q_proj, u_k.transpose(1, 2).expand(attn.n_kv_heads, -1, -1),
                                attn.n_heads, group)
-        mode = "plain"
-    elif rope_mode == "pre":
+        mode = RopeMode.NONE
+    elif rope_mode == RopeMode.PRE:
         k_proj = _project_rows(attn.k_proj, d_k.expand(attn.n_kv_heads, -1, -1), attn.n_kv_heads, 1)
         key_up = u_k.transpose(1, 2).to(dtype).contiguous()  # [G, r_k, d]
-        mode = "pre"
+        mode = RopeMode.PRE
     else:
         if per_head and attn.n_kv_heads > 1:
             raise EigenError("joint RoPE mode needs one key basis per layer (shared), not per-head factors")
         joint_k = d_k[0].T.to(dtype).contiguous()  # [d, r_k]
         joint_q = u_k[0].to(dtype).contiguous()
-        mode = "joint"
+        key_gram = key_gram[:1]
+        mode = RopeMode.JOINT
     return LowRankAttention(q_proj, k_proj, v_proj, o_proj, n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads,
-                            head_dim=d, scale=attn.scale, rope=attn.rope, key_mode=mode, key_up=key_up,
-                            joint_basis=joint_k, joint_query_basis=joint_q, alibi_slopes=attn.alibi_slopes)
+                            head_dim=d, scale=attn.scale, rope_mode=mode, key_up=key_up, joint_basis=joint_k,
+                            joint_query_basis=joint_q, key_gram=key_gram, alibi_slopes=attn.alibi_slopes)
 
 
 def fold(decoder: EigenDecoder, factors: list, key_ranks: list[int], value_ranks: list[int],
@@ -122,7 +128,9 @@ def fold(decoder: EigenDecoder, factors: list, key_ranks: list[int], value_ranks
 
 def attention_from_tensors(attn: LowRankAttention, tensors: dict, key_mode: str) -> LowRankAttention:
     """Rebuild a folded attention module from saved tensors (`artifacts.load_projections`);
-    `attn` is the original module (geometry, and the projections the fold left unchanged)."""
+    `attn` is the original module (geometry, and the projections the fold left unchanged).
+    key_mode: a RopeMode value, or "plain" (files written before RopeMode: the original's mode)."""
+    mode = attn.rope_mode if key_mode == "plain" else RopeMode.parse(key_mode)
     def lin(name: str, like: nn.Linear) -> nn.Linear:
         w = tensors.get(f"{name}.weight")
         return like if w is None else _linear(w, tensors.get(f"{name}.bias"), like)
@@ -130,6 +138,6 @@ def attention_from_tensors(attn: LowRankAttention, tensors: dict, key_mode: str)
     get = lambda n: None if tensors.get(n) is None else tensors[n].to(dtype)  # noqa: E731
     return LowRankAttention(lin("q_proj", attn.q_proj), lin("k_proj", attn.k_proj), lin("v_proj", attn.v_proj),
                             lin("o_proj", attn.o_proj), n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads,
-                            head_dim=attn.head_dim, scale=attn.scale, rope=attn.rope, key_mode=key_mode,
-                            key_up=get("key_up"), joint_basis=get("joint_basis"),
-                            joint_query_basis=get("joint_query_basis"), alibi_slopes=attn.alibi_slopes)
+                            head_dim=attn.head_dim, scale=attn.scale, rope_mode=mode, key_up=get("key_up"),
+                            joint_basis=get("joint_basis"), joint_query_basis=get("joint_query_basis"),
+                            key_gram=get("key_gram"), alibi_slopes=attn.alibi_slopes)

@@ -1,23 +1,25 @@
 """The decoder as one ONNX graph for prefill and decode, with fixed-capacity KV buffers.
 
-Graph I/O (Optimum / onnxruntime-genai names):
-  input_ids [B, S] int64, position_ids [B, S] int64, cache_lengths [B] int64 (valid slots
-  before this step), past_key_values.{i}.key [B, Hkv, Smax, r_k_i], .value [.., r_v_i]
+Graph I/O (Optimum / onnxruntime-genai names, `eigenkv.manifest.IONames`):
+  input_ids [B, S] int64, position_ids [B, S] int64, cache_lengths [L, B] int64 (each
+  layer's valid slots before this step), past_key_values.{i}.key [B, Hkv, Smax_i, r_k_i],
+  .value [.., r_v_i], slot_positions.{i} [B, Hkv, Smax_i] int32 (the token position of every
+  slot, the step's new tokens included: the runtime writes them before the step)
   -> logits [B, S, vocab], present.{i}.key|value (the past buffers after this step's
   write; bind them to the same memory as the past ones to update in place).
 Cache writes are standard ONNX `TensorScatter` (opset 24, axis -2, linear) at
-`cache_lengths`; attention is one `eigen::LowRankAttention` node per layer.
+`cache_lengths[i]`; attention is one `eigen::LowRankAttention` node per layer, which masks and
+(in `pre` mode) rotates by slot position, so slots may be compacted between steps.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from eigenkv.exporter.attention import slot_index
 from eigenkv.exporter.decoder import EigenDecoder
+from eigenkv.manifest import IONames
 
 OPSET = 24
 
@@ -34,15 +36,18 @@ def tensor_scatter(past: torch.Tensor, update: torch.Tensor, write_indices: torc
 class GraphCache:
     """The cache protocol of `LowRankAttention` over graph inputs: functional writes, presents kept."""
 
-    def __init__(self, past: tuple[torch.Tensor, ...], cache_lengths: torch.Tensor):
-        self.past, self.lengths = past, cache_lengths
+    def __init__(self, past: tuple[torch.Tensor, ...], slot_positions: tuple[torch.Tensor, ...],
+                 cache_lengths: torch.Tensor):
+        self.past, self.slot_positions, self.lengths = past, slot_positions, cache_lengths
         self.present: list[torch.Tensor] = []
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        keys = tensor_scatter(self.past[2 * layer], k, self.lengths)
-        values = tensor_scatter(self.past[2 * layer + 1], v, self.lengths)
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """positions are already in `slot_positions` (the runtime writes them)."""
+        lengths = self.lengths[layer]
+        keys = tensor_scatter(self.past[2 * layer], k, lengths)
+        values = tensor_scatter(self.past[2 * layer + 1], v, lengths)
         self.present += [keys, values]
-        return keys, values, self.lengths + k.shape[2]
+        return keys, values, lengths + k.shape[2], self.slot_positions[layer]
 
     def advance(self, seq: int) -> None:  # the runtime advances its own lengths
         pass
@@ -55,53 +60,38 @@ class GraphDecoder(nn.Module):
         super().__init__()
         self.decoder = decoder
 
-    def forward(self, input_ids, position_ids, cache_lengths, *past):
-        cache = GraphCache(past, cache_lengths)
+    def forward(self, input_ids, position_ids, cache_lengths, *past_and_slots):
+        n = self.decoder.dims.n_layers
+        cache = GraphCache(past_and_slots[: 2 * n], past_and_slots[2 * n:], cache_lengths)
         logits = self.decoder(input_ids, position_ids, cache)
         return (logits, *cache.present)
 
 
-@dataclass(frozen=True)
-class IONames:
-    """Name patterns recorded in the manifest; nothing infers them from file names."""
-
-    input_ids: str = "input_ids"
-    position_ids: str = "position_ids"
-    cache_lengths: str = "cache_lengths"
-    past_key: str = "past_key_values.{i}.key"
-    past_value: str = "past_key_values.{i}.value"
-    logits: str = "logits"
-    present_key: str = "present.{i}.key"
-    present_value: str = "present.{i}.value"
-
-    def inputs(self, n_layers: int) -> list[str]:
-        kv = [p.format(i=i) for i in range(n_layers) for p in (self.past_key, self.past_value)]
-        return [self.input_ids, self.position_ids, self.cache_lengths, *kv]
-
-    def outputs(self, n_layers: int) -> list[str]:
-        kv = [p.format(i=i) for i in range(n_layers) for p in (self.present_key, self.present_value)]
-        return [self.logits, *kv]
-
-
 def example_inputs(decoder: EigenDecoder, batch: int = 2, seq: int = 5, max_cache: int = 16,
                    dtype=torch.float32) -> tuple:
-    """Inputs for tracing (B, S > 1 so neither is specialised): empty cache, positions 0..S-1."""
+    """Inputs for tracing (B, S > 1 so neither is specialised; layers' capacities differ so none
+    is tied to another): empty cache, positions 0..S-1."""
     ids = torch.randint(0, 100, (batch, seq))
     positions = torch.arange(seq).expand(batch, seq).contiguous()
-    lengths = torch.zeros(batch, dtype=torch.int64)
-    past = []
-    for kr, vr in zip(decoder.key_ranks, decoder.value_ranks):
-        past += [torch.zeros(batch, decoder.dims.n_kv_heads, max_cache, kr, dtype=dtype),
-                 torch.zeros(batch, decoder.dims.n_kv_heads, max_cache, vr, dtype=dtype)]
-    return (ids, positions, lengths, *past)
+    n_kv = decoder.dims.n_kv_heads
+    lengths = torch.zeros(decoder.dims.n_layers, batch, dtype=torch.int64)
+    past, slots = [], []
+    for i, (kr, vr) in enumerate(zip(decoder.key_ranks, decoder.value_ranks)):
+        cap = max_cache + i
+        past += [torch.zeros(batch, n_kv, cap, kr, dtype=dtype), torch.zeros(batch, n_kv, cap, vr, dtype=dtype)]
+        slots.append(torch.zeros(batch, n_kv, cap, dtype=torch.int32))
+    return (ids, positions, lengths, *past, *slots)
 
 
 def dynamic_shapes(n_layers: int, max_seq_len: int) -> tuple:
+    """Batch and sequence shared by all inputs; each layer's cache capacity its own dimension
+    (eviction sizes layers differently: skipped layers hold the whole context)."""
     from torch.export import Dim
     batch, seq = Dim("batch", min=1, max=4096), Dim("sequence", min=1, max=max_seq_len)
-    cache = Dim("max_cache_len", min=2, max=max_seq_len)
-    kv = {0: batch, 2: cache}
-    return ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch}, tuple([kv] * (2 * n_layers)))
+    caps = [Dim(f"cache_len_{i}", min=2, max=max_seq_len) for i in range(n_layers)]
+    kv = tuple({0: batch, 2: caps[i // 2]} for i in range(2 * n_layers))
+    slots = tuple({0: batch, 2: cap} for cap in caps)
+    return ({0: batch, 1: seq}, {0: batch, 1: seq}, {1: batch}, kv + slots)
 
 
 def _scope_path(namespace: str) -> str:

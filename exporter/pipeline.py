@@ -1,13 +1,14 @@
 """The compress stage: model -> calibrate -> factors (--method) -> ranks -> fold [-> heal] -> perplexity.
 
-`compress(CompressConfig)` returns the folded decoder with a report; `run_compress` also
-writes `projections.safetensors` and `compress.json` into an output directory.
+`compress(CompressConfig[, ModelSource])` returns the folded decoder with a report;
+`run_compress` also writes `projections.safetensors` and `compress.json` into an output
+directory. Texts are split by role in `texts.py`, ranks chosen by `rank_strategies.py`.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -15,18 +16,20 @@ import torch
 from eigenkv import __version__
 from eigenkv.errors import EigenError
 from eigenkv.exporter import ranks as rank_sel
-from eigenkv.exporter import sensitivity
 from eigenkv.exporter.calibrate import calibrate
 from eigenkv.exporter.decoder import EigenDecoder, decoder_from_hf
-from eigenkv.exporter.decompose import ROPE_MODES
 from eigenkv.exporter.fold import attention_from_tensors, fold
 from eigenkv.exporter.heal import HealSettings, heal
-from eigenkv.exporter.methods import METHODS, get_method, method_factors
-from eigenkv.exporter.quality import search_smallest_cache, validation_rise
+from eigenkv.exporter.methods import get_method, method_factors
+from eigenkv.exporter.quality import validation_rise
 from eigenkv.exporter.perplexity import perplexity
 from eigenkv.exporter.families import Dims, family_for
-from eigenkv.exporter.sources import (load_config, load_model, model_hash, read_text, resolve_model, split_for_calibration,
-                                      tokenize)
+from eigenkv.exporter.rank_strategies import chosen_strategies, rank_strategy
+from eigenkv.exporter.sources import ModelSource, load_config, load_model, model_hash, resolve_model
+from eigenkv.exporter.texts import Texts, split_texts
+from eigenkv.plugins.spec import RopeMode
+
+COMPRESS_ROPE_MODES = (RopeMode.PRE, RopeMode.JOINT)  # what the compress stage folds into
 
 
 @dataclass
@@ -42,7 +45,7 @@ class CompressConfig:
     method: str | None = None  # basis method (exporter/methods.py); None: loss-aware, loss-aware-shared
     #                            under rope_mode joint, eigen with error_budget
     allocation: str = "loss"  # --kv-ratio: "loss" (measured KL per byte) or "energy" (the paper's spectra)
-    rope_mode: str = "pre"
+    rope_mode: str = "pre"  # a RopeMode name; `resolved()` stores the RopeMode member
     heal_steps: int = 0  # distillation steps on calibration text after the fold
     heal_lr: float = 1e-4
     validation_tokens: int = 8192  # --max-ppl-increase judges on this many held-out tokens
@@ -56,25 +59,39 @@ class CompressConfig:
     eval_window: int = 1024
     progress: bool = True
 
-    def validate(self) -> None:
-        if self.rope_mode not in ROPE_MODES:
-            raise EigenError(f"--rope-mode must be one of {', '.join(ROPE_MODES)}, got {self.rope_mode!r}")
-        uniform = self.key_rank is not None or self.value_rank is not None
-        targets = [self.kv_ratio is not None, self.error_budget is not None, uniform, self.max_ppl_increase is not None]
-        if sum(targets) > 1:
+    def resolved(self) -> CompressConfig:
+        """A validated copy with the defaults filled in; the caller's object is left untouched.
+
+        rope_mode becomes a RopeMode member (PRE or JOINT); method defaults to "eigen" with
+        error_budget, "loss-aware-shared" under joint, else "loss-aware"; kv_ratio to 0.5 when
+        no target is given and the method is not "eigen" (whose default is the paper's error
+        budget). Raises EigenError (one line) for bad or conflicting options.
+        """
+        try:
+            rope_mode = RopeMode.parse(self.rope_mode)
+        except ValueError:
+            rope_mode = None
+        if rope_mode not in COMPRESS_ROPE_MODES:
+            shown = self.rope_mode if rope_mode is None else rope_mode.value
+            raise EigenError(f"--rope-mode must be one of {', '.join(m.value for m in COMPRESS_ROPE_MODES)}, "
+                             f"got {shown!r}")
+        targets = chosen_strategies(self)
+        if len(targets) > 1:
             raise EigenError("pass one of --kv-ratio, --error-budget, --max-ppl-increase or --key-rank/--value-rank")
-        if self.no_compress and (self.projections or any(targets) or self.heal_steps):
+        if self.no_compress and (self.projections or targets or self.heal_steps):
             raise EigenError("--no-compress takes no rank option, no --heal-steps and no --projections")
-        if self.projections and (any(targets) or self.heal_steps):
+        if self.projections and (targets or self.heal_steps):
             raise EigenError("--projections holds folded weights at fixed ranks: pass no rank option and no "
                              "--heal-steps with it (recalibrate instead)")
-        if self.method is None:
-            self.method = ("eigen" if self.error_budget is not None else
-                           "loss-aware-shared" if self.rope_mode == "joint" else "loss-aware")
-        get_method(self.method)
-        if not any(targets) and self.method != "eigen" and not self.no_compress and not self.projections:
-            self.kv_ratio = 0.5  # the default target; the paper's error budget belongs to --method eigen
-        if self.error_budget is not None and self.method != "eigen":
+        method = self.method
+        if method is None:
+            method = ("eigen" if self.error_budget is not None else
+                      "loss-aware-shared" if rope_mode is RopeMode.JOINT else "loss-aware")
+        get_method(method)
+        kv_ratio = self.kv_ratio
+        if not targets and method != "eigen" and not self.no_compress and not self.projections:
+            kv_ratio = 0.5  # the default target; the paper's error budget belongs to --method eigen
+        if self.error_budget is not None and method != "eigen":
             raise EigenError("--error-budget is the paper's search over its own bases: use it with --method eigen")
         if self.allocation not in ("loss", "energy"):
             raise EigenError(f"--allocation must be loss or energy, got {self.allocation!r}")
@@ -88,8 +105,8 @@ class CompressConfig:
         for name in ("key_rank", "value_rank"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise EigenError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.kv_ratio is not None:
-            rank_sel.check_kv_ratio(self.kv_ratio)
+        if kv_ratio is not None:
+            rank_sel.check_kv_ratio(kv_ratio)
         if self.error_budget is not None and not self.error_budget > 0:
             raise EigenError(f"--error-budget must be > 0 (relative layer-output error), got {self.error_budget}")
         for name in ("calib_samples", "calib_seq_len", "eval_window"):
@@ -97,6 +114,7 @@ class CompressConfig:
                 raise EigenError(f"--{name.replace('_', '-')} must be >= 1")
         if self.eval_tokens < 0:
             raise EigenError("--eval-tokens must be >= 0 (0 skips perplexity)")
+        return replace(self, rope_mode=rope_mode, method=method, kv_ratio=kv_ratio)
 
 
 @dataclass
@@ -108,43 +126,11 @@ class CompressResult:
     report: dict = field(default_factory=dict)
 
 
-@dataclass
-class Texts:
-    """Token streams of one run. A text used for several roles is split: calibration (and
-    healing) take its first half; evaluation the start of the second half; validation
-    (--max-ppl-increase) the end of the second half, so no token serves two roles."""
-
-    samples: torch.Tensor  # [N, S] calibration sequences
-    calibration: torch.Tensor  # [T] the calibration stream (healing draws from it)
-    evals: dict
-    validation: torch.Tensor | None
-
-
-def _texts(config: CompressConfig, tokenizer) -> Texts:
-    calib_tokens = tokenize(tokenizer, read_text(config.calib_text))
-    half = calib_tokens.numel() // 2
-    evals = {}
-    for name in config.eval_texts if config.eval_tokens else ():
-        tokens = calib_tokens[half:] if name == config.calib_text else tokenize(tokenizer, read_text(name))
-        evals[name] = tokens[: config.eval_tokens]
-    validation = None
-    if config.max_ppl_increase is not None:
-        held_out = calib_tokens[half:]
-        used = evals[config.calib_text].numel() if config.calib_text in evals else 0
-        if held_out.numel() - used < config.validation_tokens:
-            raise EigenError(f"calibration text {config.calib_text} is too short for {config.validation_tokens} "
-                             f"validation tokens after {used} evaluation tokens in its second half")
-        validation = held_out[held_out.numel() - config.validation_tokens:]
-    usable = calib_tokens[:half] if (evals or validation is not None) else calib_tokens
-    samples = split_for_calibration(usable, config.calib_samples, config.calib_seq_len, config.calib_text)
-    return Texts(samples, usable, evals, validation)
-
-
 def load_for_tables(config: CompressConfig):
     """Model, decoder and token streams of `config` (the dev tables' setup) -> (source, decoder, texts)."""
     source = resolve_model(config.model)
     model, tokenizer = load_model(source, progress=config.progress)
-    return source, decoder_from_hf(model), _texts(config, tokenizer)
+    return source, decoder_from_hf(model), split_texts(config, tokenizer)
 
 
 def _check_dims(config: CompressConfig, dims: Dims) -> None:
@@ -180,59 +166,37 @@ def _saved(config: CompressConfig, decoder: EigenDecoder, source_hash: str):
 
 
 def choose_ranks(config: CompressConfig, decoder: EigenDecoder, texts: Texts):
-    """Calibrate, build the method's factors and pick ranks -> (factors, key_ranks, value_ranks, details)."""
-    dims = decoder.dims
-    rope = decoder.family.positions == "rope"
+    """Calibrate, build the method's factors and let the rank strategy (`rank_strategies`) pick ranks.
+
+    config: a resolved CompressConfig (`CompressConfig.resolved()`); decoder: the uncompressed
+    model; texts: from `split_texts`. Returns (factors: one LayerFactors per layer, key_ranks [L],
+    value_ranks [L], details: the report's "ranks" entries besides the ranks themselves).
+    """
     method = get_method(config.method)
-    search = None
-    uniform = config.key_rank is not None or config.value_rank is not None
-    if config.kv_ratio is None and config.max_ppl_increase is None and not uniform:
-        budget = 0.025 if config.error_budget is None else config.error_budget
-        search = rank_sel.ErrorBudgetSearch(decoder, rank_sel.default_search(budget, rope), config.rope_mode)
-    stats = calibrate(decoder, texts.samples, on_layer=search, progress=config.progress)
+    strategy = rank_strategy(config)
+    stats = calibrate(decoder, texts.samples, on_layer=strategy.search_hook(decoder, config),
+                      progress=config.progress)
     factors = method_factors(method, decoder, stats, config.rope_mode, config.calib_seq_len)
-    details = {"method": method.name, "rope_mode": config.rope_mode}
-    if uniform:
-        key_ranks = [config.key_rank or dims.head_dim] * dims.n_layers
-        value_ranks = [config.value_rank or dims.head_dim] * dims.n_layers
-        details["allocation"] = "uniform"
-    elif search is not None:
-        key_ranks, value_ranks = search.key_ranks, search.value_ranks
-        details.update(allocation="error-budget", budget=search.settings.budget,
-                       layer_errors=[round(e, 6) for e in search.errors], thresholds=search.thresholds)
-    else:
-        allocation = "loss" if config.max_ppl_increase is not None else config.allocation
-        if allocation == "energy":
-            curves = rank_sel.energy_curves(factors)
-        else:
-            probe = texts.samples[:4, :256]
-            sens = sensitivity.measure(decoder, factors, probe, config.rope_mode, progress=config.progress)
-            curves = sens.predicted(factors)
-            details["sensitivity"] = {"probe_rank": sens.probe_rank, "tokens": sens.tokens,
-                                      "key_kl": [round(k, 6) for k in sens.key_kl],
-                                      "value_kl": [round(v, 6) for v in sens.value_kl]}
-        details["allocation"] = allocation
-        if config.max_ppl_increase is None:
-            key_ranks, value_ranks = rank_sel.allocate(*curves, config.kv_ratio)
-            details["target"] = config.kv_ratio
-        else:
-            found = search_smallest_cache(decoder, factors, curves, texts.validation, config.max_ppl_increase,
-                                          config.rope_mode, config.eval_window, progress=config.progress)
-            key_ranks, value_ranks = found.key_ranks, found.value_ranks
-            details["quality_budget"] = found.summary()
-    return factors, key_ranks, value_ranks, details
+    key_ranks, value_ranks, details = strategy.choose(decoder, factors, texts, config)
+    return factors, key_ranks, value_ranks, {"method": method.name, "rope_mode": config.rope_mode.value, **details}
 
 
-def compress(config: CompressConfig) -> CompressResult:
-    config.validate()
+def compress(config: CompressConfig, source: ModelSource | None = None) -> CompressResult:
+    """Load, calibrate, fold [, heal] and measure one model -> CompressResult with the report.
+
+    config: validated here (`resolved()`; the caller's object is not changed); source: the
+    model of config.model when the caller already resolved it (`sources.resolve_model`), so it
+    is resolved once per run. Raises EigenError (one line) for bad input.
+    """
+    config = config.resolved()
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    source = resolve_model(config.model)
+    source = resolve_model(config.model) if source is None else source
     hf_config = load_config(source)
     _check_dims(config, family_for(hf_config).dims(hf_config))
     model, tokenizer = load_model(source, progress=config.progress)
     decoder = decoder_from_hf(model)
-    texts = _texts(config, tokenizer)
+    texts = split_texts(config, tokenizer)
     evals = texts.evals
     t_load = time.perf_counter()
     dims = decoder.dims
@@ -261,8 +225,8 @@ def compress(config: CompressConfig) -> CompressResult:
         "source_hash": source_hash,
         "model_type": model.config.model_type,
         "n_layers": dims.n_layers, "n_heads": dims.n_heads, "n_kv_heads": dims.n_kv_heads, "head_dim": dims.head_dim,
-        "rope_mode": ("none" if decoder.family.positions != "rope" else
-                      "uncompressed" if config.no_compress else details.get("rope_mode", config.rope_mode)),
+        "rope_mode": (RopeMode.NONE.value if decoder.family.positions != "rope" else
+                      RopeMode.ROTATED.value if config.no_compress else details["rope_mode"]),
         "calibration": {"text": config.calib_text, "samples": config.calib_samples, "seq_len": config.calib_seq_len},
         "ranks": {"key": key_ranks, "value": value_ranks, **details},
         "kv_ratio": round(rank_sel.kv_ratio(key_ranks, value_ranks, dims.head_dim), 6),
@@ -282,6 +246,7 @@ def compress(config: CompressConfig) -> CompressResult:
                                       "increase_pct": round(100 * (after.value / before.value - 1), 2),
                                       "tokens": before.tokens, "window": before.window}
     report["config"] = {k: v for k, v in asdict(config).items() if k != "progress"}
+    report["config"]["rope_mode"] = config.rope_mode.value
     return CompressResult(folded, decoder, key_ranks, value_ranks, report)
 
 

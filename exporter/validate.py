@@ -1,11 +1,13 @@
-"""Check an exported graph against the folded torch model it came from (ONNX Runtime, CPU).
+"""Check an exported graph against the folded torch model it came from, through the ORT `Engine`.
 
-Prefill logits on fresh random prompts (batch 2), then greedy decoding through the
-graph's own KV buffers, token by token, against the torch model's preallocated cache.
+The graph runs exactly as `eigenkv run` runs it (engines/ort.py: IOBinding over in-place KV
+buffers and slot positions): prefill logits on fresh random prompts (batch 2), then greedy
+decoding token by token against the torch model's preallocated cache.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -13,40 +15,13 @@ import torch
 from tqdm.auto import tqdm
 
 from eigenkv.exporter.decoder import EigenDecoder
-from eigenkv.exporter.onnx_graph import IONames
-
-_NP = {torch.float32: np.float32, torch.float16: np.float16}
-
-
-class OrtGraph:
-    """A minimal driver of the exported graph with numpy buffers (the runtime is `eigenkv.engines`)."""
-
-    def __init__(self, path: Path, decoder: EigenDecoder, dtype: torch.dtype):
-        import onnxruntime as ort
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.names, self.n_layers = IONames(), decoder.dims.n_layers
-        self.shapes = [(decoder.dims.n_kv_heads, r) for pair in zip(decoder.key_ranks, decoder.value_ranks)
-                       for r in pair]
-        self.dtype = _NP[dtype]
-
-    def new_cache(self, batch: int, max_len: int) -> list[np.ndarray]:
-        return [np.zeros((batch, h, max_len, r), dtype=self.dtype) for h, r in self.shapes]
-
-    def step(self, ids: np.ndarray, positions: np.ndarray, lengths: np.ndarray, cache: list[np.ndarray]):
-        """ids/positions [B, S] int64, lengths [B] int64 -> (logits [B, S, V], new cache)."""
-        feeds = dict(zip(self.names.inputs(self.n_layers), [ids, positions, lengths, *cache]))
-        logits, *present = self.session.run(None, feeds)
-        return logits, present
-
+from eigenkv.manifest import IONames, KVLayout
 
 FLOAT64_MAX_PARAMS = 2e9  # a float64 copy of larger models does not fit a workstation
 
 
 def _float64_logits(decoder: EigenDecoder, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
     """The folded model in float64 (the reference for float32 round-off), when it fits."""
-    import copy
     if sum(p.numel() for p in decoder.parameters()) > FLOAT64_MAX_PARAMS:
         return None
     return copy.deepcopy(decoder).double()(ids, positions)
@@ -57,20 +32,20 @@ def _prompt(batch: int, seq: int, vocab: int, seed: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validate(path: Path, decoder: EigenDecoder, steps: int, prompt_len: int, max_seq_len: int,
-             dtype: torch.dtype, progress: bool = True) -> dict:
-    """-> figures for the manifest: prefill max |logit diff|, decode agreement."""
-    graph = OrtGraph(path, decoder, dtype)
-    vocab = decoder.lm_head.out_features
-    prompt_len = min(prompt_len, max_seq_len - steps - 1)
+def validate(path: Path, decoder: EigenDecoder, layout: KVLayout, precision: str, steps: int, prompt_len: int,
+             progress: bool = True) -> dict:
+    """-> figures for the manifest: prefill max |logit diff| (vs torch fp32 and float64), decode agreement."""
+    from eigenkv.engines.ort import OrtEngine
+    from eigenkv.engines.runtime import decode_step
+    engine = OrtEngine(path, layout, IONames(), precision, remedy="the export produced an unloadable graph")
+    prompt_len = min(prompt_len, layout.max_seq_len - steps - 1)
     if prompt_len < 1:
-        steps, prompt_len = max(0, max_seq_len - 2), 1
-    ids = _prompt(2, prompt_len, vocab)
+        steps, prompt_len = max(0, layout.max_seq_len - 2), 1
+    ids = _prompt(2, prompt_len, decoder.lm_head.out_features)
     positions = torch.arange(prompt_len).expand(2, -1)
     ref = decoder(ids, positions).float()
-    cache = graph.new_cache(2, prompt_len + steps)
-    logits, _ = graph.step(ids.numpy(), positions.numpy(), np.zeros(2, np.int64), cache)
-    logits = torch.from_numpy(logits).double()
+    cache = engine.new_cache(2, prompt_len + steps)
+    logits = torch.from_numpy(engine.step(cache, ids.numpy(), positions.numpy())).double()
     prefill_diff = float((logits - ref).abs().max())
     ref64 = _float64_logits(decoder, ids, positions)
     vs64 = None if ref64 is None else float((logits - ref64).abs().max())
@@ -78,10 +53,10 @@ def validate(path: Path, decoder: EigenDecoder, steps: int, prompt_len: int, max
 
     # greedy, batch 1, through both caches
     tcache = decoder.new_cache(1, prompt_len + steps)
-    ocache = graph.new_cache(1, prompt_len + steps)
+    ocache = engine.new_cache(1, prompt_len + steps)
     t_logits = decoder(ids[:1], positions[:1], tcache)[:, -1]
-    o_logits, ocache = graph.step(ids[:1].numpy(), positions[:1].numpy(), np.zeros(1, np.int64), ocache)
-    o_logits = torch.from_numpy(o_logits[:, -1]).float()
+    o_logits = torch.from_numpy(engine.step(ocache, ids[:1].numpy(), positions[:1].numpy())[:, -1]).float()
+    ocache.advance(np.array([prompt_len]))
     t_tokens, o_tokens, decode_diff = [], [], 0.0
     for t in tqdm(range(steps), desc="validate decode", unit="tok", disable=not progress):
         if t_tokens == o_tokens:  # compare logits while both sides have seen the same tokens
@@ -91,9 +66,7 @@ def validate(path: Path, decoder: EigenDecoder, steps: int, prompt_len: int, max
         o_tokens.append(o_next)
         pos = prompt_len + t
         t_logits = decoder(torch.tensor([[t_next]]), torch.tensor([[pos]]), tcache)[:, -1]
-        o_out, ocache = graph.step(np.array([[o_next]], np.int64), np.array([[pos]], np.int64),
-                                   np.array([pos], np.int64), ocache)
-        o_logits = torch.from_numpy(o_out[:, -1]).float()
+        o_logits = torch.from_numpy(decode_step(engine, ocache, np.array([o_next]), np.array([pos]))).float()
     same = next((i for i, (a, b) in enumerate(zip(t_tokens, o_tokens)) if a != b), len(t_tokens))
     return {"prompt_tokens": prompt_len, "prefill_max_abs_logit_diff": prefill_diff,
             "prefill_max_abs_logit_diff_vs_float64": vs64,
@@ -101,4 +74,4 @@ def validate(path: Path, decoder: EigenDecoder, steps: int, prompt_len: int, max
             "decode_steps": steps, "decode_tokens_equal": t_tokens == o_tokens,
             "decode_first_mismatch": None if t_tokens == o_tokens else same,
             "decode_max_abs_logit_diff": decode_diff, "reference": "folded torch model, float32",
-            "runtime": "onnxruntime CPUExecutionProvider"}
+            "runtime": "onnxruntime CPUExecutionProvider (eigenkv ort engine)"}

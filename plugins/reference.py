@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import torch
 
-ROPE_NONE = 0  # keys are cached ready to score (no RoPE, or rotated before the cache)
-ROPE_PRE = 1  # keys cached pre-RoPE at rank r_k: reconstruct with key_up, rotate, score
+from eigenkv.plugins.spec import ROPE_NONE, ROPE_PRE  # noqa: F401 - re-exported: the op's attribute values
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

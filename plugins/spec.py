@@ -8,10 +8,52 @@ an input, output or attribute only together with `VERSION`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 NAME = "LowRankAttention"  # never a built-in ONNX op name (TensorRT matches built-ins by name)
 DOMAIN = "eigen"
 VERSION = 1
+
+
+class RopeMode(str, Enum):
+    """How keys sit in the KV cache: the one vocabulary of the op, the fold, the manifest and reports.
+
+    NONE     the model has no RoPE (OPT, MPT): keys cached as scored (rank r_k when folded, the
+             queries folded with them)
+    ROTATED  RoPE model, keys rotated before the cache at full head_dim (the uncompressed baseline)
+    PRE      RoPE model, keys cached pre-RoPE at rank r_k; the op rebuilds them with `key_up` and
+             rotates each slot at its position (the paper's code; Palu)
+    JOINT    RoPE model, rotated queries and keys projected to rank r_k before the cache; the op
+             scores in rank space
+    """
+
+    NONE = "none"
+    ROTATED = "rotated"
+    PRE = "pre"
+    JOINT = "joint"
+
+    @property
+    def op_code(self) -> int:
+        """The op's `rope_mode` attribute: 1 for PRE (the op rotates), 0 otherwise (keys ready to score)."""
+        return 1 if self is RopeMode.PRE else 0
+
+    @property
+    def rope(self) -> bool:
+        """Whether the model rotates queries and keys at all."""
+        return self is not RopeMode.NONE
+
+    @classmethod
+    def parse(cls, text: str) -> "RopeMode":
+        """A mode from its name; ValueError naming the accepted ones."""
+        try:
+            return cls(text)
+        except ValueError:
+            raise ValueError(f"rope mode must be one of {', '.join(m.value for m in cls)}, got {text!r}") from None
+
+
+# The op's `rope_mode` attribute values (RopeMode.op_code).
+ROPE_NONE = 0  # keys are cached ready to score (no RoPE, rotated before the cache, or joint)
+ROPE_PRE = 1  # keys cached pre-RoPE at rank r_k: reconstruct with key_up, rotate, score
 
 
 @dataclass(frozen=True)

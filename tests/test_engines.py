@@ -8,7 +8,8 @@ import torch
 from tiny_models import export_tiny, folded_for_manifest
 
 from eigenkv.cli import main
-from eigenkv.engines.runtime import OrtEngine, Sampling, generate
+from eigenkv.engines.backend import load_engine
+from eigenkv.engines.runtime import Sampling, generate
 from eigenkv.errors import EigenError
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 80
@@ -22,7 +23,7 @@ def built(tmp_path_factory):
     assert export_tiny(root, "llama", out, "--kv-ratio", "0.5", "--max-seq-len", "96", "--decode-steps", "4") == 0
     engine_dir = root / "engine"
     assert main(["build", str(out), "-o", str(engine_dir), "--backend", "ort"]) == 0
-    manifest = json.loads((out.parent / "eigen.json").read_text())
+    manifest = json.loads((out.parent / "model.eigen.json").read_text())
     folded = folded_for_manifest(root, "llama", manifest).with_max_positions(96)
     return root, out, engine_dir, folded
 
@@ -46,13 +47,17 @@ def _prompts():
 def test_engine_config_records_layout_and_runtime(built):
     _, _, engine_dir, folded = built
     config = json.loads((engine_dir / "config.json").read_text())
-    assert config["backend"] == "ort" and config["schema_version"] == 1
-    assert config["kv_layout"]["key_ranks"] == folded.key_ranks and config["runtime"]["onnxruntime"]
+    import onnxruntime
+    assert config["backend"] == "ort" and config["schema_version"] == 2
+    assert config["kv_layout"]["key_ranks"] == folded.key_ranks and config["kv_layout"]["slot_positions"]
+    assert config["runtime"]["onnxruntime"] == onnxruntime.__version__
+    assert config["session_options"]["graph_optimization_level"] == "ORT_ENABLE_ALL"
+    assert config["source"]["directory"].endswith("llama") and config["source"]["gguf_file"] is None
 
 
 def test_greedy_64_tokens_match_torch_and_batch_matches_alone(built):
     _, _, engine_dir, folded = built
-    engine = OrtEngine(engine_dir)
+    engine = load_engine(engine_dir)
     prompts = _prompts()
     alone = [generate(engine, [p], 64)[0] for p in prompts]
     assert alone[0] == _torch_greedy(folded, prompts[0], 64)
@@ -62,7 +67,7 @@ def test_greedy_64_tokens_match_torch_and_batch_matches_alone(built):
 
 def test_kv_buffers_never_move_or_rebind_during_decode(built):
     _, _, engine_dir, _ = built
-    engine = OrtEngine(engine_dir)
+    engine = load_engine(engine_dir)
     seen = []
     generate(engine, _prompts()[:2], 20, on_cache=lambda cache: seen.append(cache.pointers()))
     assert len(seen) == 19 and all(p == seen[0] for p in seen)
@@ -71,7 +76,7 @@ def test_kv_buffers_never_move_or_rebind_during_decode(built):
 
 def test_sampling_is_seeded_and_stops(built):
     _, _, engine_dir, _ = built
-    engine = OrtEngine(engine_dir)
+    engine = load_engine(engine_dir)
     s = Sampling(temperature=0.9, top_p=0.8, seed=3)
     a, b = generate(engine, [[1, 2, 3]], 16, s), generate(engine, [[1, 2, 3]], 16, s)
     assert a == b and a != generate(engine, [[1, 2, 3]], 16, Sampling(0.9, 0.8, seed=4))
@@ -109,7 +114,7 @@ def test_bad_engines_and_prompts(built, tmp_path, capsys, case):
         cfg = json.loads((broken / "config.json").read_text())
         cfg["backend"] = "trt"
         (broken / "config.json").write_text(json.dumps(cfg))
-        expected = "is a 'trt' engine, not 'ort'"
+        expected = "unknown backend 'trt'; known: ort"
     elif case == "too-long":
         args = ["run", str(broken), "--prompt", "x" * 90, "--max-new-tokens", "10"]
         expected = "exceeds the engine's max_seq_len 96"
@@ -122,14 +127,15 @@ def test_bad_engines_and_prompts(built, tmp_path, capsys, case):
     assert err.startswith("eigenkv: error:") and expected in err and "\n" not in err, err
 
 
-def test_build_refuses_trt_and_missing_manifest(built, tmp_path, capsys):
+def test_build_refuses_unknown_backend_and_missing_manifest(built, tmp_path, capsys):
     _, out, _, _ = built
-    assert main(["build", str(out), "-o", str(tmp_path / "t"), "--backend", "trt"]) == 2
-    assert "TensorRT" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse: choices come from the backend registry
+        main(["build", str(out), "-o", str(tmp_path / "t"), "--backend", "trt"])
+    assert e.value.code == 2 and "invalid choice: 'trt' (choose from 'ort')" in capsys.readouterr().err
     lone = tmp_path / "lone.onnx"
     lone.write_bytes(out.read_bytes())
     assert main(["build", str(lone), "-o", str(tmp_path / "t")]) == 2
-    assert "no eigen.json" in capsys.readouterr().err
+    assert "no lone.eigen.json beside" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
 
 
@@ -140,8 +146,8 @@ def test_runtime_version_mismatch_says_rebuild(built, tmp_path):
     cfg = json.loads((tmp_path / "e" / "config.json").read_text())
     cfg["runtime"]["onnxruntime"] = "0.0.1"
     (tmp_path / "e" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(EigenError, match="rebuild it with `eigenkv build"):
-        OrtEngine(tmp_path / "e")
+    with pytest.raises(EigenError, match="built with onnxruntime 0.0.1, installed is .*rebuild it with `eigenkv build"):
+        load_engine(tmp_path / "e")
 
 
 def test_bench_compressed_vs_baseline_writes_tables(built, tmp_path):

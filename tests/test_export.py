@@ -35,20 +35,20 @@ def exported(request, workdir):
     out = workdir / f"{family}-out" / "model.onnx"
     out.parent.mkdir()
     assert _export(workdir, family, out, "--kv-ratio", "0.5", "--max-seq-len", "64") == 0
-    return family, out, json.loads((out.parent / "eigen.json").read_text())
+    return family, out, json.loads((out.parent / "model.eigen.json").read_text())
 
 
 def test_graph_structure(exported):
     family, out, manifest = exported
     model = onnx.load(str(out), load_external_data=False)
     nodes = [n for n in model.graph.node if n.domain == spec.DOMAIN]
-    assert len(nodes) == manifest["n_layers"] and all(n.op_type == spec.NAME for n in nodes)
+    assert len(nodes) == manifest["layout"]["n_layers"] and all(n.op_type == spec.NAME for n in nodes)
     for n in nodes:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
         assert attrs["plugin_namespace"] == b"eigen" and attrs["aot"] == 1 and attrs["version"] == spec.VERSION
         assert attrs["scale"] > 0 and attrs["causal"] == 1
     assert [f.name for f in model.functions] == [spec.NAME]
-    assert sum(n.op_type == "TensorScatter" for n in model.graph.node) == 2 * manifest["n_layers"]
+    assert sum(n.op_type == "TensorScatter" for n in model.graph.node) == 2 * manifest["layout"]["n_layers"]
     assert (out.parent / manifest["files"]["data"]).stat().st_size > 0  # weights as external data
     onnx.checker.check_model(str(out), full_check=True)
 
@@ -56,7 +56,7 @@ def test_graph_structure(exported):
 def test_kv_io_bytes_equal_manifest_and_no_full_width_kv(exported):
     _, out, manifest = exported
     model = onnx.load(str(out), load_external_data=False)
-    d, hkv = manifest["head_dim"], manifest["n_kv_heads"]
+    d, hkv = manifest["layout"]["head_dim"], manifest["layout"]["n_kv_heads"]
     per_token = 0
     for i in model.graph.input:
         if i.name.startswith("past_key_values."):
@@ -71,27 +71,30 @@ def test_kv_io_bytes_equal_manifest_and_no_full_width_kv(exported):
     # rank (pre mode folds the down-projections into W_k, W_v)
     weights = {t.name: list(t.dims) for t in model.graph.initializer}
     full = hkv * d
-    if full != manifest["n_heads"] * d:  # with MHA (OPT, MPT) the width is that of W_q: nothing to tell apart
+    n_heads = shapes[next(n for n in inferred.graph.node if n.op_type == spec.NAME).input[0]][1]
+    if full != n_heads * d:  # with MHA (OPT, MPT) the width is that of W_q: nothing to tell apart
         wide = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and any(
             len(weights[i]) == 2 and weights[i][-1] == full for i in n.input if i in weights)]
-        assert len(wide) == sum(r == d for r in manifest["key_ranks"] + manifest["value_ranks"]), wide
+        assert len(wide) == sum(r == d for r in manifest["layout"]["key_ranks"] + manifest["layout"]["value_ranks"]), wide
     updates = [n.input[1] for n in inferred.graph.node if n.op_type == "TensorScatter"]
-    ranks = [r for pair in zip(manifest["key_ranks"], manifest["value_ranks"]) for r in pair]
+    ranks = [r for pair in zip(manifest["layout"]["key_ranks"], manifest["layout"]["value_ranks"]) for r in pair]
     assert [shapes[u][3] for u in updates] == ranks  # what is written is rank-r, layer by layer
 
 
 @torch.no_grad()
 def test_onnxruntime_matches_torch_prefill_and_greedy(exported, workdir):
-    from eigenkv.exporter.validate import OrtGraph
+    from eigenkv.engines.ort import OrtEngine
+    from eigenkv.manifest import read_manifest
     family, out, manifest = exported
     folded = _folded_decoder(workdir, family, manifest).with_max_positions(64)
-    graph = OrtGraph(out, folded, torch.float32)
+    m = read_manifest(out)
+    engine = OrtEngine(out, m.layout, m.io, m.precision)
     g = torch.Generator().manual_seed(123)
     ids = torch.randint(0, 256, (3, 11), generator=g)  # fresh inputs, batch 3
     pos = torch.arange(11).expand(3, -1)
-    logits, _ = graph.step(ids.numpy(), pos.numpy(), np.zeros(3, np.int64), graph.new_cache(3, 48))
+    logits = engine.step(engine.new_cache(3, 48), ids.numpy(), pos.numpy())
     assert float((torch.from_numpy(logits) - folded(ids, pos)).abs().max()) <= FP32_TOL
-    v = manifest["validation"]
+    v = manifest["report"]["validation"]
     assert v["decode_steps"] == 32 and v["decode_tokens_equal"] and v["prefill_max_abs_logit_diff"] <= FP32_TOL
 
 
@@ -101,8 +104,9 @@ def test_polygraphy_runs_the_graph(workdir):
     assert _export(workdir, "llama", out, "--kv-ratio", "0.5", "--max-seq-len", "64", "--decode-steps", "4") == 0
     poly = Path(sys.executable).with_name("polygraphy")
     res = subprocess.run([str(poly), "run", str(out), "--onnxrt", "--input-shapes", "input_ids:[1,4]",
-                          "position_ids:[1,4]", "cache_lengths:[1]",
-                          *[f"{i.name}:[1,{d[1]},8,{d[3]}]" for i, d in _past_shapes(out)]],
+                          "position_ids:[1,4]", "cache_lengths:[3,1]",
+                          *[f"{i.name}:[1,{d[1]},8,{d[3]}]" for i, d in _past_shapes(out)],
+                          *[f"slot_positions.{i}:[1,2,8]" for i in range(3)]],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "PASSED" in res.stdout + res.stderr
@@ -119,13 +123,13 @@ def test_fp16_and_uncompressed_baseline(workdir):
     out16 = workdir / "fp16" / "model.onnx"
     out16.parent.mkdir()
     assert _export(workdir, "llama", out16, "--kv-ratio", "0.5", "--dtype", "fp16", "--max-seq-len", "64") == 0
-    m16 = json.loads((out16.parent / "eigen.json").read_text())
-    assert m16["dtype"] == "fp16" and m16["validation"]["prefill_max_abs_logit_diff"] <= FP16_TOL
+    m16 = json.loads((out16.parent / "model.eigen.json").read_text())
+    assert m16["precision"] == "fp16" and m16["report"]["validation"]["prefill_max_abs_logit_diff"] <= FP16_TOL
     base = workdir / "base" / "model.onnx"
     base.parent.mkdir()
     assert _export(workdir, "llama", base, "--no-compress", "--max-seq-len", "64") == 0
-    mb = json.loads((base.parent / "eigen.json").read_text())
-    assert mb["key_ranks"] == mb["value_ranks"] == [16] * 3
+    mb = json.loads((base.parent / "model.eigen.json").read_text())
+    assert mb["layout"]["key_ranks"] == mb["layout"]["value_ranks"] == [16] * 3
     assert mb["kv_bytes_per_token"]["compressed"] == mb["kv_bytes_per_token"]["original"]
     names = lambda p: [i.name for i in onnx.load(str(p), load_external_data=False).graph.input]  # noqa: E731
     assert names(base) == names(out16)  # same I/O, like for like
@@ -139,8 +143,8 @@ def test_projections_reuse_and_foreign_projections(workdir, tmp_path, capsys):
     out = tmp_path / "m.onnx"
     assert _export(workdir, "llama", out, "--projections", str(proj_dir / "projections.safetensors"),
                    "--max-seq-len", "64") == 0
-    manifest = json.loads((tmp_path / "eigen.json").read_text())
-    assert manifest["key_ranks"] == [5] * 3 and manifest["value_ranks"] == [7] * 3
+    manifest = json.loads((tmp_path / "m.eigen.json").read_text())
+    assert manifest["layout"]["key_ranks"] == [5] * 3 and manifest["layout"]["value_ranks"] == [7] * 3
     capsys.readouterr()
     other = tmp_path / "other.onnx"
     assert _export(workdir, "qwen2", other, "--projections", str(proj_dir / "projections.safetensors")) == 2
@@ -237,4 +241,4 @@ def test_missing_output_folders_are_created_and_removed_on_failure(workdir, tmp_
     assert _export(workdir, "llama", out, "--key-rank", "99") == 2
     assert not (tmp_path / "a").exists()
     assert _export(workdir, "llama", out, "--kv-ratio", "0.5", "--max-seq-len", "64", "--decode-steps", "4") == 0
-    assert out.exists() and (out.parent / "eigen.json").exists()
+    assert out.exists() and (out.parent / "m.eigen.json").exists()

@@ -18,6 +18,7 @@ from torch import nn
 
 from eigenkv.cli import main
 from eigenkv.engines.peer import PeerEngine
+from eigenkv.engines.runtime import greedy
 from eigenkv.errors import EigenError
 
 
@@ -106,16 +107,20 @@ def tiny(tmp_path_factory):
 def test_peer_greedy_matches_torch_one_go_and_chunked(tiny):
     model, folder = tiny
     engine = PeerEngine(folder)
-    assert (engine.n_layers, engine.n_kv_heads, engine.head_dim, engine.vocab_size) == (3, 2, 16, 256)
+    layout = engine.layout
+    assert (layout.n_layers, layout.n_kv_heads, layout.head_dim, engine.vocab_size) == (3, 2, 16, 256)
     ids = np.random.default_rng(0).integers(0, 256, size=(2, 7))
     expected = _torch_greedy(model, ids, 12)
-    assert (engine.greedy(ids, 12) == expected).all()
-    assert (engine.greedy(ids, 12, chunk=3) == expected).all()  # prefill 3 + 3 + 1 tokens through the past
+    assert (greedy(engine, ids, 12) == expected).all()
+    assert (greedy(engine, ids, 12, chunk=3) == expected).all()  # prefill 3 + 3 + 1 tokens through the past
     with torch.no_grad():
         ref = model(torch.from_numpy(ids)).logits.numpy()
-    logits, cache = engine.step(engine.new_cache(2), ids)
+    cache = engine.new_cache(2)
+    logits = engine.step(cache, ids, np.broadcast_to(np.arange(7), (2, 7)))
     assert np.abs(logits - ref).max() < 1e-4
     assert cache.length == 7 and cache.nbytes == 2 * 3 * 2 * 2 * 7 * 16 * 4  # kinds, layers, B, Hkv, S, D, fp32
+    with pytest.raises(EigenError, match="cannot evict"):
+        cache.keep(0, 0, np.zeros((2, 1), np.int64))
 
 
 def test_peer_refuses_what_is_not_an_optimum_decoder(tiny, tmp_path):

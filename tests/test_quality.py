@@ -111,9 +111,12 @@ def test_healing_through_the_cli_and_projections_round_trip(tiny_dir, tmp_path):
     assert report["healing"]["steps"] == 3 and report["healing"]["trained_parameters"] > 0
     # the healed weights are what the projections file holds: reloading reproduces the healed perplexity
     from eigenkv.exporter.pipeline import CompressConfig, compress
-    again = compress(CompressConfig(model=str(tiny_dir / "llama"), projections=str(out / "projections.safetensors"),
-                                    calib_text=str(tiny_dir / "text.txt"), calib_samples=4, calib_seq_len=64,
-                                    eval_window=64, eval_tokens=1024, progress=False))
+    from eigenkv.exporter.sources import resolve_model
+    config = CompressConfig(model=str(tiny_dir / "llama"), projections=str(out / "projections.safetensors"),
+                            calib_text=str(tiny_dir / "text.txt"), calib_samples=4, calib_seq_len=64,
+                            eval_window=64, eval_tokens=1024, progress=False)
+    again = compress(config, source=resolve_model(config.model))  # a model resolved by the caller
+    assert config.method is None and again.report["source_model"] == report["source_model"]
     for name, p in report["perplexity"].items():
         assert again.report["perplexity"][name]["folded"] == pytest.approx(p["folded"], rel=1e-5)
     assert again.report["ranks"]["key"] == report["ranks"]["key"]

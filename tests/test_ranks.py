@@ -1,11 +1,21 @@
-"""Rank selection on synthetic spectra where the answer is known."""
+"""Rank selection on synthetic spectra where the answer is known; the rank strategies and the
+compress benchmark that drives them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import save_tiny, tiny_model
 
 from eigenkv.errors import EigenError
+from eigenkv.exporter.decoder import decoder_from_hf
 from eigenkv.exporter.decompose import LayerBases, eig_basis
-from eigenkv.exporter.ranks import allocate_kv_ratio, kv_ratio, threshold_rank
+from eigenkv.exporter.pipeline import CompressConfig
+from eigenkv.exporter.rank_strategies import RANK_STRATEGIES, rank_strategy
+from eigenkv.exporter.ranks import ErrorBudgetSearch, allocate_kv_ratio, kv_ratio, threshold_rank
 
 
 def _bases(key_sv, value_sv):
@@ -46,3 +56,48 @@ def test_eig_basis_matches_svd_of_activations():
     _, s, vh = torch.linalg.svd(x, full_matrices=False)
     torch.testing.assert_close(sv[0], s, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close((basis[0].T @ vh.T).abs(), torch.eye(6, dtype=torch.float64), rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("fields, name", [
+    ({"key_rank": 4}, "uniform"),
+    ({"value_rank": 4}, "uniform"),
+    ({"error_budget": 0.05}, "error-budget"),
+    ({"method": "eigen"}, "error-budget"),  # no target: the paper's default search
+    ({"kv_ratio": 0.4}, "kv-ratio"),
+    ({}, "kv-ratio"),  # the default target 0.5
+    ({"max_ppl_increase": 0.1}, "quality-budget"),
+])
+def test_rank_strategy_is_registered_and_selected_by_its_option(fields, name):
+    assert set(RANK_STRATEGIES) == {"uniform", "error-budget", "kv-ratio", "quality-budget"}
+    strategy = rank_strategy(CompressConfig(**fields).resolved())
+    assert type(strategy) is RANK_STRATEGIES[name] and strategy.name == name
+
+
+def test_only_the_error_budget_watches_calibration_and_uniform_ranks_are_uniform():
+    decoder = decoder_from_hf(tiny_model("llama"))  # 3 layers, head_dim 16
+    hooks = {}
+    for fields in ({"key_rank": 4}, {"method": "eigen"}, {"error_budget": 0.05}, {}, {"max_ppl_increase": 0.1}):
+        config = CompressConfig(**fields).resolved()
+        hooks[tuple(fields)] = rank_strategy(config).search_hook(decoder, config)
+    assert isinstance(hooks[("method",)], ErrorBudgetSearch) and hooks[("method",)].settings.budget == 0.025
+    assert hooks[("error_budget",)].settings.budget == 0.05
+    assert all(hooks[k] is None for k in (("key_rank",), (), ("max_ppl_increase",)))
+    config = CompressConfig(key_rank=4).resolved()
+    assert rank_strategy(config).choose(decoder, None, None, config) == ([4] * 3, [16] * 3, {"allocation": "uniform"})
+
+
+def test_bench_compress_runs_end_to_end(tmp_path):
+    model = save_tiny("llama", tmp_path / "llama")
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    out = tmp_path / "bench.json"
+    tool = Path(__file__).parents[1] / "tools" / "bench_compress.py"
+    run = subprocess.run([sys.executable, str(tool), "--model", str(model), "--calib-text", str(text),
+                          "--calib-samples", "2", "--calib-seq-len", "32", "--out", str(out)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert list(result["seconds"]) == ["load", "text", "calibrate_decompose_ranks", "fold"]
+    assert all(v >= 0 for v in result["seconds"].values()) and result["seconds_total"] > 0
+    assert (result["rank_method"], result["basis_method"], result["rope_mode"]) == ("loss", "loss-aware", "pre")
+    assert result["calibration_tokens"] == 64 and "| total |" in run.stdout

@@ -79,7 +79,8 @@ def folded_for_manifest(workdir, family, manifest):
                             calib_samples=4, calib_seq_len=32, eval_tokens=0, progress=False,
                             rope_mode=manifest["rope_mode"] if manifest["rope_mode"] in ("pre", "joint") else "pre")
     folded = compress(config).folded
-    assert folded.key_ranks == manifest["key_ranks"] and folded.value_ranks == manifest["value_ranks"]
+    layout = manifest["layout"]
+    assert folded.key_ranks == layout["key_ranks"] and folded.value_ranks == layout["value_ranks"]
     return folded
 
 

@@ -136,18 +136,20 @@ def _versions(python: Path, packages) -> dict:
 @torch.no_grad()
 def check(model, peer, prompt_len: int, steps: int, seed: int) -> dict:
     """Graph (ORT) vs torch float32: prefill logits, chunked prefill, greedy tokens."""
+    from eigenkv.engines.runtime import greedy, prefill
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, peer.vocab_size, size=(1, prompt_len), dtype=np.int64)
     ref = model(torch.from_numpy(ids)).logits.float().numpy()  # [1, S, V]
-    logits, _ = peer.step(peer.new_cache(1), ids)
-    chunked, _ = peer.prefill(ids, chunk=max(1, prompt_len // 4))
+    positions = np.arange(prompt_len)[None]
+    logits = peer.step(peer.new_cache(1), ids, positions)
+    chunked = prefill(peer, peer.new_cache(1), ids, np.array([prompt_len]), chunk=max(1, prompt_len // 4))
     out = model(torch.from_numpy(ids), use_cache=True)
     tokens, cache = [], out.past_key_values
     for _ in range(steps):
         tokens.append(int(out.logits[0, -1].argmax()))
         out = model(torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True)
         cache = out.past_key_values
-    graph_tokens = peer.greedy(ids, steps).tolist()[0]
+    graph_tokens = greedy(peer, ids, steps).tolist()[0]
     return {"prompt_tokens": prompt_len, "seed": seed,
             "prefill_max_abs_logit_diff": float(np.abs(logits - ref).max()),
             "torch_logit_abs_max": float(np.abs(ref).max()),

@@ -13,7 +13,8 @@ import types
 
 import torch
 torch.set_num_threads(2)
-from eigenkv.exporter.pipeline import CompressConfig, _texts
+from eigenkv.exporter.pipeline import CompressConfig
+from eigenkv.exporter.texts import split_texts
 from eigenkv.exporter.sources import resolve_model, load_model
 from eigenkv.exporter.decoder import decoder_from_hf
 from eigenkv.exporter.methods import get_method, method_factors
@@ -49,7 +50,7 @@ ap.add_argument("--stats", metavar="FILE", help="torch.save'd list of LayerStats
 args = ap.parse_args()
 src = resolve_model(None); model, tok = load_model(src, progress=False); dec = decoder_from_hf(model)
 cfg = CompressConfig(eval_texts=("wiki", "c4"), eval_tokens=8192)
-tx = _texts(cfg, tok)
+tx = split_texts(cfg, tok)
 if args.stats:
     stats = torch.load(args.stats, weights_only=False)
 else:
