@@ -196,7 +196,8 @@ class Backend:
     description: str = ""
 
 
-_MODULES = {"ort": "eigenkv.engines.ort", "torch": "eigenkv.engines.torch_backend"}  # name -> module exposing BACKEND (imported on first use)
+_MODULES = {"ort": "eigenkv.engines.ort", "torch": "eigenkv.engines.torch_backend",
+            "trt": "eigenkv.engines.trt"}  # name -> module exposing BACKEND (imported on first use)
 
 
 def backend_names() -> list[str]:

@@ -205,4 +205,9 @@ def make_evictor(settings: EvictionSettings | None, engine) -> Evictor | None:
     if not engine.layout.slot_positions:
         raise EigenError("this engine's graph has no slot positions, so slots cannot move: re-export it with "
                          "this eigenkv's `export-eigen` and rebuild it to use eviction")
+    missing = [i for i, r in enumerate(engine.layout.key_ranks)
+               if r < engine.layout.head_dim and engine.key_gram(i) is None]
+    if missing:
+        raise EigenError(f"layers {missing} cache rank-reduced keys but the engine has no key Gram to score their "
+                         "norms: re-export with this eigenkv's `export-eigen` and rebuild the engine")
     return Evictor(settings)

@@ -131,6 +131,13 @@ def attention_from_tensors(attn: LowRankAttention, tensors: dict, key_mode: str)
     `attn` is the original module (geometry, and the projections the fold left unchanged).
     key_mode: a RopeMode value, or "plain" (files written before RopeMode: the original's mode)."""
     mode = attn.rope_mode if key_mode == "plain" else RopeMode.parse(key_mode)
+    tensors = dict(tensors)
+    if tensors.get("key_gram") is None:  # files written before the Gram was saved: rebuild it where possible
+        up = tensors.get("key_up")  # [G, r, d] = Uᵀ
+        up = up if up is not None else (None if tensors.get("joint_query_basis") is None
+                                         else tensors["joint_query_basis"].T[None])
+        if up is not None:
+            tensors["key_gram"] = (up.double() @ up.double().transpose(1, 2)).float()
     def lin(name: str, like: nn.Linear) -> nn.Linear:
         w = tensors.get(f"{name}.weight")
         return like if w is None else _linear(w, tensors.get(f"{name}.bias"), like)

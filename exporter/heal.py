@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from eigenkv.exporter.decoder import EigenDecoder
+from eigenkv.exporter.perplexity import kl_divergence
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,7 @@ def heal(folded: EigenDecoder, original: EigenDecoder, tokens: torch.Tensor, set
             ids = windows[torch.randint(0, n_windows, (settings.batch_size,), generator=gen)]
             with torch.no_grad():
                 ref = torch.log_softmax(original(ids).float(), -1)
-            logp = torch.log_softmax(folded(ids).float(), -1)
-            loss = (ref.exp() * (ref - logp)).sum(-1).mean()
+            loss = kl_divergence(ref, folded(ids))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

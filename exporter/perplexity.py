@@ -1,4 +1,5 @@
-"""Perplexity over non-overlapping windows of a token stream."""
+"""Perplexity over non-overlapping windows of a token stream, and the KL divergence between two
+models' next-token distributions (healing's loss, the sensitivity probes' measure)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,10 @@ def perplexity(model, tokens: torch.Tensor, window: int = 1024, batch_size: int 
         nll += float(loss)
         count += ids[:, 1:].numel()
     return Perplexity(math.exp(nll / count), count, window)
+
+
+def kl_divergence(ref_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(ref ‖ model) in nats; ref_logp (log-probabilities) and logits [..., V].
+    Differentiable in `logits`."""
+    logp = torch.log_softmax(logits.float(), -1)
+    return (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean()

@@ -15,6 +15,7 @@ import torch
 
 from eigenkv import __version__
 from eigenkv.errors import EigenError
+from eigenkv.manifest import KVLayout
 from eigenkv.exporter import ranks as rank_sel
 from eigenkv.exporter.calibrate import calibrate
 from eigenkv.exporter.decoder import EigenDecoder, decoder_from_hf
@@ -219,6 +220,7 @@ def compress(config: CompressConfig, source: ModelSource | None = None) -> Compr
             details["quality_budget"]["after_healing"] = validation_rise(
                 decoder, folded, texts.validation, config.eval_window, config.progress)
     t_heal = time.perf_counter()
+    layout = KVLayout(dims.n_layers, dims.n_kv_heads, dims.head_dim, key_ranks, value_ranks, dims.max_positions)
     report = {
         "eigenkv_version": __version__,
         "source_model": source.label,
@@ -230,9 +232,8 @@ def compress(config: CompressConfig, source: ModelSource | None = None) -> Compr
         "calibration": {"text": config.calib_text, "samples": config.calib_samples, "seq_len": config.calib_seq_len},
         "ranks": {"key": key_ranks, "value": value_ranks, **details},
         "kv_ratio": round(rank_sel.kv_ratio(key_ranks, value_ranks, dims.head_dim), 6),
-        "kv_bytes_per_token_fp16": {
-            "original": 2 * 2 * dims.n_layers * dims.n_kv_heads * dims.head_dim,
-            "compressed": 2 * dims.n_kv_heads * (sum(key_ranks) + sum(value_ranks))},
+        "kv_bytes_per_token_fp16": {"original": layout.original_bytes_per_token("fp16"),
+                                     "compressed": layout.bytes_per_token("fp16")},
         "healing": None if healed is None else healed.summary(),
         "seconds": {"load": round(t_load - t0, 2), "calibrate_decompose_fold": round(t_fold - t_load, 2),
                     "heal": round(t_heal - t_fold, 2)},

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from eigenkv.exporter.decoder import EigenDecoder, EigenLayer
 from eigenkv.exporter.decompose import LayerFactors
 from eigenkv.exporter.fold import fold_attention
+from eigenkv.exporter.perplexity import kl_divergence
 
 
 @dataclass
@@ -38,12 +39,6 @@ class Sensitivity:
         return out
 
 
-def kl_div(ref_logp: torch.Tensor, logits: torch.Tensor) -> float:
-    """Mean over tokens of KL(ref ‖ model); ref_logp, logits [..., V]."""
-    logp = torch.log_softmax(logits.float(), -1)
-    return float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
-
-
 @torch.no_grad()
 def measure(decoder: EigenDecoder, factors: list[LayerFactors], samples: torch.Tensor, rope_mode: str,
             probe_rank: int | None = None, progress: bool = True) -> Sensitivity:
@@ -63,7 +58,7 @@ def measure(decoder: EigenDecoder, factors: list[LayerFactors], samples: torch.T
             h = EigenLayer(layer.attn_norm, attn, layer.mlp_norm, layer.mlp)(inputs[i], positions, decoder.rope)
             for later in decoder.layers[i + 1:]:
                 h = later(h, positions, decoder.rope)
-            kls[kind].append(kl_div(ref, decoder.head(h)))
+            kls[kind].append(float(kl_divergence(ref, decoder.head(h))))
             bar.update()
     bar.close()
     return Sensitivity(probe_rank, kls["key"], kls["value"], samples.numel())

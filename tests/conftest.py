@@ -1,5 +1,10 @@
+import os
 import sys
 from pathlib import Path
+
+# Triton picks interpreter or compiler when first imported (torch.onnx imports it if installed):
+# the suite runs kernels on the CPU, so decide before anything imports it.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 

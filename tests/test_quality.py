@@ -7,6 +7,7 @@ import torch
 from tiny_models import save_tiny, tiny_model
 
 from eigenkv.cli import main
+from eigenkv.exporter.perplexity import kl_divergence
 from eigenkv.exporter import ranks as rank_sel
 from eigenkv.exporter import sensitivity
 from eigenkv.exporter.calibrate import calibrate
@@ -42,7 +43,7 @@ def test_sensitivity_probes_and_prediction(llama):
     layer_only = fold(decoder, factors, [d] * n, [d // 2] + [d] * (n - 1), "pre")
     ref = torch.log_softmax(decoder(samples[:4, :32]), -1)
     # (full-rank folds of the other layers match the original to ~1e-6, not bit-exactly)
-    assert sensitivity.kl_div(ref, layer_only(samples[:4, :32])) == pytest.approx(sens.value_kl[0], rel=1e-2)
+    assert float(kl_divergence(ref, layer_only(samples[:4, :32]))) == pytest.approx(sens.value_kl[0], rel=1e-2)
     keys, values = sens.predicted(factors)
     for curve, kl in zip(keys + values, sens.key_kl + sens.value_kl):
         assert float(curve[d // 2]) == pytest.approx(kl, rel=1e-9) and float(curve[d]) == 0.0
@@ -63,10 +64,10 @@ def test_healing_lowers_kl_and_trains_only_folded_tensors(llama):
     train = stream[: 8 * 64]
     ref = torch.log_softmax(decoder(train.view(8, 64)), -1).detach()
     with torch.no_grad():
-        kl_before = sensitivity.kl_div(ref, folded(train.view(8, 64)))
+        kl_before = float(kl_divergence(ref, folded(train.view(8, 64))))
     report = heal(folded, decoder, train, HealSettings(steps=40, lr=1e-4, batch_size=4, seq_len=64), progress=False)
     with torch.no_grad():
-        kl_after = sensitivity.kl_div(ref, folded(train.view(8, 64)))
+        kl_after = float(kl_divergence(ref, folded(train.view(8, 64))))
     assert report.kl_last < report.kl_first and kl_after < 0.8 * kl_before, (kl_before, kl_after, report)
     assert all(torch.equal(v, decoder.state_dict()[k]) for k, v in before_orig.items())  # the teacher is intact
     assert all(torch.equal(v, folded.state_dict()[k]) for k, v in shared_before.items())
