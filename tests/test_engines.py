@@ -88,10 +88,32 @@ def test_sampling_is_seeded_and_stops(built):
     assert streamed == greedy[:8]
 
 
-def test_cli_run_streams_text(built, capsys):
-    _, _, engine_dir, _ = built
-    assert main(["run", str(engine_dir), "--prompt", "fox", "--max-new-tokens", "5", "--ignore-eos"]) == 0
-    assert capsys.readouterr().out.startswith("fox")
+def test_cli_run_streams_text(built, capsys, monkeypatch):
+    from transformers import AutoTokenizer
+
+    import eigenkv.engines.runtime as runtime
+    root, _, engine_dir, _ = built
+    runs, real_generate = [], runtime.generate  # what the CLI's generate calls got and returned
+
+    def recording_generate(engine, prompts, *args, **kwargs):
+        runs.append((prompts, real_generate(engine, prompts, *args, **kwargs)))
+        return runs[-1][1]
+
+    monkeypatch.setattr(runtime, "generate", recording_generate)
+    args = ["run", str(engine_dir), "--prompt", "fox", "--max-new-tokens", "5", "--ignore-eos"]
+    capsys.readouterr()
+    assert main(args) == 0
+    streamed = capsys.readouterr().out
+    assert main([*args, "--no-stream"]) == 0
+    whole = capsys.readouterr().out
+    # both runs are the same greedy run: the prompt, then exactly 5 new tokens
+    tokenizer = AutoTokenizer.from_pretrained(root / "llama")
+    (prompts, out), again = runs
+    assert again == runs[0] and len(prompts) == 1 and tokenizer.decode(prompts[0]) == "fox"
+    assert len(out) == 1 and len(out[0]) == 5
+    text = "fox" + tokenizer.decode(out[0], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert len(text) > len("fox")
+    assert streamed == text + "\n" and whole == text + "\n---\n"  # streamed pieces join to the whole text
 
 
 @pytest.mark.parametrize("case", ["truncated", "newer-schema", "wrong-backend", "too-long", "not-engine"])
@@ -112,9 +134,9 @@ def test_bad_engines_and_prompts(built, tmp_path, capsys, case):
         expected = "newer than this eigenkv reads"
     elif case == "wrong-backend":
         cfg = json.loads((broken / "config.json").read_text())
-        cfg["backend"] = "trt"
+        cfg["backend"] = "tpu"
         (broken / "config.json").write_text(json.dumps(cfg))
-        expected = "unknown backend 'trt'; known: ort"
+        expected = "unknown backend 'tpu'; known: ort, torch, trt"
     elif case == "too-long":
         args = ["run", str(broken), "--prompt", "x" * 90, "--max-new-tokens", "10"]
         expected = "exceeds the engine's max_seq_len 96"
@@ -130,8 +152,8 @@ def test_bad_engines_and_prompts(built, tmp_path, capsys, case):
 def test_build_refuses_unknown_backend_and_missing_manifest(built, tmp_path, capsys):
     _, out, _, _ = built
     with pytest.raises(SystemExit) as e:  # argparse: choices come from the backend registry
-        main(["build", str(out), "-o", str(tmp_path / "t"), "--backend", "trt"])
-    assert e.value.code == 2 and "invalid choice: 'trt' (choose from 'ort')" in capsys.readouterr().err
+        main(["build", str(out), "-o", str(tmp_path / "t"), "--backend", "tpu"])
+    assert e.value.code == 2 and "invalid choice: 'tpu' (choose from 'ort', 'torch', 'trt')" in capsys.readouterr().err
     lone = tmp_path / "lone.onnx"
     lone.write_bytes(out.read_bytes())
     assert main(["build", str(lone), "-o", str(tmp_path / "t")]) == 2
@@ -150,7 +172,18 @@ def test_runtime_version_mismatch_says_rebuild(built, tmp_path):
         load_engine(tmp_path / "e")
 
 
-def test_bench_compressed_vs_baseline_writes_tables(built, tmp_path):
+def test_bench_compressed_vs_baseline_writes_tables(built, tmp_path, monkeypatch):
+    import numpy as np
+
+    import eigenkv.engines.bench as bench_module
+    raw = {}  # (engine, context, batch) -> (decode step seconds, KV bytes read per step) as timed
+    real_summary = bench_module.Point.summary
+
+    def summary(self):
+        raw[(self.engine, self.context, self.batch)] = (list(self.step_s), list(self.read_bytes))
+        return real_summary(self)
+
+    monkeypatch.setattr(bench_module.Point, "summary", summary)
     root, _, engine_dir, _ = built
     base = root / "base" / "model.onnx"
     if not base.exists():
@@ -163,10 +196,24 @@ def test_bench_compressed_vs_baseline_writes_tables(built, tmp_path):
     result = json.loads((out / "bench.json").read_text())
     assert len(result["points"]) == 2 * 2 * 2
     by = {(p["engine"], p["context"], p["batch"]): p for p in result["points"]}
-    for (_, ctx, batch), p in by.items():
-        assert p["decode_steps_timed"] == 4 and p["decode_ms_p50"] > 0 and p["prefill_ms_median"] > 0
     comp, base_cfg = (json.loads((d / "config.json").read_text())["kv_layout"]
                       for d in (engine_dir, root / "base-engine"))
+    assert set(raw) == set(by)
+    for (name, ctx, batch), p in by.items():
+        steps_ms, reads = np.array(raw[(name, ctx, batch)][0]) * 1e3, raw[(name, ctx, batch)][1]
+        assert p["decode_steps_timed"] == steps_ms.size == 4 and p["prefill_ms_median"] > 0
+        assert 0 < p["decode_ms_p50"] <= p["decode_ms_p90"]  # percentiles of the timed steps (3 decimals):
+        assert steps_ms.min() - 5e-4 <= p["decode_ms_p50"] and p["decode_ms_p90"] <= steps_ms.max() + 5e-4
+        assert p["tokens_per_s"] == pytest.approx(batch * 1e3 / steps_ms.mean(), abs=0.0051)  # 2 decimals
+        layout = comp if name == "compressed" else base_cfg
+        width = (sum(layout["key_ranks"]) + sum(layout["value_ranks"])) * layout["n_kv_heads"] * 4  # fp32, all layers
+        assert p["kv_bytes"] == batch * (ctx + 4 + 1) * width  # buffers of prompt + decode tokens + 1 slots
+        # decode step t reads the ctx + t cached slots and its own new token, every sequence and layer
+        per_step = [batch * (ctx + t + 1) * width for t in range(4)]
+        assert reads == per_step and p["kv_bytes_read_per_step"] == batch * (ctx + 2.5) * width  # their mean
+        gb_per_s = np.mean(np.array(per_step) / (steps_ms / 1e3)) / 1e9
+        assert p["kv_read_gb_per_s"] == pytest.approx(gb_per_s, abs=5.1e-4)  # 3 decimals
+        assert min(per_step) / steps_ms.max() * 1e-6 - 5.1e-4 <= p["kv_read_gb_per_s"] <= max(per_step) / steps_ms.min() * 1e-6 + 5.1e-4
     ratio = (sum(comp["key_ranks"]) + sum(comp["value_ranks"])) / (sum(base_cfg["key_ranks"]) + sum(base_cfg["value_ranks"]))
     p_c, p_b = by[("compressed", 32, 2)], by[("baseline", 32, 2)]
     assert p_c["kv_bytes"] / p_b["kv_bytes"] == pytest.approx(ratio)
