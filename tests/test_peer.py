@@ -139,10 +139,19 @@ def test_peer_refuses_what_is_not_an_optimum_decoder(tiny, tmp_path):
         PeerEngine(tmp_path)
 
 
-def test_bench_with_peer_writes_peer_columns(tiny, tmp_path):
+def test_bench_with_peer_writes_peer_columns(tiny, tmp_path, monkeypatch):
     import importlib.util
 
+    import eigenkv.engines.bench as bench_module
     from eigenkv.exporter.sources import model_hash, resolve_model
+    raw = {}  # (engine, context) -> (decode step seconds, KV bytes read per step) as timed
+    real_summary = bench_module.Point.summary
+
+    def summary(self):
+        raw[(self.engine, self.context)] = (list(self.step_s), list(self.read_bytes))
+        return real_summary(self)
+
+    monkeypatch.setattr(bench_module.Point, "summary", summary)
     model, _ = tiny
     (tmp_path / "calib.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
     onnx_path = tmp_path / "exp" / "model.onnx"
@@ -159,9 +168,21 @@ def test_bench_with_peer_writes_peer_columns(tiny, tmp_path):
     result = json.loads((out / "bench.json").read_text())
     assert result["engines"]["peer"] == str(peer)
     by = {(p["engine"], p["context"]): p for p in result["points"]}
-    assert len(result["points"]) == 3 * 2
-    assert by[("peer", 16)]["decode_steps_timed"] == 3 and by[("peer", 16)]["decode_ms_p50"] > 0
-    assert by[("peer", 16)]["kv_bytes"] == 2 * 3 * 2 * 2 * (16 + 3) * 16 * 4
+    assert len(result["points"]) == 3 * 2 and set(raw) == set(by)
+    width = 3 * 2 * (16 + 16) * 4  # KV bytes per slot: layers, KV heads, key + value head_dim, fp32 (all full width)
+    for (name, ctx), p in by.items():
+        steps_ms, reads = np.array(raw[(name, ctx)][0]) * 1e3, raw[(name, ctx)][1]
+        assert p["batch"] == 2 and p["decode_steps_timed"] == steps_ms.size == 3 and p["prefill_ms_median"] > 0
+        assert 0 < p["decode_ms_p50"] <= p["decode_ms_p90"]  # percentiles of the timed steps (3 decimals):
+        assert steps_ms.min() - 5e-4 <= p["decode_ms_p50"] and p["decode_ms_p90"] <= steps_ms.max() + 5e-4
+        assert p["tokens_per_s"] == pytest.approx(2 * 1e3 / steps_ms.mean(), abs=0.0051)  # 2 decimals
+        # decode step t reads the ctx + t cached slots and its own new token, both sequences, every layer
+        per_step = [2 * (ctx + t + 1) * width for t in range(3)]
+        assert reads == per_step and p["kv_bytes_read_per_step"] == 2 * (ctx + 2) * width  # their mean
+        gb_per_s = np.mean(np.array(per_step) / (steps_ms / 1e3)) / 1e9
+        assert p["kv_read_gb_per_s"] == pytest.approx(gb_per_s, abs=5.1e-4)  # 3 decimals
+        # ours preallocate prompt + decode tokens + 1 slots; the peer's cache grew to prompt + 3 decode tokens
+        assert p["kv_bytes"] == 2 * (ctx + 3 + (name != "peer")) * width
     text = (out / "bench.md").read_text()
     assert text.startswith("Command: `eigenkv bench ")  # each result says how it was made
     table = [line for line in text.splitlines() if line.startswith("|")]

@@ -14,6 +14,7 @@ import argparse
 import json
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from eigenkv.engines.ort import make_session
 from eigenkv.plugins import spec
 from eigenkv.plugins.onnx_function import attach_function, build_function
 
@@ -42,6 +44,16 @@ def op_model(rope_mode: int) -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 24)], ir_version=10)
     attach_function(model, build_function(rope_mode=rope_mode, alibi=False, slot_positions=False))
     return model
+
+
+def op_sessions(modes=(0, 1)) -> dict:
+    """rope_mode -> an ONNX Runtime session of `op_model(rope_mode)`, made by the engines'
+    `make_session` (CPU provider, the engines' session options: ORT_ENABLE_ALL, default threads)."""
+    with tempfile.TemporaryDirectory(prefix="bench-op-") as tmp:
+        paths = {m: Path(tmp) / f"op_rope{m}.onnx" for m in modes}
+        for m, path in paths.items():
+            onnx.save_model(op_model(m), str(path))
+        return {m: make_session(path) for m, path in paths.items()}  # loaded: the files may go
 
 
 def feeds(batch, ctx, hq, hkv, d, rk, rv, rope_mode, rng) -> dict:
@@ -78,10 +90,7 @@ def main() -> int:
     args = ap.parse_args()
     hq, hkv, d = 9, 3, 64
     rng = np.random.default_rng(0)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    sessions = {m: ort.InferenceSession(op_model(m).SerializeToString(), options, providers=["CPUExecutionProvider"])
-                for m in (0, 1)}
+    sessions = op_sessions()
     variants = {"uncompressed": (0, d, d), "pre": (1, args.key_rank, args.value_rank),
                 "joint": (0, args.key_rank, args.value_rank)}
     rows = []

@@ -34,7 +34,7 @@ METHODS = "eigen,query-aware-keys,output-aware-values,loss-aware-shared,loss-awa
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
+    ap.add_argument("--model", default=None, help="HF directory or .gguf (default: the embedded SmolLM2)")
     ap.add_argument("--ratios", default="0.75,0.6,0.5")
     ap.add_argument("--methods", default=METHODS, help=f"comma-separated (default {METHODS})")
     ap.add_argument("--joint-methods", default="loss-aware-shared",
@@ -42,18 +42,27 @@ def main() -> int:
     ap.add_argument("--heal-methods", default="eigen,loss-aware", help="methods that also get healed rows")
     ap.add_argument("--heal-steps", type=int, default=150, help="0 skips the healed rows")
     ap.add_argument("--heal-lr", type=float, default=1e-4)
+    ap.add_argument("--calib-text", default="wiki", metavar="FILE|NAME", help="calibration text (default wiki)")
     ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--calib-seq-len", type=int, default=1024)
+    ap.add_argument("--eval-texts", default="wiki,c4", help="comma-separated built-in names or files (default wiki,c4)")
     ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--eval-window", type=int, default=1024)
+    ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", default="docs/results/method_table_smollm2")
     args = ap.parse_args()
     torch.manual_seed(0)
-    config = CompressConfig(model=args.model, calib_samples=args.calib_samples, eval_tokens=args.eval_tokens)
+    config = CompressConfig(model=args.model, calib_text=args.calib_text, calib_samples=args.calib_samples,
+                            calib_seq_len=args.calib_seq_len, eval_texts=tuple(args.eval_texts.split(",")),
+                            eval_tokens=args.eval_tokens, eval_window=args.eval_window,
+                            progress=not args.no_progress)
+    progress, window = config.progress, config.eval_window
     source, decoder, texts = load_for_tables(config)
     d = decoder.dims.head_dim
     t0 = time.perf_counter()
-    stats = calibrate(decoder, texts.samples)
+    stats = calibrate(decoder, texts.samples, progress=progress)
     calib_s = time.perf_counter() - t0
-    base = {n: perplexity(decoder, t, desc=f"original {n}") for n, t in texts.evals.items()}
+    base = {n: perplexity(decoder, t, window, progress=progress, desc=f"original {n}") for n, t in texts.evals.items()}
     ratios = [float(r) for r in args.ratios.split(",")]
     results = [{"method": "original", "allocation": "-", "healing_steps": 0, "kv_ratio": 1.0,
                 **{f"ppl_{n}": round(p.value, 3) for n, p in base.items()},
@@ -65,7 +74,7 @@ def main() -> int:
                "healing_seconds": round(heal_report.seconds, 1) if heal_report else 0.0,
                "key_ranks": kr, "value_ranks": vr}
         for n, t in texts.evals.items():
-            p = perplexity(folded, t, desc=f"{label} {row['kv_ratio']} {n}").value
+            p = perplexity(folded, t, window, progress=progress, desc=f"{label} {row['kv_ratio']} {n}").value
             row[f"ppl_{n}"] = round(p, 3)
             row[f"increase_{n}_pct"] = round(100 * (p / base[n].value - 1), 1)
         results.append(row)
@@ -77,7 +86,7 @@ def main() -> int:
     for name, mode in runs:
         t = time.perf_counter()
         factors = method_factors(get_method(name), decoder, stats, mode, config.calib_seq_len)
-        sens = sensitivity.measure(decoder, factors, texts.samples[:4, :256], mode)
+        sens = sensitivity.measure(decoder, factors, texts.samples[:4, :256], mode, progress=progress)
         seconds[f"factors+sensitivity {name} {mode}"] = round(time.perf_counter() - t, 1)
         allocations = {"loss": sens.predicted(factors)}
         if name == "eigen":
@@ -90,7 +99,9 @@ def main() -> int:
                 if (args.heal_steps and allocation == "loss" and mode == "pre"
                         and name in args.heal_methods.split(",")):
                     folded = fold(decoder, factors, kr, vr, mode)
-                    report = heal(folded, decoder, texts.calibration, HealSettings(steps=args.heal_steps, lr=args.heal_lr))
+                    settings = HealSettings(steps=args.heal_steps, lr=args.heal_lr,
+                                            seq_len=min(256, config.calib_seq_len))  # as the pipeline heals
+                    report = heal(folded, decoder, texts.calibration, settings, progress=progress)
                     measure(name, allocation, folded, kr, vr, report)
 
     names = list(texts.evals)
@@ -106,10 +117,12 @@ def main() -> int:
     meta = {"command": "python " + " ".join(sys.argv),
             "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads",
             "model": source.label,
-            "calibration": f"wiki (first half of the file), {args.calib_samples} x {config.calib_seq_len} tokens; "
-                           f"healing draws 2 x 256-token windows per step from the same half",
-            "evaluation": {"texts": "wiki: second half of the file; c4: from its start", "tokens_scored": tokens,
-                           "window": config.eval_window},
+            "calibration": f"{config.calib_text} (first half of the file), {args.calib_samples} x "
+                           f"{config.calib_seq_len} tokens; healing draws 2 x {min(256, config.calib_seq_len)}-token "
+                           f"windows per step from the same half",
+            "evaluation": {"texts": "; ".join(f"{n}: " + ("second half of the file" if n == config.calib_text
+                                                          else "from its start") for n in names),
+                           "tokens_scored": tokens, "window": config.eval_window},
             "seconds": seconds, "rows": results}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 """KV reduction vs perplexity for one model: original, --kv-ratio 0.75/0.6/0.5 in both RoPE
-modes, the paper's error budget, and key-only / value-only rank cuts.
+modes, the paper's error budget, and key-only / value-only rank cuts (to head_dim / 2).
 
 One calibration serves every row (its statistics hold both RoPE modes); each row folds
 and measures perplexity on held-out text. Prints a markdown table and writes JSON + md.
@@ -37,17 +37,32 @@ class _Both:
             s(*args)
 
 
+def eval_sources(config: CompressConfig) -> str:
+    """Where each evaluation text's tokens come from (texts.split_texts)."""
+    return "; ".join(f"{n}: " + ("second half of the file" if n == config.calib_text else "from its start")
+                     for n in config.eval_texts)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
+    ap.add_argument("--model", default=None, help="HF directory or .gguf (default: the embedded SmolLM2)")
     ap.add_argument("--ratios", default="0.75,0.6,0.5")
     ap.add_argument("--error-budget", type=float, default=0.025)
+    ap.add_argument("--calib-text", default="wiki", metavar="FILE|NAME", help="calibration text (default wiki)")
     ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--calib-seq-len", type=int, default=1024)
+    ap.add_argument("--eval-texts", default="wiki,c4", help="comma-separated built-in names or files (default wiki,c4)")
     ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--eval-window", type=int, default=1024)
+    ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", default="docs/results/ppl_table_smollm2")
     args = ap.parse_args()
     torch.manual_seed(0)
-    config = CompressConfig(model=args.model, calib_samples=args.calib_samples, eval_tokens=args.eval_tokens)
+    config = CompressConfig(model=args.model, calib_text=args.calib_text, calib_samples=args.calib_samples,
+                            calib_seq_len=args.calib_seq_len, eval_texts=tuple(args.eval_texts.split(",")),
+                            eval_tokens=args.eval_tokens, eval_window=args.eval_window,
+                            progress=not args.no_progress)
+    progress, window = config.progress, config.eval_window
     source, decoder, texts = load_for_tables(config)
     samples, evals = texts.samples, texts.evals
     d, L = decoder.dims.head_dim, decoder.dims.n_layers
@@ -56,7 +71,7 @@ def main() -> int:
     searches = {m: rank_sel.ErrorBudgetSearch(decoder, rank_sel.default_search(args.error_budget, rope), m)
                 for m in modes}
     t0 = time.perf_counter()
-    stats = calibrate(decoder, samples, on_layer=_Both(searches))
+    stats = calibrate(decoder, samples, on_layer=_Both(searches), progress=progress)
     calib_s = time.perf_counter() - t0
     bases = {m: decompose(stats, rope, m) for m in modes}
 
@@ -66,15 +81,17 @@ def main() -> int:
             rows.append((f"kv-ratio {ratio}", m, ratio, *rank_sel.allocate_kv_ratio(bases[m], ratio, 0)))
     for m in modes:
         rows.append((f"error-budget {args.error_budget}", m, None, searches[m].key_ranks, searches[m].value_ranks))
-    rows.append(("keys only, rank 32", "pre", None, [32] * L, [d] * L))
-    rows.append(("values only, rank 32", "pre", None, [d] * L, [32] * L))
+    cut = d // 2  # 32 on the default model (head_dim 64)
+    rows.append((f"keys only, rank {cut}", "pre", None, [cut] * L, [d] * L))
+    rows.append((f"values only, rank {cut}", "pre", None, [d] * L, [cut] * L))
 
-    base_ppl = {name: perplexity(decoder, t, desc=f"original {name}") for name, t in evals.items()}
+    base_ppl = {name: perplexity(decoder, t, window, progress=progress, desc=f"original {name}")
+                for name, t in evals.items()}
     results = []
     for label, mode, ratio, kr, vr in rows:
         model_ = decoder if mode is None else fold(decoder, bases[mode], kr, vr, mode)
-        ppl = base_ppl if mode is None else {n: perplexity(model_, t, desc=f"{label} {mode} {n}")
-                                             for n, t in evals.items()}
+        ppl = base_ppl if mode is None else {n: perplexity(model_, t, window, progress=progress,
+                                                           desc=f"{label} {mode} {n}") for n, t in evals.items()}
         row = {"setting": label, "rope_mode": mode or "-", "kv_ratio": round(rank_sel.kv_ratio(kr, vr, d), 4),
                "key_ranks": kr, "value_ranks": vr}
         for n, p in ppl.items():
@@ -93,16 +110,16 @@ def main() -> int:
     print(table)
     tokens = {n: base_ppl[n].tokens for n in names}
     meta = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads",
-            "model": source.label, "calibration": f"wiki (first half of the file), {args.calib_samples} x 1024 tokens",
-            "evaluation": {"texts": "wiki: second half of the file; c4: from its start", "tokens_scored": tokens,
-                           "window": 1024},
+            "model": source.label, "calibration": f"{config.calib_text} (first half of the file), "
+                                                  f"{args.calib_samples} x {config.calib_seq_len} tokens",
+            "evaluation": {"texts": eval_sources(config), "tokens_scored": tokens, "window": window},
             "calibration_seconds": round(calib_s, 1), "rows": results}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     out.with_suffix(".md").write_text(f"Command: `{meta['command']}` on {meta['machine']}.\n"
                                       f"Calibration: {meta['calibration']}. Perplexity: {tokens} tokens scored, "
-                                      f"windows of 1024.\n\n{table}\n")
+                                      f"windows of {window}.\n\n{table}\n")
     return 0
 
 

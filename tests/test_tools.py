@@ -1,0 +1,288 @@
+"""tools/*.py: each benchmark/table tool smoke-runs on a tiny model in a subprocess and writes the
+JSON/markdown it promises; every tool's, `eigenkv` subcommand's and `export-eigen`'s --help
+works, and every module of the package imports, with the optional packages made unimportable.
+
+tools/bench_compress.py has its smoke test in tests/test_ranks.py. tools/optimum_baseline.py
+and tools/kvpress_peer.py build their own virtual environments (pip installs of optimum-onnx
+or kvpress, minutes, network), and tools/gpu_check.py is a GPU harness with its own CPU
+tests (tests/test_gpu_check.py: --cpu-dry-run, time budget, interrupt): those three only get
+the --help check here.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_models import save_tiny
+
+REPO = Path(__file__).resolve().parents[1]
+TOOLS = REPO / "tools"
+TEXT = "The quick brown fox jumps over the lazy dog. " * 80  # 3600 byte tokens: 1800 calibrate, 1800 held out
+# tiny everything: 2 x 32 calibration tokens, perplexity on 64 held-out tokens of the same file in
+# windows of 32 (2 windows x 31 scored tokens); relative paths, the tools run in the fixture's folder
+SMALL = ["--model", "llama", "--calib-text", "calib.txt", "--calib-samples", "2", "--calib-seq-len", "32",
+         "--eval-texts", "calib.txt", "--eval-tokens", "64", "--eval-window", "32"]
+QUIET = ["--no-progress"]  # sink_probe never shows progress bars and has no such option
+SCORED = {"calib.txt": 2 * 31}
+OPTIONAL = ("tensorrt", "triton", "torchvision", "torchaudio", "matplotlib", "kvpress")  # never needed to import
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tools")
+    save_tiny("llama", root / "llama")  # 3 layers, 4 query / 2 KV heads, head_dim 16, byte tokenizer
+    (root / "calib.txt").write_text(TEXT)
+    return root
+
+
+def _tool(name: str, *args, cwd: Path) -> subprocess.CompletedProcess:
+    run = subprocess.run([sys.executable, str(TOOLS / name), *map(str, args)], capture_output=True, text=True,
+                         cwd=cwd, timeout=900)
+    assert run.returncode == 0, f"{name} exited {run.returncode}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    return run
+
+
+def _table(text: str) -> list[list[str]]:
+    """The cells of the markdown table rows in `text` (header and rule included)."""
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("|")]
+
+
+def test_bench_export(workdir):
+    from eigenkv.manifest import Manifest
+    run = _tool("bench_export.py", *SMALL, *QUIET, "--decode-steps", "4", "--max-seq-len", "64",
+                "--out-dir", "export", "--json", "bench_export.json", cwd=workdir)
+    result = json.loads((workdir / "bench_export.json").read_text())
+    assert set(result) == {"command", "machine", "model", "kv_ratio", "dtype", "eval_tokens_per_text", "seconds",
+                           "seconds_total", "peak_rss_mib", "file_bytes", "kv_bytes_per_token", "validation",
+                           "perplexity"}
+    manifest = Manifest.load(workdir / "export" / "model.eigen.json")
+    assert result["model"] == manifest.source.label == str((workdir / "llama").resolve())
+    assert (result["kv_ratio"], result["dtype"], result["eval_tokens_per_text"]) == (0.5, "fp32", 64)
+    assert list(result["seconds"]) == ["compress", "export", "validate"] == list(manifest.report["seconds"])
+    assert all(v >= 0 for v in result["seconds"].values())
+    assert result["seconds_total"] >= sum(result["seconds"].values()) - 0.1
+    files = ("model.onnx", "model.onnx.data")
+    assert result["file_bytes"] == {p: (workdir / "export" / p).stat().st_size for p in files}
+    assert result["kv_bytes_per_token"] == {"original": manifest.layout.original_bytes_per_token("fp32"),
+                                            "compressed": manifest.layout.bytes_per_token("fp32")}
+    assert result["kv_bytes_per_token"]["compressed"] <= result["kv_bytes_per_token"]["original"] // 2
+    v = result["validation"]
+    assert v == manifest.report["validation"] and v["decode_steps"] == 4 and v["decode_tokens_equal"]
+    ppl = result["perplexity"]["calib.txt"]
+    assert list(result["perplexity"]) == ["calib.txt"] and (ppl["tokens"], ppl["window"]) == (SCORED["calib.txt"], 32)
+    assert ppl["original"] > 1 and ppl["folded"] > 1
+    rows = _table(run.stdout)
+    assert [r[0] for r in rows] == ["stage", "---", "compress", "export", "validate", "total"]
+    assert "peak RSS" in run.stdout
+
+
+def test_bench_op(workdir):
+    run = _tool("bench_op.py", "--contexts", "16,32", "--batches", "1,2", "--repeats", "2", "--out", "op/bench",
+                cwd=workdir)
+    meta = json.loads((workdir / "op" / "bench.json").read_text())
+    assert set(meta) == {"command", "machine", "shapes", "median_of", "rows"} and meta["median_of"] == 2
+    assert meta["shapes"]["key_rank"] == 13 and meta["shapes"]["value_rank"] == 52  # the defaults
+    rows = meta["rows"]
+    assert [(r["batch"], r["context"]) for r in rows] == [(1, 16), (1, 32), (2, 16), (2, 32)]
+    for r in rows:
+        assert set(r) == {"batch", "context", "uncompressed_ms", "pre_ms", "joint_ms", "pre_speedup", "joint_speedup"}
+        assert min(r["uncompressed_ms"], r["pre_ms"], r["joint_ms"]) > 0
+        for mode in ("pre", "joint"):  # both rounded from the same unrounded times
+            assert r[f"{mode}_speedup"] == pytest.approx(r["uncompressed_ms"] / r[f"{mode}_ms"], rel=0.05, abs=2e-3)
+    md = (workdir / "op" / "bench.md").read_text()
+    assert md.startswith("Command: `python ") and "median of 2" in md
+    table = _table(md)
+    assert table[0][:2] == ["batch", "context"] and len(table) == 2 + len(rows)
+    assert [row[:2] for row in table[2:]] == [["1", "16"], ["1", "32"], ["2", "16"], ["2", "32"]]
+    assert _table(run.stdout) == table
+
+
+def test_method_table(workdir):
+    run = _tool("method_table.py", *SMALL, *QUIET, "--ratios", "0.5", "--methods", "eigen,loss-aware",
+                "--joint-methods", "loss-aware-shared", "--heal-steps", "1", "--heal-methods", "loss-aware",
+                "--out", "method/table", cwd=workdir)
+    meta = json.loads((workdir / "method" / "table.json").read_text())
+    assert set(meta) == {"command", "machine", "model", "calibration", "evaluation", "seconds", "rows"}
+    assert meta["evaluation"]["tokens_scored"] == SCORED and meta["evaluation"]["window"] == 32
+    assert meta["calibration"].startswith("calib.txt (first half of the file), 2 x 32 tokens")
+    rows = meta["rows"]
+    assert [(r["method"], r["allocation"], r["healing_steps"]) for r in rows] == [
+        ("original", "-", 0), ("eigen", "loss", 0), ("eigen", "energy", 0), ("loss-aware", "loss", 0),
+        ("loss-aware", "loss", 1), ("loss-aware-shared, joint", "loss", 0)]
+    for r in rows:
+        assert r["ppl_calib.txt"] > 1 and isinstance(r["increase_calib.txt_pct"], float)
+    assert rows[0]["kv_ratio"] == 1.0 and all(0.4 < r["kv_ratio"] <= 0.5 for r in rows[1:])
+    assert all(len(r["key_ranks"]) == len(r["value_ranks"]) == 3 for r in rows[1:])
+    table = _table((workdir / "method" / "table.md").read_text())
+    assert table[0][0] == "method" and "ppl calib.txt (rise)" in table[0] and len(table) == 2 + len(rows)
+    assert [row[0] for row in table[2:]] == [r["method"] for r in rows]
+    assert _table(run.stdout) == table
+
+
+def test_ppl_table(workdir):
+    run = _tool("ppl_table.py", *SMALL, *QUIET, "--ratios", "0.5", "--out", "ppl/table", cwd=workdir)
+    meta = json.loads((workdir / "ppl" / "table.json").read_text())
+    assert set(meta) == {"command", "machine", "model", "calibration", "evaluation", "calibration_seconds", "rows"}
+    assert meta["evaluation"] == {"texts": "calib.txt: second half of the file", "tokens_scored": SCORED, "window": 32}
+    rows = meta["rows"]
+    assert [(r["setting"], r["rope_mode"]) for r in rows] == [
+        ("original", "-"), ("kv-ratio 0.5", "pre"), ("kv-ratio 0.5", "joint"), ("error-budget 0.025", "pre"),
+        ("error-budget 0.025", "joint"), ("keys only, rank 8", "pre"), ("values only, rank 8", "pre")]
+    assert rows[0]["kv_ratio"] == 1.0 and rows[0]["increase_calib.txt_pct"] == 0.0
+    assert all(r["kv_ratio"] <= 0.5 for r in rows[1:3]) and rows[5]["kv_ratio"] == rows[6]["kv_ratio"] == 0.75
+    assert rows[5]["key_ranks"] == [8] * 3 and rows[6]["value_ranks"] == [8] * 3
+    table = _table((workdir / "ppl" / "table.md").read_text())
+    assert table[0][:3] == ["setting", "RoPE mode", "KV ratio"] and len(table) == 2 + len(rows)
+    assert _table(run.stdout) == table
+
+
+def test_sink_probe(workdir):
+    run = _tool("sink_probe.py", *SMALL, "--ratios", "0.5", "--sinks", "0,1", "--threads", "1",
+                "--out", "sink/probe", cwd=workdir)
+    assert [line.split(":")[0] for line in run.stdout.splitlines()] == ["ratio 0.5 sinks 0", "ratio 0.5 sinks 1"]
+    meta = json.loads((workdir / "sink" / "probe.json").read_text())
+    assert set(meta) == {"command", "machine", "model", "method", "rope_mode", "original_ppl", "evaluation", "rows"}
+    assert meta["evaluation"] == {"tokens_scored": SCORED, "window": 32}
+    assert [(r["kv_ratio"], r["sinks"]) for r in meta["rows"]] == [(0.5, 0), (0.5, 1)]
+    assert all(r["ppl_calib.txt"] > 1 for r in meta["rows"])
+    table = _table((workdir / "sink" / "probe.md").read_text())
+    assert table[0][:2] == ["KV ratio", "full-width sink slots"] and [row[1] for row in table[2:]] == ["0", "1"]
+
+
+# Runs in a fresh interpreter: the finder goes in before anything else is imported. A missing
+# package makes `import x` raise ModuleNotFoundError and `importlib.util.find_spec("x")` return
+# None (transformers probes torchvision that way at import), so both are reproduced.
+_DRIVER = r'''
+import sys
+
+OPTIONAL = {optional!r}
+
+
+def blocked(name):
+    top = name.partition(".")[0]
+    return top in OPTIONAL or top.startswith("tensorrt")  # also tensorrt_bindings, tensorrt_libs
+
+
+class Unimportable:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if blocked(name):
+            raise ModuleNotFoundError(f"No module named {{name!r}} (made unimportable by the test)", name=name)
+        return None
+
+
+sys.meta_path.insert(0, Unimportable)
+already = sorted(m for m in sys.modules if blocked(m))
+
+import contextlib
+import importlib
+import importlib.util
+import io
+import json
+import pkgutil
+import runpy
+import traceback
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: tomli, which pytest itself needs there
+    import tomli as tomllib
+
+_find_spec = importlib.util.find_spec
+
+
+def find_spec(name, package=None):
+    return None if blocked(importlib.util.resolve_name(name, package)) else _find_spec(name, package)
+
+
+importlib.util.find_spec = find_spec
+failures, modules, commands, tools = [], [], [], []
+
+
+def failed(what):
+    failures.append(f"{{what}}: " + traceback.format_exc(limit=-3).strip().splitlines()[-1])
+
+
+def run_help(what, call, expect):
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            call()
+        failures.append(f"{{what}}: --help returned instead of exiting")
+    except SystemExit as e:
+        if e.code not in (0, None) or expect not in out.getvalue():
+            failures.append(f"{{what}}: exit {{e.code!r}}, output {{out.getvalue()[:300]!r}}")
+    except BaseException:
+        failed(what)
+
+
+# every module of every package the distribution installs (eigenkv.exporter/plugins/engines are
+# mapped from top-level folders, so each package is walked on its own __path__)
+packages = tomllib.loads(Path({repo!r}, "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+for package in packages:
+    try:
+        modules.append(importlib.import_module(package).__name__)
+    except BaseException:
+        failed(package)
+        continue
+    for info in pkgutil.walk_packages(sys.modules[package].__path__, package + ".", onerror=failed):
+        try:
+            modules.append(importlib.import_module(info.name).__name__)
+        except BaseException:
+            failed(info.name)
+
+from importlib.metadata import entry_points
+
+from eigenkv.cli import build_parser
+
+subparsers = next(a for a in build_parser()._actions if a.dest == "command")
+scripts = {{ep.name: ep for ep in entry_points(group="console_scripts") if ep.value.startswith("eigenkv.")}}
+for name, ep in sorted(scripts.items()):
+    main = ep.load()
+    argvs = [[]] + ([[c] for c in subparsers.choices] if name == "eigenkv" else [])
+    for argv in argvs:
+        commands.append(" ".join([name, *argv]))
+        run_help(commands[-1], lambda: main([*argv, "--help"]), "usage: " + commands[-1])
+
+sys.path.insert(0, {tools!r})
+for tool in sorted(Path({tools!r}).glob("*.py")):
+    tools.append(tool.name)
+    sys.argv = [str(tool), "--help"]
+    run_help(tool.name, lambda: runpy.run_path(str(tool), run_name="__main__"), "usage:")
+
+imported = sorted(m for m in sys.modules if blocked(m))
+print(json.dumps({{"already": already, "imported": imported, "failures": failures, "modules": modules,
+                  "commands": commands, "tools": tools}}))
+'''
+
+
+def test_help_and_imports_without_optional_packages(tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(_DRIVER.format(optional=OPTIONAL, repo=str(REPO), tools=str(TOOLS)))
+    run = subprocess.run([sys.executable, str(driver)], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["failures"] == [], "\n".join(report["failures"])
+    assert report["already"] == [] and report["imported"] == []
+    # every .py file of every installed package was imported (nothing the walk could miss)
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    setup = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {p: REPO / setup["package-dir"].get(p, p.replace(".", "/")) for p in setup["packages"]}
+    files = {(p if f.stem == "__init__" else f"{p}.{f.stem}") for p, d in folders.items() for f in d.glob("*.py")}
+    assert set(report["modules"]) == files and len(report["modules"]) == len(files)
+    assert {"eigenkv.cli", "eigenkv.engines.trt", "eigenkv.plugins.trt_plugin",
+            "eigenkv.plugins.triton_attention", "eigenkv.engines.bench"} <= files
+    from eigenkv.cli import build_parser
+    subcommands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert {"compress", "export", "build", "run", "bench"} <= set(subcommands)
+    assert report["commands"] == ["eigenkv", *(f"eigenkv {c}" for c in subcommands), "export-eigen"]
+    assert report["tools"] == sorted(p.name for p in TOOLS.glob("*.py"))
+    assert {"bench_export.py", "bench_op.py", "gpu_check.py", "kvpress_peer.py",
+            "optimum_baseline.py"} <= set(report["tools"])
