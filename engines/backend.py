@@ -64,14 +64,30 @@ class KVCache(ABC):
         place to slots 0..k-1 in the given order with their positions; the layer's length for
         `seq` becomes k. EigenError if an index is outside the valid slots."""
 
+    def check_room(self, new_tokens: int) -> None:
+        """EigenError if `new_tokens` more tokens per sequence do not fit some layer's slots."""
+        for i, cap in enumerate(self.capacities):
+            held = int(self.lengths[i].max())
+            if held + new_tokens > cap:
+                raise EigenError(f"KV cache full: layer {i} holds {held} of {cap} slots, "
+                                 f"{new_tokens} more tokens do not fit")
+
+    def checked_slots(self, layer: int, seq: int, slots) -> np.ndarray:
+        """`slots` as int64 [Hkv, k], each a valid slot of (layer, seq), or a one-line EigenError."""
+        slots = np.asarray(slots, dtype=np.int64)
+        n_valid = int(self.lengths[layer, seq])
+        if slots.ndim != 2 or slots.shape[0] != self.layout.n_kv_heads:
+            raise EigenError(f"keep: slots must be [{self.layout.n_kv_heads}, k], got {list(slots.shape)}")
+        if slots.size and (slots.min() < 0 or slots.max() >= n_valid):
+            raise EigenError(f"keep: slot indices must be in 0..{n_valid - 1} (layer {layer}, sequence {seq})")
+        return slots
+
     def write_positions(self, positions: np.ndarray) -> None:
         """Before a step: positions [B, S] of its new tokens go to slots lengths[i, b] + 0..S-1 of every
         layer (the graph writes K and V there). EigenError if a layer would overflow."""
         seq = positions.shape[1]
-        for i, cap in enumerate(self.capacities):
-            if int(self.lengths[i].max()) + seq > cap:
-                raise EigenError(f"KV cache full: layer {i} holds {int(self.lengths[i].max())} of {cap} slots, "
-                                 f"{seq} more tokens do not fit")
+        self.check_room(seq)
+        for i in range(self.layout.n_layers):
             pos = self.positions(i)
             for b in range(positions.shape[0]):
                 start = int(self.lengths[i, b])
@@ -126,17 +142,75 @@ class HostKVCache(KVCache):
         return self.buffers[2 * layer + 1]
 
     def keep(self, layer: int, seq: int, slots: np.ndarray) -> None:
-        slots = np.asarray(slots, dtype=np.int64)
-        n_valid = int(self.lengths[layer, seq])
-        if slots.ndim != 2 or slots.shape[0] != self.layout.n_kv_heads:
-            raise EigenError(f"keep: slots must be [{self.layout.n_kv_heads}, k], got {list(slots.shape)}")
-        if slots.size and (slots.min() < 0 or slots.max() >= n_valid):
-            raise EigenError(f"keep: slot indices must be in 0..{n_valid - 1} (layer {layer}, sequence {seq})")
+        slots = self.checked_slots(layer, seq, slots)
         k = slots.shape[1]
         for buf in (self.keys(layer), self.values(layer), self.positions(layer)):
             row = buf[seq]  # [Hkv, C, (r)]
             index = slots.reshape(slots.shape + (1,) * (row.ndim - 2))
             row[:, :k] = np.take_along_axis(row, index, axis=1)  # gathers a copy first: safe in place
+        self.lengths[layer, seq] = k
+
+
+class TensorKVCache(KVCache):
+    """A KVCache whose K/V buffers and slot positions are torch tensors on one device (GPU backends;
+    torch is imported only here). `positions`/`keys` return host copies; `write_positions` writes
+    on the device."""
+
+    def __init__(self, layout: KVLayout, batch: int, capacities: list[int], dtype, device):
+        import torch
+        if len(capacities) != layout.n_layers:
+            raise EigenError(f"need one capacity per layer ({layout.n_layers}), got {len(capacities)}")
+        self.layout, self.batch, self.device = layout, batch, device
+        self.itemsize = torch.empty(0, dtype=dtype).element_size()
+        h = layout.n_kv_heads
+        self.buffers = [torch.zeros(batch, h, c, r, dtype=dtype, device=device) for c, pair in
+                        zip(capacities, zip(layout.key_ranks, layout.value_ranks)) for r in pair]
+        self.slot_tensors = [torch.zeros(batch, h, c, dtype=torch.int32, device=device) for c in capacities]
+        self.lengths = np.zeros((layout.n_layers, batch), np.int64)
+
+    @property
+    def capacities(self) -> list[int]:
+        return [p.shape[2] for p in self.slot_tensors]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers)
+
+    def pointers(self) -> list[int]:
+        return [b.data_ptr() for b in self.buffers]
+
+    def positions(self, layer: int) -> np.ndarray:
+        return self.slot_tensors[layer].cpu().numpy()
+
+    def keys(self, layer: int) -> np.ndarray:
+        import torch
+        keys = self.buffers[2 * layer]
+        return (keys.float() if keys.dtype == torch.bfloat16 else keys).cpu().numpy()  # numpy has no bfloat16
+
+    def layer_tensors(self, layer: int):
+        """(key buffer, value buffer, slot positions) of `layer`, as torch tensors."""
+        return self.buffers[2 * layer], self.buffers[2 * layer + 1], self.slot_tensors[layer]
+
+    def write_positions(self, positions: np.ndarray) -> None:
+        import torch
+        batch, seq = positions.shape
+        self.check_room(seq)
+        pos = torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int32)).to(self.device)
+        pos = pos[:, None, :].expand(batch, self.layout.n_kv_heads, seq)
+        offsets = torch.arange(seq, device=self.device)
+        for i, slots in enumerate(self.slot_tensors):
+            starts = torch.from_numpy(self.lengths[i]).to(self.device)
+            slots.scatter_(2, (starts[:, None] + offsets)[:, None, :].expand_as(pos), pos)
+
+    def keep(self, layer: int, seq: int, slots: np.ndarray) -> None:
+        import torch
+        slots = self.checked_slots(layer, seq, slots)
+        index = torch.from_numpy(slots).to(self.device)
+        k = slots.shape[1]
+        for buf in self.layer_tensors(layer):
+            row = buf[seq]  # [Hkv, C(, r)]
+            idx = index.view(*index.shape, *([1] * (row.dim() - 2))).expand(-1, -1, *row.shape[2:])
+            row[:, :k] = row.gather(1, idx)  # gather makes a new tensor first: safe in place
         self.lengths[layer, seq] = k
 
 

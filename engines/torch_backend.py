@@ -42,7 +42,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from eigenkv.engines.backend import Backend, Engine, HostKVCache, KVCache
+from eigenkv.engines.backend import Backend, Engine, HostKVCache, KVCache, TensorKVCache
 from eigenkv.engines.config import EngineConfig
 from eigenkv.errors import EigenError
 from eigenkv.manifest import KVLayout, Manifest, precision_of, torch_dtype
@@ -162,18 +162,8 @@ class _TensorCache:
     """What the runner needs from a cache: per layer torch (key, value, slot positions) and the
     lengths before this step as a torch tensor [L, B] on the engine's device."""
 
-    def layer_tensors(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
     def step_lengths(self) -> torch.Tensor:
         raise NotImplementedError
-
-    def check_room(self, seq: int) -> None:
-        """EigenError if `seq` more tokens do not fit a layer (the base `write_positions` message)."""
-        for i, cap in enumerate(self.capacities):
-            held = int(self.lengths[i].max())
-            if held + seq > cap:
-                raise EigenError(f"KV cache full: layer {i} holds {held} of {cap} slots, {seq} more tokens do not fit")
 
     def write_positions(self, positions: np.ndarray) -> None:
         """Only the capacity check: the step writes positions into the slot buffers with K and V
@@ -196,61 +186,17 @@ class TorchHostKVCache(_TensorCache, HostKVCache):
         return torch.from_numpy(self.lengths)
 
 
-class TorchDeviceKVCache(_TensorCache, KVCache):
+class TorchDeviceKVCache(_TensorCache, TensorKVCache):
     """Per-layer K/V [B, Hkv, C_i, r] and slot positions [B, Hkv, C_i] (int32) on a CUDA device;
     `lengths` [L, B] stays on the host (the runtime's) and is copied into `lengths_device`, a
     static buffer the CUDA graph reads, before every step. `positions`/`keys` return host copies."""
 
     def __init__(self, layout: KVLayout, batch: int, capacities: list[int], dtype: torch.dtype,
                  device: torch.device):
-        if len(capacities) != layout.n_layers:
-            raise EigenError(f"need one capacity per layer ({layout.n_layers}), got {len(capacities)}")
-        self.layout, self.batch, self.device = layout, batch, device
-        self.itemsize = torch.empty(0, dtype=dtype).element_size()
-        h = layout.n_kv_heads
-        self.buffers = [torch.zeros(batch, h, c, r, dtype=dtype, device=device) for c, pair in
-                        zip(capacities, zip(layout.key_ranks, layout.value_ranks)) for r in pair]
-        self.slot_tensors = [torch.zeros(batch, h, c, dtype=torch.int32, device=device) for c in capacities]
-        self.lengths = np.zeros((layout.n_layers, batch), np.int64)
+        TensorKVCache.__init__(self, layout, batch, capacities, dtype, device)
         self.lengths_device = torch.zeros(layout.n_layers, batch, dtype=torch.int64, device=device)
         self.graph = None  # (replay, static ids, static positions, static logits) once captured
         self.eager_decode_steps = 0
-
-    @property
-    def capacities(self) -> list[int]:
-        return [p.shape[2] for p in self.slot_tensors]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers)
-
-    def pointers(self) -> list[int]:
-        return [b.data_ptr() for b in self.buffers]
-
-    def positions(self, layer: int) -> np.ndarray:
-        return self.slot_tensors[layer].cpu().numpy()
-
-    def keys(self, layer: int) -> np.ndarray:
-        keys = self.buffers[2 * layer]
-        return (keys.float() if keys.dtype == torch.bfloat16 else keys).cpu().numpy()  # numpy has no bfloat16
-
-    def keep(self, layer: int, seq: int, slots: np.ndarray) -> None:
-        slots = np.asarray(slots, dtype=np.int64)
-        n_valid = int(self.lengths[layer, seq])
-        if slots.ndim != 2 or slots.shape[0] != self.layout.n_kv_heads:
-            raise EigenError(f"keep: slots must be [{self.layout.n_kv_heads}, k], got {list(slots.shape)}")
-        if slots.size and (slots.min() < 0 or slots.max() >= n_valid):
-            raise EigenError(f"keep: slot indices must be in 0..{n_valid - 1} (layer {layer}, sequence {seq})")
-        index = torch.from_numpy(slots).to(self.device)
-        k = slots.shape[1]
-        for buf in self.layer_tensors(layer):
-            row = buf[seq]  # [Hkv, C(, r)]
-            idx = index.view(*index.shape, *([1] * (row.dim() - 2))).expand(-1, -1, *row.shape[2:])
-            row[:, :k] = row.gather(1, idx)  # gather makes a new tensor first: safe in place
-        self.lengths[layer, seq] = k
-
-    def layer_tensors(self, layer: int):
-        return self.buffers[2 * layer], self.buffers[2 * layer + 1], self.slot_tensors[layer]
 
     def step_lengths(self) -> torch.Tensor:
         self.lengths_device.copy_(torch.from_numpy(self.lengths))

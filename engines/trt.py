@@ -16,8 +16,8 @@ Run (`load`): each cache's K/V buffers are torch CUDA tensors bound once with
 `set_tensor_address` to both `past_key_values.*` and `present.*` (the same pointer, as
 `get_aliased_input_tensor` requires); a step sets the input shapes, picks the decode profile
 for one token and the prefill profile otherwise, runs `execute_async_v3` on the engine's stream
-and returns host logits. Slot positions live on the host (`KVCache.positions`) and are copied
-to the device before every step; `KVCache.keep` compacts K/V with torch indexing on the device.
+and returns host logits. Slot positions live on the device beside K/V (`TensorKVCache`): each
+step's positions are scattered there and `KVCache.keep` compacts all three with torch indexing.
 
 AOT plugins leak CUDA modules when input shapes change (NVIDIA/TensorRT#4849, 11.1-11.2): keep
 cache capacities and batch sizes stable across calls.
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eigenkv.engines.backend import Backend, Engine, KVCache
+from eigenkv.engines.backend import Backend, Engine, TensorKVCache
 from eigenkv.engines.config import EngineConfig
 from eigenkv.errors import EigenError
 from eigenkv.manifest import IONames, KVLayout, Manifest, numpy_dtype
@@ -256,65 +256,28 @@ def _on(stream):
     return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
-class TrtKVCache(KVCache):
-    """Per-layer K/V as torch device tensors; slot positions on the host, copied to the device per step."""
+class TrtKVCache(TensorKVCache):
+    """Per-layer K/V and slot positions as torch device tensors, allocated and written on the
+    engine's stream (the graph reads them in place)."""
 
     def __init__(self, layout: KVLayout, batch: int, capacities: list[int], dtype, device: str = "cuda",
                  stream=None):
-        import torch
-        self.layout, self.batch, self.device, self.stream = layout, batch, device, stream
-        self.itemsize = torch.empty((), dtype=dtype).element_size()
-        h = layout.n_kv_heads
+        self.stream = stream
         with _on(stream):
-            self.buffers = [torch.zeros((batch, h, c, r), dtype=dtype, device=device) for c, pair in
-                            zip(capacities, zip(layout.key_ranks, layout.value_ranks)) for r in pair]
-            self.device_positions = [torch.zeros((batch, h, c), dtype=torch.int32, device=device) for c in capacities]
-        self.slot_positions = [np.zeros((batch, h, c), np.int32) for c in capacities]
-        self.lengths = np.zeros((layout.n_layers, batch), np.int64)
-
-    @property
-    def capacities(self) -> list[int]:
-        return [p.shape[2] for p in self.slot_positions]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers)
-
-    def pointers(self) -> list[int]:
-        return [b.data_ptr() for b in self.buffers]
-
-    def positions(self, layer: int) -> np.ndarray:
-        return self.slot_positions[layer]
+            super().__init__(layout, batch, capacities, dtype, device)
 
     def keys(self, layer: int) -> np.ndarray:
         if self.stream is not None:
             self.stream.synchronize()
-        return self.buffers[2 * layer].cpu().numpy()
+        return super().keys(layer)
 
-    def upload_positions(self) -> None:
-        """Copy the host slot positions to the device buffers the graph reads (on the engine's stream)."""
-        import torch
+    def write_positions(self, positions: np.ndarray) -> None:
         with _on(self.stream):
-            for host, dev in zip(self.slot_positions, self.device_positions):
-                dev.copy_(torch.from_numpy(host))
+            super().write_positions(positions)
 
     def keep(self, layer: int, seq: int, slots: np.ndarray) -> None:
-        import torch
-        slots = np.asarray(slots, dtype=np.int64)
-        n_valid = int(self.lengths[layer, seq])
-        if slots.ndim != 2 or slots.shape[0] != self.layout.n_kv_heads:
-            raise EigenError(f"keep: slots must be [{self.layout.n_kv_heads}, k], got {list(slots.shape)}")
-        if slots.size and (slots.min() < 0 or slots.max() >= n_valid):
-            raise EigenError(f"keep: slot indices must be in 0..{n_valid - 1} (layer {layer}, sequence {seq})")
-        k = slots.shape[1]
         with _on(self.stream):
-            index = torch.from_numpy(slots).to(self.device)
-            for buf in self.buffers[2 * layer: 2 * layer + 2]:
-                row = buf[seq]  # [Hkv, C, r]
-                row[:, :k] = torch.gather(row, 1, index[:, :, None].expand(-1, -1, row.shape[-1]))
-        pos = self.slot_positions[layer][seq]
-        pos[:, :k] = np.take_along_axis(pos, slots, axis=1)
-        self.lengths[layer, seq] = k
+            super().keep(layer, seq, slots)
 
 
 class TrtEngine(Engine):
@@ -376,7 +339,7 @@ class TrtEngine(Engine):
             self.context.set_tensor_address(past, buf.data_ptr())
             self.context.set_tensor_address(present, buf.data_ptr())
             self.binds += 1
-        for name, dev in zip(self.slots, cache.device_positions):
+        for name, dev in zip(self.slots, cache.slot_tensors):
             self.context.set_tensor_address(name, dev.data_ptr())
         self._bound = cache
 
@@ -396,7 +359,6 @@ class TrtEngine(Engine):
         batch, tokens = ids.shape
         self._select_profile(tokens, batch)
         cache.write_positions(positions)
-        cache.upload_positions()
         if self._bound is not cache:
             self._bind(cache)
         for name, shape in input_shapes(self.io, self.layout, batch, tokens, cache.capacities).items():

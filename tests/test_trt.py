@@ -282,7 +282,7 @@ def test_trt_engine_binds_each_cache_buffer_as_past_and_present():
     assert context.shapes[io.input_ids] == (2, 1) and context.shapes[io.cache_lengths] == (2, 2)
     assert context.shapes["past_key_values.1.key"] == (2, 2, 16, 5) and context.shapes["slot_positions.0"] == (2, 2, 16)
     assert engine.binds == 3 * 2 * layout.n_layers  # new_cache, then once per profile switch: never per token
-    np.testing.assert_array_equal(cache.device_positions[1][:, :, :5].numpy(), np.tile(np.arange(5), (2, 2, 1)))
+    np.testing.assert_array_equal(cache.slot_tensors[1][:, :, :5].numpy(), np.tile(np.arange(5), (2, 2, 1)))
     with pytest.raises(EigenError, match="at most batch 2"):
         engine.step(engine.new_cache(3, 4), np.ones((3, 1), np.int64), np.zeros((3, 1), np.int64))
     with pytest.raises(EigenError, match="in place"):
