@@ -36,10 +36,24 @@ class KVCache(ABC):
     layout: KVLayout
     lengths: np.ndarray  # int64 [L, B]: valid slots of each layer per sequence
 
+    buffers: list  # K, V of layer 0, K, V of layer 1, ... : [B, Hkv, C_i, r]
+
     @property
-    @abstractmethod
     def capacities(self) -> list[int]:
         """Slots per layer (tokens)."""
+        return [int(b.shape[2]) for b in self.buffers[::2]]
+
+    def _allocate(self, layout: KVLayout, batch: int, capacities: list[int], zeros) -> list:
+        """Set layout, batch, zeroed K/V `buffers` and lengths; -> per-layer slot positions.
+        zeros(shape, positions: bool) makes one array (int32 when `positions`)."""
+        if len(capacities) != layout.n_layers:
+            raise EigenError(f"need one capacity per layer ({layout.n_layers}), got {len(capacities)}")
+        self.layout, self.batch = layout, batch
+        h = layout.n_kv_heads
+        self.buffers = [zeros((batch, h, c, r), False) for c, pair in
+                        zip(capacities, zip(layout.key_ranks, layout.value_ranks)) for r in pair]
+        self.lengths = np.zeros((layout.n_layers, batch), np.int64)
+        return [zeros((batch, h, c), True) for c in capacities]
 
     @property
     @abstractmethod
@@ -111,19 +125,10 @@ class HostKVCache(KVCache):
     """A KVCache over numpy arrays (CPU backends bind them without copying)."""
 
     def __init__(self, layout: KVLayout, batch: int, capacities: list[int], precision: str):
-        if len(capacities) != layout.n_layers:
-            raise EigenError(f"need one capacity per layer ({layout.n_layers}), got {len(capacities)}")
         dtype = numpy_dtype(precision)
-        self.layout, self.batch, self.itemsize = layout, batch, np.dtype(dtype).itemsize
-        h = layout.n_kv_heads
-        self.buffers = [np.zeros((batch, h, c, r), dtype) for c, pair in
-                        zip(capacities, zip(layout.key_ranks, layout.value_ranks)) for r in pair]
-        self.slot_positions = [np.zeros((batch, h, c), np.int32) for c in capacities]
-        self.lengths = np.zeros((layout.n_layers, batch), np.int64)
-
-    @property
-    def capacities(self) -> list[int]:
-        return [p.shape[2] for p in self.slot_positions]
+        self.itemsize = np.dtype(dtype).itemsize
+        self.slot_positions = self._allocate(layout, batch, capacities,
+                                             lambda shape, pos: np.zeros(shape, np.int32 if pos else dtype))
 
     @property
     def nbytes(self) -> int:
@@ -158,19 +163,9 @@ class TensorKVCache(KVCache):
 
     def __init__(self, layout: KVLayout, batch: int, capacities: list[int], dtype, device):
         import torch
-        if len(capacities) != layout.n_layers:
-            raise EigenError(f"need one capacity per layer ({layout.n_layers}), got {len(capacities)}")
-        self.layout, self.batch, self.device = layout, batch, device
-        self.itemsize = torch.empty(0, dtype=dtype).element_size()
-        h = layout.n_kv_heads
-        self.buffers = [torch.zeros(batch, h, c, r, dtype=dtype, device=device) for c, pair in
-                        zip(capacities, zip(layout.key_ranks, layout.value_ranks)) for r in pair]
-        self.slot_tensors = [torch.zeros(batch, h, c, dtype=torch.int32, device=device) for c in capacities]
-        self.lengths = np.zeros((layout.n_layers, batch), np.int64)
-
-    @property
-    def capacities(self) -> list[int]:
-        return [p.shape[2] for p in self.slot_tensors]
+        self.device, self.itemsize = device, torch.empty(0, dtype=dtype).element_size()
+        self.slot_tensors = self._allocate(layout, batch, capacities, lambda shape, pos: torch.zeros(
+            shape, dtype=torch.int32 if pos else dtype, device=device))
 
     @property
     def nbytes(self) -> int:

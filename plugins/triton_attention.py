@@ -378,22 +378,11 @@ def _auto_splits(device: torch.device, programs: int, n_slots: int, block_n: int
 
 
 def low_rank_attention_triton(
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    cache_lengths: torch.Tensor,
-    query_positions: torch.Tensor,
-    *,
-    scale: float,
-    rope_mode: int = ROPE_NONE,
-    causal: bool = True,
-    slot_positions: torch.Tensor | None = None,
-    key_up: torch.Tensor | None = None,
-    rope_cos: torch.Tensor | None = None,
-    rope_sin: torch.Tensor | None = None,
-    alibi_slopes: torch.Tensor | None = None,
-    num_splits: int | None = None,
-    block_n: int | None = None,
+    query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, cache_lengths: torch.Tensor,
+    query_positions: torch.Tensor, *, scale: float, rope_mode: int = ROPE_NONE, causal: bool = True,
+    slot_positions: torch.Tensor | None = None, key_up: torch.Tensor | None = None,
+    rope_cos: torch.Tensor | None = None, rope_sin: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None, num_splits: int | None = None, block_n: int | None = None,
 ) -> torch.Tensor:
     """`reference.low_rank_attention` as a fused Triton kernel: same arguments, result [B, Hq, S, r_v].
 

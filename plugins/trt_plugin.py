@@ -196,18 +196,6 @@ class Variant:
                                 key_up_per_head=self.key_up_per_head, seq_len_hint=self.seq_hint, block_n=BLOCK_N)
 
 
-@dataclass(frozen=True)
-class CompiledKernel:
-    """A kernel ready for TensorRT: entry name, PTX taking exactly `params`, launch geometry."""
-
-    name: str
-    ptx: str
-    params: tuple
-    num_warps: int
-    shared: int
-    block_s: int
-
-
 def kernel_signature(variant: Variant) -> tuple[dict, dict]:
     """(signature, constexprs) for `_lowrank_attn_fwd`: every spec input is a runtime pointer.
 
@@ -255,8 +243,9 @@ def strip_hidden_params(ptx: str, name: str, keep: int) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def compile_variant(variant: Variant) -> CompiledKernel:
-    """Compile `_lowrank_attn_fwd` for `variant` to PTX that TensorRT can launch (no GPU needed).
+def compile_variant(variant: Variant):
+    """Compile `_lowrank_attn_fwd` for `variant` to PTX that TensorRT can launch (no GPU needed)
+    -> `triton_attention.AotKernel`.
 
     Params are LAUNCH_PARAMS; Triton's hidden scratch parameters are stripped. RuntimeError if
     the kernel needs global or profile scratch memory, or if TRITON_INTERPRET is set (Triton
@@ -280,8 +269,9 @@ def compile_variant(variant: Variant) -> CompiledKernel:
             raise RuntimeError(f"the kernel needs Triton {field.split('_size')[0]} memory; TensorRT AOT cannot give it")
     params = tuple(n for n, ty in signature.items() if ty != "constexpr")
     ptx = strip_hidden_params(compiled.asm["ptx"], meta.name, len(params))
-    return CompiledKernel(name=meta.name, ptx=ptx, params=params, num_warps=NUM_WARPS, shared=meta.shared,
-                          block_s=variant.kernel_shape().block_s)
+    shape = variant.kernel_shape()
+    return ta.AotKernel(name=meta.name, ptx=ptx, params=params, num_warps=NUM_WARPS, shared=meta.shared,
+                        block_s=shape.block_s, block_n=shape.block_n)
 
 
 # --------------------------------------------------------------------------- signatures
@@ -483,5 +473,5 @@ def _as_torch(trt, tensor):
 
 
 __all__ = ["PLUGIN_ID", "INPUT_NAMES", "OUTPUT_NAMES", "ATTRIBUTE_TYPES", "PLACEHOLDER_SHAPES", "TACTICS",
-           "Variant", "CompiledKernel", "register", "fill_absent_inputs", "compile_variant", "kernel_signature",
+           "Variant", "register", "fill_absent_inputs", "compile_variant", "kernel_signature",
            "strip_hidden_params", "register_signature", "plugin_fingerprint", "autotune_types", "is_present"]
