@@ -265,7 +265,12 @@ def test_interrupted_export_leaves_no_graph(workdir, tmp_path, sig):
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == (130 if sig == signal.SIGINT else -signal.SIGKILL), err[-500:]
+    # SIGINT: the CLI prints "interrupted" and exits 130; under heavy load the interpreter was
+    # seen (1 run in 5) to end by the signal itself after that clean-up: both are an interrupt
+    expected = (130, -signal.SIGINT) if sig == signal.SIGINT else (-signal.SIGKILL,)
+    assert proc.returncode in expected, err[-500:]
+    if sig == signal.SIGINT:
+        assert "eigenkv: interrupted" in err, err[-500:]
     assert not out.exists() and not (tmp_path / "m.onnx.data").exists()
     if sig == signal.SIGINT:
         assert sorted(p.name for p in tmp_path.iterdir()) == [], err[-500:]
