@@ -350,25 +350,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
+def _run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    """Parse argv and run the chosen command; user errors are one line on stderr, exit 2."""
     args = parser.parse_args(argv)
     args.argv = argv
     try:
-        code = args.func(args)
+        return args.func(args)
     except EigenError as e:
-        print(f"eigenkv: error: {e}", file=sys.stderr)
+        print(f"{parser.prog.split()[0]}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("eigenkv: interrupted", file=sys.stderr)
+        print(f"{parser.prog.split()[0]}: interrupted", file=sys.stderr)
         return 130
-    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _run(build_parser(), sys.argv[1:] if argv is None else list(argv))
 
 
 def export_main(argv: list[str] | None = None) -> int:
-    """`export-eigen ...` = `eigenkv export ...`."""
-    return main(["export", *(sys.argv[1:] if argv is None else argv)])
+    """`export-eigen ...` = `eigenkv export ...`, with its own usage line."""
+    parser = argparse.ArgumentParser(prog="export-eigen", description=EXPORT_DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_export_args(parser)
+    parser.set_defaults(func=_cmd_export)
+    return _run(parser, sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

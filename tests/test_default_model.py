@@ -90,10 +90,10 @@ def test_default_model_exports_and_onnxruntime_matches(setup, tmp_path):
     out = tmp_path / "model.onnx"
     manifest = export(ExportConfig(output=out, max_seq_len=256, compress=CompressConfig(
         kv_ratio=0.5, calib_samples=2, calib_seq_len=256, eval_tokens=0, progress=False)))
-    v = manifest["validation"]
+    v = manifest.report["validation"]
     assert v["decode_steps"] == 32 and v["decode_tokens_equal"]
     assert v["prefill_max_abs_logit_diff_vs_float64"] <= max(1e-3, 2 * v["torch_float32_max_abs_logit_diff_vs_float64"])
     assert v["prefill_max_abs_logit_diff"] <= 3e-3
-    assert json.loads((tmp_path / "eigen.json").read_text())["kv_bytes_per_token"] == manifest["kv_bytes_per_token"]
+    assert json.loads((tmp_path / "model.eigen.json").read_text())["kv_bytes_per_token"] == manifest.to_json()["kv_bytes_per_token"]
     graph = onnx.load(str(out), load_external_data=False)
     assert sum(n.op_type == "LowRankAttention" for n in graph.graph.node) == 30
