@@ -28,7 +28,7 @@ def mode(request, tmp_path_factory):
     assert main(["build", str(out), "-o", str(root / "engine")]) == 0
     manifest = json.loads((out.parent / "model.eigen.json").read_text())
     assert manifest["rope_mode"] == request.param
-    folded = copy.deepcopy(folded_for_manifest(root, "llama", manifest).with_max_positions(64)).double()
+    folded = copy.deepcopy(folded_for_manifest(root, "llama", manifest, out).with_max_positions(64)).double()
     return load_engine(root / "engine"), folded
 
 

@@ -24,7 +24,7 @@ def built(tmp_path_factory):
     engine_dir = root / "engine"
     assert main(["build", str(out), "-o", str(engine_dir), "--backend", "ort"]) == 0
     manifest = json.loads((out.parent / "model.eigen.json").read_text())
-    folded = folded_for_manifest(root, "llama", manifest).with_max_positions(96)
+    folded = folded_for_manifest(root, "llama", manifest, out).with_max_positions(96)
     return root, out, engine_dir, folded
 
 

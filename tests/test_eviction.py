@@ -29,7 +29,7 @@ def built(tmp_path_factory):
     assert export_tiny(root, "llama", out, "--kv-ratio", "0.5", "--max-seq-len", "96", "--decode-steps", "4") == 0
     assert main(["build", str(out), "-o", str(root / "engine")]) == 0
     manifest = json.loads((out.parent / "model.eigen.json").read_text())
-    folded = folded_for_manifest(root, "llama", manifest).with_max_positions(96)
+    folded = folded_for_manifest(root, "llama", manifest, out).with_max_positions(96)
     return root, load_engine(root / "engine"), folded
 
 

@@ -35,7 +35,7 @@ def built(tmp_path_factory):
     assert main(["build", str(out), "-o", str(root / "torch"), "--backend", "torch"]) == 0
     assert main(["build", str(out), "-o", str(root / "ort"), "--backend", "ort"]) == 0
     manifest = json.loads((out.parent / "model.eigen.json").read_text())
-    folded = folded_for_manifest(root, "llama", manifest).with_max_positions(96)
+    folded = folded_for_manifest(root, "llama", manifest, out).with_max_positions(96)
     return root, out, root / "torch", root / "ort", folded
 
 

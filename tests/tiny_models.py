@@ -38,14 +38,18 @@ def tiny_model(model_type: str, seed: int = 0):
 
 
 def byte_tokenizer():
-    """A byte-level tokenizer with a 256-token vocabulary (no merges), for tiny models."""
+    """A byte-level tokenizer with a 256-token vocabulary (no merges), for tiny models.
+
+    Ids are fixed (the alphabet sorted: `ByteLevel.alphabet()` comes in a different order on
+    every call, which changed tokenization, calibration and ranks from one tiny model to the
+    next); the end token is "Ā", the symbol of byte 0, so no text character is special."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=list(vocab)[0])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="\u0100")
 
 
 def save_tiny(model_type: str, path, seed: int = 0):
@@ -94,15 +98,18 @@ def export_tiny(workdir, family, out, *extra):
     return code
 
 
-def folded_for_manifest(workdir, family, manifest):
-    """Rebuild the folded torch model the graph came from (same calibration, same ranks)."""
+def folded_for_manifest(workdir, family, manifest, graph):
+    """The folded torch model the graph came from: the export's own projections file
+    (OUT.projections.safetensors) applied to workdir's tiny `family` model. Recalibrating
+    instead is not reproducible across machines: on tiny models the KL-measured ranks sit on
+    ties that a different thread count or instruction set can flip."""
+    from pathlib import Path
     from eigenkv.exporter.pipeline import CompressConfig, compress
-    config = CompressConfig(model=str(workdir / family), kv_ratio=0.5, calib_text=str(workdir / "calib.txt"),
-                            calib_samples=4, calib_seq_len=32, eval_tokens=0, progress=False,
-                            rope_mode=manifest["rope_mode"] if manifest["rope_mode"] in ("pre", "joint") else "pre")
+    projections = Path(graph).parent / manifest["files"]["projections"]
+    config = CompressConfig(model=str(workdir / family), projections=str(projections),
+                            calib_text=str(workdir / "calib.txt"), calib_samples=4, calib_seq_len=32,
+                            eval_tokens=0, progress=False)
     folded = compress(config).folded
     layout = manifest["layout"]
     assert folded.key_ranks == layout["key_ranks"] and folded.value_ranks == layout["value_ranks"]
     return folded
-
-
