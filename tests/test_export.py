@@ -86,7 +86,7 @@ def test_onnxruntime_matches_torch_prefill_and_greedy(exported, workdir):
     from eigenkv.engines.ort import OrtEngine
     from eigenkv.manifest import read_manifest
     family, out, manifest = exported
-    folded = _folded_decoder(workdir, family, manifest).with_max_positions(64)
+    folded = _folded_decoder(workdir, family, manifest, out).with_max_positions(64)
     m = read_manifest(out)
     engine = OrtEngine(out, m.layout, m.io, m.precision)
     g = torch.Generator().manual_seed(123)
