@@ -15,8 +15,10 @@ from eigenkv.errors import EigenError
 from eigenkv.manifest import read_manifest
 
 
-def build(onnx_path: Path, engine_dir: Path, backend: str = "ort", force: bool = False) -> EngineConfig:
+def build(onnx_path: Path, engine_dir: Path, backend: str = "ort", force: bool = False,
+          **options) -> EngineConfig:
     """Write ENGINE_DIR (config.json + the backend's files) atomically; returns its config.
+    `options` go to the backend's build hook (ort: attention="fused"|"function").
     EigenError for an unknown backend, a graph without its manifest, or an existing ENGINE_DIR
     without `force`."""
     from eigenkv.artifacts import publish, staging_dir
@@ -27,7 +29,7 @@ def build(onnx_path: Path, engine_dir: Path, backend: str = "ort", force: bool =
         raise EigenError(f"{engine_dir} exists; pass --force to replace it")
     engine_dir.parent.mkdir(parents=True, exist_ok=True)
     with staging_dir(engine_dir) as tmp:
-        fields = chosen.build(Path(onnx_path), manifest, tmp)
+        fields = chosen.build(Path(onnx_path), manifest, tmp, **options)
         config = EngineConfig.from_manifest(manifest, chosen.name, **fields)
         config.save(tmp / "config.json")
         publish(tmp, engine_dir, replace=True)

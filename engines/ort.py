@@ -102,25 +102,71 @@ class OrtEngine(Engine):
         return binding.get_outputs()[0].numpy()
 
 
-def _optimize(src: Path, dst: Path) -> None:
-    """Let ONNX Runtime optimise `src` and save the result (weights beside it) at `dst`."""
-    make_session(src, {"graph_optimization_level": "ORT_ENABLE_EXTENDED", "optimized_model_filepath": str(dst),
-                       "config_entries": {
-                           "session.optimized_model_external_initializers_file_name": dst.name + ".data",
-                           "session.optimized_model_external_initializers_min_size_in_bytes": 1024}},
-                 remedy="re-export it with `export-eigen`")
+ATTENTION_CHOICES = ("fused", "function")  # `eigenkv build --attention` (ORT backend)
 
 
-def build(graph: Path, manifest: Manifest, out_dir: Path) -> dict:
-    """Optimise the graph into `out_dir`; -> the backend's EngineConfig fields."""
+def _optimize(src: Path, dst: Path, rope_mode=None, fused_attention: bool = False) -> dict:
+    """Let ONNX Runtime optimise `src` and save the result (weights beside it) at `dst`; with
+    `fused_attention`, first rewrite the engine's copy of the graph's attention into fused ONNX
+    Runtime kernels (`engines/ort_fused.py`). -> the rewrite's report ({"attention": "function"}
+    when off or when no layer changed)."""
+    options = {"graph_optimization_level": "ORT_ENABLE_EXTENDED", "optimized_model_filepath": str(dst),
+               "config_entries": {"session.optimized_model_external_initializers_file_name": dst.name + ".data",
+                                  "session.optimized_model_external_initializers_min_size_in_bytes": 1024}}
+    remedy = "re-export it with `export-eigen`"
+    if fused_attention:
+        import tempfile
+
+        from eigenkv.engines.ort_fused import rewrite_file
+        with tempfile.TemporaryDirectory(prefix="fused-", dir=dst.parent) as tmp:
+            path, report = rewrite_file(src, Path(tmp), rope_mode, remedy=remedy)
+            if path is not None:
+                try:
+                    make_session(path, options, remedy=remedy)
+                    return report
+                except EigenError as e:  # ONNX Runtime refused the rewritten graph: keep the function
+                    for stale in dst.parent.glob(dst.name + "*"):
+                        stale.unlink()
+                    report = {"attention": "function", "formulation": report["formulation"],
+                              "fell_back": {f"rewritten graph refused: {str(e)[:200]}": 1}}
+    else:
+        report = {"attention": "function", "formulation": "off"}
+    make_session(src, options, remedy=remedy)
+    return report
+
+
+def build(graph: Path, manifest: Manifest, out_dir: Path, attention: str = "fused") -> dict:
+    """Optimise the graph into `out_dir`, its attention rewritten into fused ONNX Runtime kernels
+    (`attention="fused"`, `engines/ort_fused.py`) or left as the op's ONNX function
+    (`attention="function"`: `eigenkv build --attention function`); -> the backend's EngineConfig
+    fields. `runtime["attention"]` names the ONNX Runtime op(s) that run attention
+    ("GroupQueryAttention", "Attention", "function"), `runtime["attention_rewrite"]` the report."""
     import onnxruntime as ort
-    _optimize(Path(graph), Path(out_dir) / MODEL_FILE)
+
+    if attention not in ATTENTION_CHOICES:
+        raise EigenError(f"--attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
+    fused = attention == "fused"
+    model = Path(out_dir) / MODEL_FILE
+    report = _optimize(Path(graph), model, manifest.rope_mode, fused)
+    if report["attention"] != "function":  # a fused kernel refusing some shape fails here, not in `run`
+        try:
+            engine = OrtEngine(model, manifest.layout, manifest.io, manifest.precision)
+            cache = engine.new_cache(2, 4)
+            engine.step(cache, np.zeros((2, 2), np.int64), np.tile(np.arange(2), (2, 1)))
+            cache.advance(np.array([2, 1]))  # uneven lengths, then a multi-token step over them
+            engine.step(cache, np.zeros((2, 2), np.int64), np.array([[2, 3], [1, 2]]))
+            del engine, cache
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+            for stale in Path(out_dir).glob(MODEL_FILE + "*"):
+                stale.unlink()
+            reason = f"engine check failed: {str(e).splitlines()[0][:200]}"
+            report = {**_optimize(Path(graph), model, manifest.rope_mode, False), "fell_back": {reason: 1}}
     extra = {}
     if manifest.files.key_gram:
         shutil.copyfile(Path(graph).parent / manifest.files.key_gram, Path(out_dir) / manifest.files.key_gram)
         extra["key_gram_file"] = manifest.files.key_gram
-    return dict(model_file=MODEL_FILE, runtime={"onnxruntime": ort.__version__},
-                session_options=dict(SESSION_OPTIONS), **extra)
+    runtime = {"onnxruntime": ort.__version__, "attention": report["attention"], "attention_rewrite": report}
+    return dict(model_file=MODEL_FILE, runtime=runtime, session_options=dict(SESSION_OPTIONS), **extra)
 
 
 def check_host(config: EngineConfig, engine_dir: Path) -> None:

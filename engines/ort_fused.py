@@ -1,0 +1,415 @@
+"""The ORT engine's attention rewrite: fused ONNX Runtime kernels in place of the op's ONNX function.
+
+The exported graph keeps one `eigen::LowRankAttention` node per layer (TensorRT's parser maps it
+to the plugin; ONNX Runtime runs its model-local function of standard ops). `eigenkv build
+--backend ort` rewrites its own copy before ONNX Runtime optimises it (engines/ort.py), each
+layer into the formulation of `plan[rope_mode]` (`DEFAULT_PLAN`: what measured fastest on ONNX
+Runtime's CPU provider), all exact against the op's reference math:
+
+- `gqa` (keys cached ready to score and key width == value width: the uncompressed `rotated`
+  baseline, rank-space keys of equal ranks): the layer's two `TensorScatter` cache writes and its
+  attention node become one com.microsoft `GroupQueryAttention` in shared-buffer mode. Its past
+  inputs are the graph's past inputs, its present outputs the graph's present outputs, which the
+  engine binds to the same memory: the kernel sees past == present and appends the step's keys
+  and values in place at slot cache_lengths[i]. `seqlens_k` = cache_lengths[i] + S - 1 (int32),
+  `total_sequence_length` = its maximum + 1, `query_seqlens` = S for every sequence (every new
+  token goes to the cache, as TensorScatter wrote them; it also lifts GQA's batch-1 limit on
+  multi-token steps with a past), `do_rotary=0` (queries and keys are rotated in the graph),
+  `scale` the op's. A layer whose widths differ, or are not a multiple of 8 (GQA's limit), falls
+  back to `attention`.
+- `attention` (keys cached ready to score, any widths: rank-space keys with r_v != r_k): the
+  cache writes stay `TensorScatter` (in place) and attention is ONNX `Attention` (opset 24) over
+  the whole buffers with `nonpad_kv_seqlen` = valid slots after the write and `is_causal=1`
+  (bottom-right aligned: new query s sees slots 0..cache_lengths[i] + s). In `pre` mode
+  (rank-r pre-RoPE keys) the keys are first rebuilt `K_r @ key_up` and rotated at their slot
+  positions by ONNX `RotaryEmbedding` (opset 23: one kernel that reads the [P, hd/2] tables by
+  position, instead of gathering two [Smax, hd] tables and five elementwise passes).
+- `attention-rows` (`pre` mode): the same kernels inside an ONNX `Scan` over the B*Hkv (sequence,
+  KV head) rows, so one row's rebuilt and rotated keys ([Smax, hd]) stay in cache between the
+  three kernels instead of a [B, Hkv, Smax, hd] tensor streaming through memory three times.
+- `function`: leave the node (ONNX Runtime inlines the op's function).
+
+Why masking by slot index is exact: the op masks slot j for a query when pos(j) > pos(query) or
+j is past the valid slots. Every cached slot holds a token of an earlier step (eviction moves
+slots to the front, `KVCache.keep`, but keeps only tokens already seen), so it is in the past
+of every new query, and the step's own tokens sit at slots L..L+S-1 in position order (padding
+of a right-padded batch after the real tokens). A causal mask over slot indices, offset by the
+cached length L, is therefore the op's positional mask. ALiBi (the bias reads positions) and
+non-causal nodes keep the function.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from eigenkv.plugins import spec
+from eigenkv.plugins.spec import RopeMode
+
+MS_DOMAIN = "com.microsoft"
+FUNCTION, GQA, ATTENTION, ATTENTION_ROWS = "function", "gqa", "attention", "attention-rows"
+FORMULATIONS = (FUNCTION, GQA, ATTENTION, ATTENTION_ROWS)
+OP_NAMES = {FUNCTION: "function", GQA: "GroupQueryAttention", ATTENTION: "Attention", ATTENTION_ROWS: "Attention"}
+
+# rope mode -> formulation: the fastest exact one measured on the default model (engines/ort.py build
+# records what each layer got); JOINT/NONE layers with r_k != r_v fall back from gqa to attention
+DEFAULT_PLAN = {RopeMode.ROTATED: GQA, RopeMode.NONE: GQA, RopeMode.JOINT: GQA, RopeMode.PRE: ATTENTION_ROWS}
+
+_INPUTS = [t.name for t in spec.INPUTS]
+_C = "eigenkv_fused/"  # prefix of the constants the rewrite adds (shared by all layers)
+
+
+@dataclass
+class _Layer:
+    node: onnx.NodeProto
+    inputs: dict  # spec input name -> graph value name (given inputs only)
+    attrs: dict
+    k_scatter: onnx.NodeProto | None
+    v_scatter: onnx.NodeProto | None
+
+    @property
+    def prefix(self) -> str:
+        """'/model/layers.3/attn/LowRankAttention_0' -> '/model/layers.3/attn/'."""
+        return self.node.name.rsplit("/", 1)[0] + "/" if "/" in self.node.name else self.node.name + "/"
+
+    @property
+    def pre(self) -> bool:
+        return int(self.attrs.get("rope_mode", spec.ROPE_NONE)) == spec.ROPE_PRE
+
+
+class _Graph:
+    """Static shapes, producers and consumers of a graph; constants added by the rewrite."""
+
+    def __init__(self, model: onnx.ModelProto):
+        g = model.graph
+        self.model = model
+        self.shapes: dict[str, list] = {}
+        self.dtypes: dict[str, int] = {}
+        for v in list(g.input) + list(g.value_info) + list(g.output):
+            if v.type.HasField("tensor_type"):
+                self.dtypes[v.name] = v.type.tensor_type.elem_type
+            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
+                self.shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None
+                                       for d in v.type.tensor_type.shape.dim]
+        self.inits = {init.name: init for init in g.initializer}
+        for name, init in self.inits.items():
+            self.shapes[name] = list(init.dims)
+        self.producer = {o: n for n in g.node for o in n.output}
+        self.consumers: dict[str, list] = {}
+        for n in g.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.new_inits: list[onnx.TensorProto] = []
+
+    def dim(self, name: str, axis: int) -> int | None:
+        shape = self.shapes.get(name)
+        return shape[axis] if shape is not None and len(shape) > axis else None
+
+    def const(self, name: str, values, dtype=np.int64) -> str:
+        """An initializer `eigenkv_fused/<name>` (added once)."""
+        name = _C + name
+        if name not in self.inits:
+            tensor = numpy_helper.from_array(np.asarray(values, dtype=dtype), name)
+            self.inits[name] = tensor
+            self.new_inits.append(tensor)
+        return name
+
+
+def _node(nodes: list, op: str, inputs: list, name: str, outputs: list | None = None, domain: str = "", **attrs) -> str:
+    """Append one node named `name` (its output is `name` unless `outputs`); -> its first output."""
+    outputs = outputs or [name]
+    nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
+    return outputs[0]
+
+
+def _layers(g: _Graph) -> list[_Layer]:
+    out = []
+    for node in g.model.graph.node:
+        if node.domain != spec.DOMAIN or node.op_type != spec.NAME:
+            continue
+        inputs = {name: value for name, value in zip(_INPUTS, node.input) if value}
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        scatters = [g.producer.get(inputs.get(k, "")) for k in ("key_cache", "value_cache")]
+        scatters = [s if s is not None and s.op_type == "TensorScatter" else None for s in scatters]
+        out.append(_Layer(node, inputs, attrs, *scatters))
+    return out
+
+
+def _scatters_ok(g: _Graph, layer: _Layer) -> bool:
+    """Both cache writes are TensorScatter(past, update, index) along the slot axis in linear
+    mode, at the same index, their outputs read by this node only (and the graph's outputs)."""
+    for s in (layer.k_scatter, layer.v_scatter):
+        if s is None:
+            return False
+        attrs = {a.name: helper.get_attribute_value(a) for a in s.attribute}
+        mode = attrs.get("mode", b"linear")
+        if attrs.get("axis", -2) not in (-2, 2) or (mode.decode() if isinstance(mode, bytes) else mode) != "linear":
+            return False
+        if any(c is not layer.node for c in g.consumers.get(s.output[0], [])):
+            return False
+    return layer.k_scatter.input[2] == layer.v_scatter.input[2]
+
+
+def _half_tables(g: _Graph, layer: _Layer) -> bool:
+    """The op's RoPE tables [P, hd] repeat their first half (rotate_half RoPE), so ONNX
+    RotaryEmbedding's [P, hd/2] caches are their first halves: checked on the data."""
+    for name in (layer.inputs.get("rope_cos"), layer.inputs.get("rope_sin")):
+        init = g.inits.get(name or "")
+        if init is None or len(init.dims) != 2 or init.dims[1] % 2 or init.data_location == TensorProto.EXTERNAL:
+            return False
+        table = numpy_helper.to_array(init)
+        half = table.shape[1] // 2
+        if not np.array_equal(table[:, :half], table[:, half:]):
+            return False
+    return True
+
+
+def _choose(g: _Graph, layer: _Layer, wanted: str) -> tuple[str, str]:
+    """-> (formulation for this layer, why it is not `wanted`, or '')."""
+    if wanted == FUNCTION:
+        return FUNCTION, ""
+    if layer.inputs.get("alibi_slopes"):
+        return FUNCTION, "ALiBi bias"
+    if int(layer.attrs.get("causal", 1)) != 1:
+        return FUNCTION, "non-causal node"
+    if not _scatters_ok(g, layer):
+        return FUNCTION, "cache writes are not the exporter's TensorScatter pair"
+    q, k, v = layer.inputs["query"], layer.inputs["key_cache"], layer.inputs["value_cache"]
+    hq, hkv, rk, rv, dq = g.dim(q, 1), g.dim(k, 1), g.dim(k, 3), g.dim(v, 3), g.dim(q, 3)
+    if None in (hq, hkv, rk, rv, dq) or hq % hkv:
+        return FUNCTION, "head counts or widths not static"
+    if g.dtypes.get(q) != TensorProto.FLOAT or g.dtypes.get(k) != TensorProto.FLOAT:
+        return FUNCTION, "not a float32 graph"  # the op scores in float32; fused fp16 kernels would not
+    if layer.pre:
+        if layer.inputs.get("key_up") is None or g.dim(layer.inputs["key_up"], 0) not in (1, hkv):
+            return FUNCTION, "key_up shape"
+        if not _half_tables(g, layer):
+            return FUNCTION, "RoPE tables are not repeated halves (or not loaded)"
+        if not layer.inputs.get("slot_positions"):
+            return FUNCTION, "no slot positions"
+        if wanted == GQA:  # GQA reads its cache as keys: pre-RoPE rank-r keys are not
+            return ATTENTION_ROWS, "pre-RoPE keys"
+        return wanted, ""
+    if wanted == ATTENTION_ROWS:
+        return ATTENTION, ""  # rows only pay for rebuilt keys
+    if wanted == GQA and rk != rv:
+        return ATTENTION, "key width != value width"
+    if wanted == GQA and rk % 8:
+        return ATTENTION, "head size not a multiple of 8"  # GroupQueryAttention's CheckInputs
+    return wanted, ""
+
+
+def _gqa(g: _Graph, layer: _Layer) -> list:
+    """One GroupQueryAttention in place of the layer's two TensorScatter and its attention node."""
+    p, nodes = layer.prefix + "fused/", []
+    q = layer.inputs["query"]
+    lengths = _node(nodes, "Cast", [layer.inputs["cache_lengths"]], f"{p}lengths_i32",  # after the write
+                    to=TensorProto.INT32)
+    hq, hkv, d = g.dim(q, 1), g.dim(layer.inputs["key_cache"], 1), g.dim(q, 3)
+
+    def bsh(x, tag):  # [B, H, S, d] -> [B, S, H*d]
+        t = _node(nodes, "Transpose", [x], f"{p}{tag}_bshd", perm=[0, 2, 1, 3])
+        return _node(nodes, "Reshape", [t, g.const("shape_bs_flat", [0, 0, -1])], f"{p}{tag}_bsh")
+
+    q3, k3, v3 = bsh(q, "q"), bsh(layer.k_scatter.input[1], "k"), bsh(layer.v_scatter.input[1], "v")
+    seqlens = _node(nodes, "Sub", [lengths, g.const("one_i32", 1, np.int32)], f"{p}seqlens_k")
+    total = _node(nodes, "ReduceMax", [lengths], f"{p}total_sequence_length", keepdims=0)
+    steps = _node(nodes, "Cast", [_node(nodes, "Shape", [q], f"{p}q_len", start=2, end=3)], f"{p}q_len_i32",
+                  to=TensorProto.INT32)
+    query_seqlens = _node(nodes, "Expand", [steps, _node(nodes, "Shape", [lengths], f"{p}batch")], f"{p}query_seqlens")
+    out = _node(nodes, "GroupQueryAttention",
+                [q3, k3, v3, layer.k_scatter.input[0], layer.v_scatter.input[0], seqlens, total] + [""] * 9
+                + [query_seqlens], layer.prefix + "GroupQueryAttention_0",
+                outputs=[f"{p}gqa_out", layer.k_scatter.output[0], layer.v_scatter.output[0]], domain=MS_DOMAIN,
+                num_heads=hq, kv_num_heads=hkv, scale=float(layer.attrs["scale"]), do_rotary=0)
+    out4 = _node(nodes, "Reshape", [out, g.const(f"shape_bshd_{hq}_{d}", [0, 0, hq, d])], f"{p}out_bshd")
+    _node(nodes, "Transpose", [out4], f"{p}out", outputs=[layer.node.output[0]], perm=[0, 2, 1, 3])
+    return nodes
+
+
+def _attention(g: _Graph, layer: _Layer) -> list:
+    """ONNX Attention (opset 24) over the whole buffers after the TensorScatter writes."""
+    p, nodes = layer.prefix + "fused/", []
+    keys = _rope_keys(g, layer, nodes) if layer.pre else layer.inputs["key_cache"]
+    nonpad = _node(nodes, "Cast", [layer.inputs["cache_lengths"]], f"{p}nonpad_kv_seqlen", to=TensorProto.INT64)
+    _node(nodes, "Attention", [layer.inputs["query"], keys, layer.inputs["value_cache"], "", "", "", nonpad],
+          layer.prefix + "Attention_0", outputs=[layer.node.output[0]], is_causal=1, scale=float(layer.attrs["scale"]))
+    return nodes
+
+
+def _rope_tables(g: _Graph, layer: _Layer) -> list[str]:
+    """[P, hd/2] first halves of the op's cos and sin tables, as initializers."""
+    out = []
+    for key in ("rope_cos", "rope_sin"):
+        table = layer.inputs[key]
+        half = _C + table + ".half"
+        if half not in g.inits:
+            data = numpy_helper.to_array(g.inits[table])
+            g.const(table + ".half", np.ascontiguousarray(data[:, : data.shape[1] // 2]), data.dtype)
+        out.append(half)
+    return out
+
+
+def _rope_keys(g: _Graph, layer: _Layer, nodes: list) -> str:
+    """Pre mode: rope(K_r @ key_up) at the slot positions -> [B, Hkv, Smax, hd]."""
+    p = layer.prefix + "fused/"
+    kr = layer.inputs["key_cache"]
+    k = _node(nodes, "MatMul", [kr, layer.inputs["key_up"]], f"{p}k_up")  # [B, Hkv, Smax, hd]
+    flat_k = _node(nodes, "Reshape", [k, g.const("shape_rope4", [-1, 1, 0, 0])], f"{p}k_up_rows")  # [B*Hkv,1,Smax,hd]
+    pos64 = _node(nodes, "Cast", [layer.inputs["slot_positions"]], f"{p}slot_pos_i64", to=TensorProto.INT64)
+    flat_pos = _node(nodes, "Flatten", [pos64], f"{p}slot_pos_rows", axis=2)  # [B*Hkv, Smax]
+    cos, sin = _rope_tables(g, layer)
+    rot = _node(nodes, "RotaryEmbedding", [flat_k, cos, sin, flat_pos], f"{p}k_rope_rows")
+    return _node(nodes, "Reshape", [rot, _node(nodes, "Shape", [k], f"{p}k_up_shape")], f"{p}k_rope")
+
+
+def _attention_rows(g: _Graph, layer: _Layer) -> list:
+    """Pre mode, one (sequence, KV head) row at a time: ONNX Scan over B*Hkv rows of
+    MatMul (K_r @ key_up) -> RotaryEmbedding -> Attention (G query heads, one KV head)."""
+    p, nodes = layer.prefix + "fused/", []
+    q, kr, v, up = layer.inputs["query"], layer.inputs["key_cache"], layer.inputs["value_cache"], layer.inputs["key_up"]
+    hq, hkv, d, rk, rv = g.dim(q, 1), g.dim(kr, 1), g.dim(q, 3), g.dim(kr, 3), g.dim(v, 3)
+    group = hq // hkv
+    lengths = _node(nodes, "Cast", [layer.inputs["cache_lengths"]], f"{p}nonpad_kv_seqlen", to=TensorProto.INT64)
+    batch = _node(nodes, "Shape", [lengths], f"{p}batch")
+    per_row = _node(nodes, "Expand", [_node(nodes, "Unsqueeze", [lengths, g.const("axes_1", [1])], f"{p}lengths_b1"),
+                                      _node(nodes, "Concat", [batch, g.const(f"dims_{hkv}", [hkv])], f"{p}rows_shape",
+                                            axis=0)], f"{p}lengths_bh")
+    scan_in = [_node(nodes, "Reshape", [q, g.const(f"shape_q_rows_{group}_{d}", [-1, group, 0, d])], f"{p}q_rows"),
+               _node(nodes, "Flatten", [kr], f"{p}kr_rows", axis=2),  # [B*Hkv, Smax*rk]
+               _node(nodes, "Flatten", [v], f"{p}v_rows", axis=2),
+               _node(nodes, "Flatten", [_node(nodes, "Cast", [layer.inputs["slot_positions"]], f"{p}slot_pos_i64",
+                                              to=TensorProto.INT64)], f"{p}pos_rows", axis=2),
+               _node(nodes, "Reshape", [per_row, g.const("shape_m1", [-1])], f"{p}lengths_rows")]
+    body_in = ["q", "kr", "v", "pos", "len"]
+    if g.dim(up, 0) == 1:
+        up_body = _node(nodes, "Reshape", [up, g.const(f"shape_up_{rk}_{d}", [rk, d])], f"{p}key_up_2d")
+    else:  # one key_up per KV head: tile it over the batch, one per row
+        tiled = _node(nodes, "Expand", [up, _node(nodes, "Concat", [batch, g.const("ones_3", [1, 1, 1])],
+                                                  f"{p}key_up_shape", axis=0)], f"{p}key_up_b")
+        scan_in.append(_node(nodes, "Reshape", [tiled, g.const(f"shape_up_rows_{rk}_{d}", [-1, rk, d])],
+                             f"{p}key_up_rows"))
+        body_in.append("up")
+        up_body = "up"
+    cos, sin = _rope_tables(g, layer)
+    b, body = layer.prefix + "rows/", []
+    zero = g.const("axes_0", [0])
+    k = _node(body, "MatMul", [_node(body, "Reshape", ["kr", g.const(f"shape_m1_{rk}", [-1, rk])], f"{b}kr"), up_body],
+              f"{b}k_up")  # [Smax, hd]
+    k4 = _node(body, "Reshape", [k, g.const(f"shape_11m1_{d}", [1, 1, -1, d])], f"{b}k_up4")
+    pos = _node(body, "Unsqueeze", ["pos", zero], f"{b}pos")
+    keys = _node(body, "RotaryEmbedding", [k4, cos, sin, pos], f"{b}k_rope")
+    values = _node(body, "Reshape", ["v", g.const(f"shape_11m1_{rv}", [1, 1, -1, rv])], f"{b}v")
+    y = _node(body, "Attention", [_node(body, "Unsqueeze", ["q", zero], f"{b}q"), keys, values, "", "", "",
+                                  _node(body, "Reshape", ["len", g.const("shape_1", [1])], f"{b}nonpad")],
+              f"{b}Attention_0", is_causal=1, scale=float(layer.attrs["scale"]))
+    _node(body, "Squeeze", [y, zero], f"{b}out", outputs=["out"])
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(body, f"{b}body", [vi(n, TensorProto.INT64 if n in ("pos", "len") else TensorProto.FLOAT,
+                                                   None) for n in body_in], [vi("out", TensorProto.FLOAT, None)])
+    out = _node(nodes, "Scan", scan_in, layer.prefix + "Scan_0", outputs=[f"{p}out_rows"], body=graph,
+                num_scan_inputs=len(scan_in))
+    _node(nodes, "Reshape", [out, g.const(f"shape_out_{hq}_{rv}", [-1, hq, 0, rv])], f"{p}out",
+          outputs=[layer.node.output[0]])
+    return nodes
+
+
+_BUILDERS = {GQA: _gqa, ATTENTION: _attention, ATTENTION_ROWS: _attention_rows}
+
+
+def rewrite(model: onnx.ModelProto, rope_mode: RopeMode | str, plan: dict | None = None
+            ) -> tuple[onnx.ModelProto, dict]:
+    """Rewrite every `eigen::LowRankAttention` layer of `model` (in place; also returned) into
+    `plan[rope_mode]` (default `DEFAULT_PLAN`) where it applies (module doc). RoPE tables must be
+    loaded (not external) for `pre` layers to be rewritten. -> (model, report): {"attention":
+    the ONNX Runtime ops that run attention, "formulation": planned, "layers": {formulation:
+    count}, "kept_function"/"fell_back": {reason: count}}."""
+    rope_mode = RopeMode(rope_mode)
+    wanted = dict(DEFAULT_PLAN if plan is None else plan).get(rope_mode, FUNCTION)
+    if wanted not in FORMULATIONS:
+        raise ValueError(f"unknown attention formulation {wanted!r}; known: {', '.join(FORMULATIONS)}")
+    g = _Graph(model)
+    chosen, reasons = Counter(), Counter()
+    replace: dict[int, list] = {}  # id(node) -> nodes in its place ([]: dropped)
+    for layer in _layers(g):
+        how, reason = _choose(g, layer, wanted)
+        chosen[how] += 1
+        if reason:
+            reasons[reason] += 1
+        if how == GQA:
+            replace[id(layer.k_scatter)] = replace[id(layer.v_scatter)] = []
+        if how != FUNCTION:
+            replace[id(layer.node)] = _BUILDERS[how](g, layer)
+    if replace:
+        nodes = [new for node in model.graph.node for new in replace.get(id(node), [node])]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        model.graph.initializer.extend(g.new_inits)
+        _tidy_imports(model)
+    ops = sorted({OP_NAMES[k] for k in chosen}, key=list(OP_NAMES.values()).index)
+    report = {"attention": "+".join(ops) if ops else "none", "formulation": wanted, "layers": dict(chosen)}
+    if reasons:
+        report["fell_back"] = dict(reasons)
+    return model, report
+
+
+def _tidy_imports(model: onnx.ModelProto) -> None:
+    """Import com.microsoft if a node uses it; drop the op's function and domain once no node
+    calls it. (Value infos of removed intermediates are harmless and stay.)"""
+    domains = {n.domain for n in model.graph.node}
+    imported = {o.domain for o in model.opset_import}
+    if MS_DOMAIN in domains and MS_DOMAIN not in imported:
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    if spec.DOMAIN not in domains:
+        kept = [f for f in model.functions if f.domain != spec.DOMAIN]
+        del model.functions[:]
+        model.functions.extend(kept)
+        imports = [o for o in model.opset_import if o.domain != spec.DOMAIN]
+        del model.opset_import[:]
+        model.opset_import.extend(imports)
+
+
+def rewrite_file(src: Path, tmp: Path, rope_mode: RopeMode | str, remedy: str = "") -> tuple[Path | None, dict]:
+    """The graph at `src` rewritten (`rewrite`) and saved in the folder `tmp` -> (its path, or None
+    when no layer changed; the report). The copy's weights stay in the export's data files, hard-linked
+    into `tmp` (copied across file systems); only the RoPE tables the rewrite slices are read."""
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    from eigenkv.errors import EigenError
+    try:
+        model = onnx.load(str(src), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise EigenError(f"{src} is corrupt or truncated ({str(e).splitlines()[0][:160]})"
+                         + (f"; {remedy}" if remedy else "")) from None
+    rope = _INPUTS.index("rope_cos"), _INPUTS.index("rope_sin")
+    tables = {n.input[i] for n in model.graph.node if n.domain == spec.DOMAIN for i in rope if i < len(n.input)}
+    locations = set()
+    for init in model.graph.initializer:
+        if not uses_external_data(init):
+            continue
+        if init.name in tables:
+            load_external_data_for_tensor(init, str(src.parent))
+            init.data_location = TensorProto.DEFAULT
+            del init.external_data[:]
+        else:
+            locations.add(next(e.value for e in init.external_data if e.key == "location"))
+    model, report = rewrite(model, rope_mode)
+    if set(report["layers"]) <= {FUNCTION}:
+        return None, report
+    for location in locations:  # relative to the graph: the export's data files beside the copy, hard-linked
+        target, data = tmp / location, (src.parent / location).resolve()  # (ORT refuses symlinks out of its folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(data, target)
+        except OSError:  # another file system: copy
+            shutil.copyfile(data, target)
+    path = tmp / src.name
+    onnx.save_model(model, str(path))
+    return path, report

@@ -1,0 +1,194 @@
+"""The ORT engine's attention rewrite (engines/ort_fused.py): fused ONNX Runtime kernels in place of
+the op's ONNX function, per mode (`--no-compress` -> GroupQueryAttention in shared-buffer mode;
+kv-ratio 0.5 `pre` -> MatMul + RotaryEmbedding + Attention per (sequence, KV head) row; `joint`
+with r_k != r_v -> Attention). Each fused engine must match the engine built without the rewrite
+(the op's function) step by step, and a float64 torch model, also after `KVCache.keep` moved
+random slots (any order) and on multi-token steps over a compacted cache."""
+
+import copy
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from tiny_models import export_tiny, folded_for_manifest
+
+from eigenkv.cli import main
+from eigenkv.engines import ort_fused
+from eigenkv.engines.backend import load_engine
+from eigenkv.engines.runtime import generate, prefill
+
+TEXT = "The quick brown fox jumps over the lazy dog. " * 80
+PROMPT = 21
+MAX_LEN = 64
+TOL_ENGINES = 1e-4  # max |logit diff| fused vs function engine (both fp32)
+TOL_REF = 2e-5  # max |logit diff| fp32 engine vs float64 model (tiny models: logits ~1), as test_cache_moves
+MODES = {"rotated": ["--no-compress"], "pre": ["--kv-ratio", "0.5", "--rope-mode", "pre"],
+         "joint": ["--kv-ratio", "0.5", "--rope-mode", "joint"]}
+OPS = {"rotated": "GroupQueryAttention", "pre": "Attention", "joint": "Attention"}  # runtime["attention"]
+KERNELS = {"rotated": {"GroupQueryAttention"}, "pre": {"Scan"}, "joint": {"Attention"}}  # in the saved engine graph
+
+
+@pytest.fixture(scope="module", params=list(MODES))
+def built(request, tmp_path_factory):
+    mode = request.param
+    root = tmp_path_factory.mktemp(f"fused-{mode}")
+    (root / "calib.txt").write_text(TEXT)
+    out = root / "exp" / "model.onnx"
+    assert export_tiny(root, "llama", out, *MODES[mode], "--max-seq-len", str(MAX_LEN), "--decode-steps", "4") == 0
+    assert main(["build", str(out), "-o", str(root / "fused")]) == 0
+    assert main(["build", str(out), "-o", str(root / "function"), "--attention", "function"]) == 0
+    manifest = json.loads((out.parent / "model.eigen.json").read_text())
+    assert manifest["rope_mode"] == mode
+    if mode == "rotated":
+        from transformers import AutoModelForCausalLM
+
+        from eigenkv.exporter.decoder import decoder_from_hf
+        hf = AutoModelForCausalLM.from_pretrained(root / "llama", attn_implementation="eager").float().eval()
+        reference = decoder_from_hf(hf, MAX_LEN).double()
+    else:
+        reference = copy.deepcopy(folded_for_manifest(root, "llama", manifest, out).with_max_positions(MAX_LEN)).double()
+    return {"mode": mode, "root": root, "graph": out, "fused": load_engine(root / "fused"),
+            "function": load_engine(root / "function"), "reference": reference}
+
+
+def test_rewrite_is_recorded_and_the_export_keeps_the_op(built):
+    mode, root = built["mode"], built["root"]
+    runtime = json.loads((root / "fused" / "config.json").read_text())["runtime"]
+    assert runtime["attention"] == OPS[mode] and "function" not in runtime["attention_rewrite"]["layers"]
+    assert json.loads((root / "function" / "config.json").read_text())["runtime"]["attention"] == "function"
+    engine_graph = onnx.load(str(root / "fused" / "model.onnx"), load_external_data=False)
+    ops = {n.op_type for n in engine_graph.graph.node}
+    assert KERNELS[mode] <= ops and "LowRankAttention" not in ops and not engine_graph.functions
+    exported = onnx.load(str(built["graph"]), load_external_data=False)  # TensorRT's copy: unchanged
+    assert sum(n.op_type == "LowRankAttention" and n.domain == "eigen" for n in exported.graph.node) == 3
+    assert [f.name for f in exported.functions] == ["LowRankAttention"]
+    assert not any(n.domain == "com.microsoft" for n in exported.graph.node)
+
+
+def _steps(engine, prompts, chunk, new_tokens):
+    """Right-padded prompts of different lengths, prefilled `chunk` tokens per step (multi-token
+    steps over caches of different lengths), then greedy decode -> logits of every step."""
+    lengths = np.array([len(p) for p in prompts])
+    ids = np.zeros((len(prompts), lengths.max()), np.int64)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)] = p
+    cache = engine.new_cache(len(prompts), int(lengths.max()) + new_tokens)
+    out = [prefill(engine, cache, ids, lengths, chunk)]
+    for step in range(new_tokens):
+        logits = engine.step(cache, out[-1].argmax(-1)[:, None], (lengths + step)[:, None])[:, 0]
+        cache.advance(np.ones(len(prompts), np.int64))
+        out.append(logits)
+    return np.stack(out)
+
+
+def test_fused_matches_the_function_engine(built):
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(0, 256, n)) for n in (5, 13, 9)]
+    fused, function = (_steps(built[k], prompts, 4, 12) for k in ("fused", "function"))
+    assert np.abs(fused - function).max() <= TOL_ENGINES
+    assert (fused.argmax(-1) == function.argmax(-1)).all()
+    tokens = [generate(built[k], prompts, 10, prefill_chunk=3) for k in ("fused", "function")]
+    assert tokens[0] == tokens[1]
+
+
+@torch.no_grad()
+def _reference(model, prompt, kept, tokens, positions):
+    """Float64: full prefill of `prompt`; then a cache holding only `kept` (per layer [B, Hkv, k]
+    original positions, in that slot order) and one step of tokens/positions [B, S] -> logits."""
+    batch = prompt.shape[0]
+    full = model.new_cache(batch, PROMPT, dtype=torch.float64)
+    prefill_logits = model(torch.from_numpy(prompt), torch.arange(PROMPT).expand(batch, -1), full)
+    small = model.new_cache(batch, PROMPT + tokens.shape[1], dtype=torch.float64)
+    for i, idx in enumerate(kept):
+        idx_t = torch.from_numpy(idx).long()
+        k = idx_t.shape[-1]
+        for src, dst in ((full.keys[i], small.keys[i]), (full.values[i], small.values[i])):
+            dst[:, :, :k] = src.gather(2, idx_t[..., None].expand(-1, -1, -1, src.shape[-1]))
+        small.positions[i][:, :, :k] = idx_t.to(torch.int32)  # slot index = position in the full prefill
+        small.lengths[i] = k
+    step = model(torch.from_numpy(tokens), torch.from_numpy(positions), small)
+    return prefill_logits[:, -1].numpy(), step.numpy()
+
+
+@pytest.mark.parametrize("new", [1, 3])
+def test_fused_matches_float64_after_keep(built, new):
+    """Prefill, then every layer keeps a different random subset of slots in random order (per
+    sequence and KV head), then a step of `new` tokens: vs the float64 model on the kept tokens."""
+    engine, model = built["fused"], built["reference"]
+    rng = np.random.default_rng(3 + new)
+    prompt = rng.integers(0, 256, size=(2, PROMPT))
+    cache = engine.new_cache(2, PROMPT + new)
+    last = prefill(engine, cache, prompt, np.full(2, PROMPT), 8)
+    hkv = engine.layout.n_kv_heads
+    kept = []
+    for layer in range(engine.layout.n_layers):
+        k = int(rng.integers(3, PROMPT))
+        idx = np.stack([np.stack([rng.permutation(PROMPT)[:k] for _ in range(hkv)]) for _ in range(2)])  # [B, Hkv, k]
+        for seq in range(2):
+            cache.keep(layer, seq, idx[seq])
+        kept.append(idx)
+    tokens = np.concatenate([last.argmax(-1)[:, None], rng.integers(0, 256, (2, new - 1))], axis=1)
+    positions = np.broadcast_to(np.arange(PROMPT, PROMPT + new), (2, new)).copy()
+    logits = engine.step(cache, tokens, positions)
+    ref_prefill, ref_step = _reference(model, prompt, kept, tokens, positions)
+    assert np.abs(last - ref_prefill).max() <= TOL_REF
+    assert np.abs(logits - ref_step).max() <= TOL_REF
+
+
+def test_rewrite_plans_and_fallbacks(built):
+    """`function` leaves the graph alone; GQA is refused where keys are pre-RoPE or widths differ."""
+    from eigenkv.plugins.spec import RopeMode
+    mode = RopeMode(built["mode"])
+    graph = onnx.load(str(built["graph"]), load_external_data=False)
+    same, report = ort_fused.rewrite(copy.deepcopy(graph), mode, {mode: "function"})
+    assert report["attention"] == "function" and same.graph.node == graph.graph.node
+    _, report = ort_fused.rewrite(copy.deepcopy(graph), mode, {mode: "gqa"})
+    if mode is RopeMode.ROTATED:
+        assert report["layers"] == {"gqa": 3}
+    elif mode is RopeMode.PRE:  # tables not loaded here: pre layers keep the function
+        assert report["layers"] == {"function": 3}
+    else:
+        assert report["layers"] == {"attention": 3} and report["fell_back"] == {"key width != value width": 3}
+    with pytest.raises(ValueError, match="unknown attention formulation"):
+        ort_fused.rewrite(copy.deepcopy(graph), mode, {mode: "flash"})
+
+
+def test_build_falls_back_to_the_function_when_a_fused_kernel_fails(built, tmp_path, monkeypatch):
+    """A kernel refusing the rewritten graph (here: GQA given the wrong head count) is caught by
+    the build's engine check, which rebuilds the engine with the op's function and says why."""
+    if built["mode"] != "rotated":
+        pytest.skip("one mode is enough")
+    from eigenkv.engines import ort
+    from eigenkv.manifest import read_manifest
+    real = ort_fused._gqa
+
+    def broken(g, layer):
+        nodes = real(g, layer)
+        for node in nodes:
+            if node.op_type == "GroupQueryAttention":
+                for a in node.attribute:
+                    if a.name == "kv_num_heads":
+                        a.i += 1
+        return nodes
+
+    monkeypatch.setitem(ort_fused._BUILDERS, ort_fused.GQA, broken)
+    fields = ort.build(built["graph"], read_manifest(built["graph"]), tmp_path)
+    assert fields["runtime"]["attention"] == "function"
+    reasons = fields["runtime"]["attention_rewrite"]["fell_back"]
+    assert any(reason.startswith("engine check failed") for reason in reasons)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph.node}
+    assert "GroupQueryAttention" not in ops and not any(p.name.startswith("fused-") for p in tmp_path.iterdir())
+
+
+def test_attention_option_is_checked(built, tmp_path, capsys):
+    """`eigenkv build --attention` belongs to the ort backend; a wrong value is one line, exit 2."""
+    from eigenkv.engines import ort
+    from eigenkv.errors import EigenError
+    from eigenkv.manifest import read_manifest
+    assert main(["build", str(built["graph"]), "-o", str(tmp_path / "t"), "--backend", "torch",
+                 "--attention", "function"]) == 2
+    assert "--attention" in capsys.readouterr().err and not (tmp_path / "t").exists()
+    with pytest.raises(EigenError, match="--attention must be one of fused, function"):
+        ort.build(built["graph"], read_manifest(built["graph"]), tmp_path, attention="flash")
