@@ -215,6 +215,9 @@ class Engine(ABC):
     name: str  # the backend's name
     layout: KVLayout
     precision: str
+    # True when a batch of several sequences must be prefilled in one step (ORT-GenAI): callers
+    # that chunk prefill pass the whole prompt at once for B > 1
+    batch_prefill_in_one_step: bool = False
 
     @property
     @abstractmethod

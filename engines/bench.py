@@ -1,9 +1,11 @@
-"""`eigenkv bench ENGINE --baseline ENGINE2 [--peer DIR]`: the engines in one process, same
+"""`eigenkv bench ENGINE --baseline ENGINE2 [--peer PATH ...]`: the engines in one process, same
 prompts, interleaved runs; prefill latency, per-token decode latency p50/p90, tokens/s, KV
 bytes held, KV bytes read per decode step and the achieved read bandwidth.
 
-Written against `Engine` only (engines/backend.py): any backend, and the Optimum peer
-(`PeerEngine`, tools/optimum_baseline.py), run through the same prefill and decode code.
+Written against `Engine` only (engines/backend.py): any backend, and the peers of the registry
+in engines/peer.py (Optimum, onnxruntime-genai, llama.cpp), run through the same prefill and
+decode code. With eviction settings the first engine evicts; `evict_compare` times it both
+without ("compressed") and with eviction ("compressed+evict"), same loaded engine.
 Each (context, batch) point runs warm-up rounds, then `repeats` rounds alternating the order
 of the engines, on the same random prompt. Writes bench.json and bench.md (and bench.png
 when matplotlib is installed).
@@ -38,6 +40,7 @@ class BenchConfig:
     seed: int = 0
     progress: bool = True
     eviction: object = None  # EvictionSettings for the compressed engine (engines/eviction.py), or None
+    evict_compare: bool = False  # with eviction: also time the compressed engine without it
 
 
 @dataclass
@@ -49,6 +52,7 @@ class Point:
     step_s: list[float] = field(default_factory=list)
     kv_bytes: int = 0
     read_bytes: list[int] = field(default_factory=list)  # KV bytes each timed decode step read
+    prefill_chunk: int = 0  # tokens per prefill step (the whole prompt for one-step batch prefill)
 
     def summary(self) -> dict:
         steps = np.array(self.step_s) * 1e3
@@ -60,7 +64,7 @@ class Point:
                 "tokens_per_s": round(self.batch * 1e3 / float(steps.mean()), 2),
                 "kv_bytes": self.kv_bytes, "kv_bytes_read_per_step": int(read.mean()),
                 "kv_read_gb_per_s": round(float((read / (steps / 1e3)).mean()) / 1e9, 3),
-                "decode_steps_timed": int(steps.size)}
+                "decode_steps_timed": int(steps.size), "prefill_chunk": self.prefill_chunk}
 
 
 def _run_once(engine: Engine, prompt: np.ndarray, config: BenchConfig, point: Point | None,
@@ -70,8 +74,9 @@ def _run_once(engine: Engine, prompt: np.ndarray, config: BenchConfig, point: Po
     batch, ctx = prompt.shape
     cache = engine.new_cache(batch, capacities(engine, ctx + config.decode_tokens + 1, config.prefill_chunk, evictor))
     lengths = np.full(batch, ctx, dtype=np.int64)
+    chunk = ctx if engine.batch_prefill_in_one_step and batch > 1 else config.prefill_chunk
     t0 = time.perf_counter()
-    last = prefill(engine, cache, prompt, lengths, config.prefill_chunk, evictor)
+    last = prefill(engine, cache, prompt, lengths, chunk, evictor)
     engine.synchronize()
     t1 = time.perf_counter()
     steps, read = [], []
@@ -83,35 +88,54 @@ def _run_once(engine: Engine, prompt: np.ndarray, config: BenchConfig, point: Po
         engine.synchronize()
         steps.append(time.perf_counter() - s0)
     if point is not None:
+        point.prefill_chunk = chunk
         point.prefill_s.append(t1 - t0)
         point.step_s += steps
         point.read_bytes += read
         point.kv_bytes = cache.nbytes
 
 
-def _load_peer(peer_dir: Path, source_hash: str, vocab_size: int, threads: int) -> Engine:
-    from eigenkv.engines.peer import PeerEngine
-    peer = PeerEngine(peer_dir, threads)
+def _load_peer(path: Path, source_hash: str, vocab_size: int, threads: int) -> Engine:
+    from eigenkv.engines.peer import load_peer
+    peer = load_peer(path, threads)
     if peer.source_hash is not None and peer.source_hash != source_hash:
-        raise EigenError(f"the peer {peer_dir} comes from another source model than the engines "
-                         f"({peer.info.get('source_model')}); export the same checkpoint")
+        raise EigenError(f"the peer {path} comes from another source model than the engines; "
+                         "build it from the same checkpoint")
     if peer.vocab_size != vocab_size:
-        raise EigenError(f"the peer {peer_dir} has vocabulary {peer.vocab_size}, the engines {vocab_size}")
+        raise EigenError(f"the peer {path} has vocabulary {peer.vocab_size}, the engines {vocab_size}")
     return peer
 
 
-def bench(engine_dir: Path, baseline_dir: Path, config: BenchConfig, peer_dir: Path | None = None) -> dict:
+def bench(engine_dir: Path, baseline_dir: Path, config: BenchConfig,
+          peer_dirs: list[Path] | tuple[Path, ...] = ()) -> dict:
+    """Time the engines (and peers) of one checkpoint -> the result dict (`write` saves it).
+
+    Engine names in the result: "compressed" (ENGINE; "compressed+evict" too with
+    `config.evict_compare`), "baseline", and each peer's `label`. EigenError (one line) for
+    engines of different checkpoints, a peer of another checkpoint or vocabulary, or a context
+    beyond an engine's max_seq_len."""
     from eigenkv.engines.config import EngineConfig
     dirs = {"compressed": Path(engine_dir), "baseline": Path(baseline_dir)}
     if len({EngineConfig.load(d).source.hash for d in dirs.values()}) != 1:
         raise EigenError("the two engines come from different source models; compare engines of one checkpoint")
+    if config.evict_compare and config.eviction is None:
+        raise EigenError("--evict-compare times the engine with and without eviction: pass --evict POLICY too")
     engines = {name: load_engine(d, threads=config.threads) for name, d in dirs.items()}
-    if peer_dir is not None:
-        dirs["peer"] = Path(peer_dir)
-        engines["peer"] = _load_peer(dirs["peer"], EngineConfig.load(engine_dir).source.hash,
-                                     engines["compressed"].vocab_size, config.threads)
+    for path in peer_dirs:
+        peer = _load_peer(Path(path), EngineConfig.load(engine_dir).source.hash,
+                          engines["compressed"].vocab_size, config.threads)
+        name, n = peer.label, 2
+        while name in engines:
+            name, n = f"{peer.label} #{n}", n + 1
+        dirs[name], engines[name] = Path(path), peer
     from eigenkv.engines.eviction import make_evictor
     evictors = {"compressed": make_evictor(config.eviction, engines["compressed"])}
+    if config.evict_compare:
+        evictors = {"compressed+evict": evictors["compressed"]}
+        engines = {"compressed": engines["compressed"], "compressed+evict": engines["compressed"],
+                   **{k: v for k, v in engines.items() if k != "compressed"}}
+        dirs = {"compressed": dirs["compressed"], "compressed+evict": dirs["compressed"],
+                **{k: v for k, v in dirs.items() if k != "compressed"}}
     limit = min(e.max_seq_len for e in engines.values())
     if max(config.contexts) + config.decode_tokens + 1 > limit:
         raise EigenError(f"context {max(config.contexts)} + {config.decode_tokens} decode tokens exceeds the "
@@ -136,15 +160,22 @@ def bench(engine_dir: Path, baseline_dir: Path, config: BenchConfig, peer_dir: P
 
 
 def markdown(result: dict) -> str:
-    """One row per (context, batch); with a peer, four more columns: its decode p50, prefill and
-    KV MiB, and the compressed engine's speed-up over it (peer p50 / compressed p50)."""
+    """One row per (context, batch); "compressed+evict" (with `evict_compare`) gets four columns
+    (decode p50, its speed-up over the baseline, KV MiB held and read per step); each peer four
+    more: its decode p50, prefill and KV MiB, and the compressed engine's speed-up over it
+    (peer p50 / compressed p50)."""
     rows = {(p["context"], p["batch"], p["engine"]): p for p in result["points"]}
-    peer = "peer" in result["engines"]
+    peers = [name for name in result["engines"] if name not in ("compressed", "compressed+evict", "baseline")]
+    evicted = "compressed+evict" in result["engines"]
     head = ("| context | batch | decode ms/token p50 (compressed / baseline) | p90 | tokens/s | "
             "speed-up | prefill ms | KV MiB | KV MiB read/step | KV read GB/s |")
     rule = "|---|---|---|---|---|---|---|---|---|---|"
-    if peer:
-        head += " peer (Optimum) decode ms p50 | speed-up vs peer | peer prefill ms | peer KV MiB |"
+    if evicted:
+        head += (" compressed+evict decode ms p50 | speed-up vs baseline | KV MiB (evicting) | "
+                 "KV MiB read/step (evicting) |")
+        rule += "---|---|---|---|"
+    for name in peers:
+        head += f" {name} decode ms p50 | speed-up vs {name} | {name} prefill ms | {name} KV MiB |"
         rule += "---|---|---|---|"
     lines = [head, rule]
     for ctx, batch, _ in sorted(k for k in rows if k[2] == "compressed"):
@@ -156,8 +187,12 @@ def markdown(result: dict) -> str:
             f"{c['kv_bytes'] / 2**20:.1f} / {b['kv_bytes'] / 2**20:.1f} | "
             f"{c['kv_bytes_read_per_step'] / 2**20:.1f} / {b['kv_bytes_read_per_step'] / 2**20:.1f} | "
             f"{c['kv_read_gb_per_s']:.2f} / {b['kv_read_gb_per_s']:.2f} |")
-        if peer:
-            q = rows[(ctx, batch, "peer")]
+        if evicted:
+            e = rows[(ctx, batch, "compressed+evict")]
+            line += (f" {e['decode_ms_p50']:.1f} | {b['decode_ms_p50'] / e['decode_ms_p50']:.2f}x | "
+                     f"{e['kv_bytes'] / 2**20:.1f} | {e['kv_bytes_read_per_step'] / 2**20:.1f} |")
+        for name in peers:
+            q = rows[(ctx, batch, name)]
             line += (f" {q['decode_ms_p50']:.1f} | {q['decode_ms_p50'] / c['decode_ms_p50']:.2f}x | "
                      f"{q['prefill_ms_median']:.0f} | {q['kv_bytes'] / 2**20:.1f} |")
         lines.append(line)

@@ -75,6 +75,7 @@ class PeerEngine(Engine):
     """An Optimum decoder directory (model.onnx [+ external data], optional peer.json), loaded."""
 
     name = "optimum"
+    label = "optimum"
 
     def __init__(self, peer_dir: Path, threads: int = 0, model_file: str = "model.onnx"):
         from eigenkv.engines.ort import make_session
@@ -149,3 +150,48 @@ class PeerEngine(Engine):
         out = self.session.run_with_ort_values(["logits", *self.present], feed)
         cache.values, cache.length = list(out[1:]), cache.length + seq
         return out[0].numpy()
+
+
+# ---- the peer registry: `eigenkv bench --peer PATH` --------------------------------------------
+# One module per peer runtime, each with NAME, `accepts(path) -> bool` (a cheap look at the
+# files) and `load(path, threads) -> Engine` (with `label`, `vocab_size`, `source_hash`).
+# Runtimes are imported by the module's `load`, never at import: a peer needs only its own package.
+
+NAME = "optimum"
+PEER_MODULES = ("eigenkv.engines.peer", "eigenkv.engines.peer_ortgenai", "eigenkv.engines.peer_llamacpp")
+PEER_KINDS = "an Optimum export folder (model.onnx), an onnxruntime-genai folder (genai_config.json) or a GGUF file"
+
+
+def accepts(path: Path) -> bool:
+    """An Optimum export folder: model.onnx, and not an onnxruntime-genai folder."""
+    return path.is_dir() and (path / "model.onnx").is_file() and not (path / "genai_config.json").exists()
+
+
+def load(path: Path, threads: int = 0) -> PeerEngine:
+    return PeerEngine(path, threads)
+
+
+def peer_modules() -> list:
+    """The installed peer modules, in PEER_MODULES order (a module missing from this install is skipped)."""
+    import importlib
+    found = []
+    for name in PEER_MODULES:
+        try:
+            found.append(importlib.import_module(name))
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+    return found
+
+
+def load_peer(path: Path, threads: int = 0) -> Engine:
+    """The peer engine for `path` (the first registered module that accepts it) -> Engine with
+    `label`, `vocab_size` and `source_hash` (None when unknown). EigenError (one line) when no
+    module accepts the path or its runtime is not installed."""
+    path = Path(path)
+    if not path.exists():
+        raise EigenError(f"--peer {path}: no such file or folder (expected {PEER_KINDS})")
+    for module in peer_modules():
+        if module.accepts(path):
+            return module.load(path, threads)
+    raise EigenError(f"--peer {path}: not {PEER_KINDS}")

@@ -205,3 +205,20 @@ def test_cli_run_and_bench_with_eviction(built, tmp_path, capsys):
     assert by["compressed"]["kv_bytes"] == 2 * (36 * (width[0] + width[1]) + 26 * width[2])
     assert by["baseline"]["kv_bytes"] == 2 * 36 * sum(width)
     assert by["compressed"]["kv_bytes_read_per_step"] < by["baseline"]["kv_bytes_read_per_step"]
+
+
+def test_bench_evict_compare_times_the_engine_with_and_without(built, tmp_path):
+    root, _, _ = built
+    out = tmp_path / "bench"
+    base = ["bench", str(root / "engine"), "--baseline", str(root / "engine"), "--contexts", "32", "--batches", "1",
+            "--decode-tokens", "2", "--repeats", "1", "--warmup", "0", "--prefill-chunk", "8", "--out", str(out),
+            "--no-progress"]
+    assert main(base + ["--evict-compare"]) == 2  # needs --evict
+    assert main(base + ["--evict-compare", "--evict", "key-norm", "--kv-budget", "12", "--sink", "2",
+                        "--recent", "4", "--evict-headroom", "8"]) == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert list(result["engines"]) == ["compressed", "compressed+evict", "baseline"]
+    by = {p["engine"]: p for p in result["points"]}
+    assert by["compressed"]["kv_bytes"] == by["baseline"]["kv_bytes"] > by["compressed+evict"]["kv_bytes"]
+    header = (out / "bench.md").read_text().splitlines()[2]
+    assert "compressed+evict decode ms p50" in header

@@ -161,14 +161,14 @@ def test_bench_with_peer_writes_peer_columns(tiny, tmp_path, monkeypatch):
     assert main(["build", str(onnx_path), "-o", str(engine)]) == 0
     peer = export_peer(model, tmp_path / "peer", source_hash=model_hash(resolve_model(str(tmp_path / "llama"))))
     out = tmp_path / "bench"
-    args = ["bench", str(engine), "--baseline", str(engine), "--peer", str(peer), "--contexts", "8,16",
+    args = ["bench", str(engine), "--baseline", str(engine), "--peer", str(peer), "--peer", str(peer), "--contexts", "8,16",
             "--batches", "2", "--decode-tokens", "3", "--warmup", "0", "--repeats", "1", "--prefill-chunk", "5",
             "--out", str(out), "--no-progress"]
     assert main(args) == 0
     result = json.loads((out / "bench.json").read_text())
-    assert result["engines"]["peer"] == str(peer)
+    assert result["engines"]["optimum"] == result["engines"]["optimum #2"] == str(peer)  # named by label
     by = {(p["engine"], p["context"]): p for p in result["points"]}
-    assert len(result["points"]) == 3 * 2 and set(raw) == set(by)
+    assert len(result["points"]) == 4 * 2 and set(raw) == set(by)
     width = 3 * 2 * (16 + 16) * 4  # KV bytes per slot: layers, KV heads, key + value head_dim, fp32 (all full width)
     for (name, ctx), p in by.items():
         steps_ms, reads = np.array(raw[(name, ctx)][0]) * 1e3, raw[(name, ctx)][1]
@@ -182,12 +182,24 @@ def test_bench_with_peer_writes_peer_columns(tiny, tmp_path, monkeypatch):
         gb_per_s = np.mean(np.array(per_step) / (steps_ms / 1e3)) / 1e9
         assert p["kv_read_gb_per_s"] == pytest.approx(gb_per_s, abs=5.1e-4)  # 3 decimals
         # ours preallocate prompt + decode tokens + 1 slots; the peer's cache grew to prompt + 3 decode tokens
-        assert p["kv_bytes"] == 2 * (ctx + 3 + (name != "peer")) * width
+        assert p["kv_bytes"] == 2 * (ctx + 3 + (not name.startswith("optimum"))) * width
     text = (out / "bench.md").read_text()
     assert text.startswith("Command: `eigenkv bench ")  # each result says how it was made
     table = [line for line in text.splitlines() if line.startswith("|")]
-    assert "speed-up vs peer" in table[0] and table[0].count("|") == table[1].count("|") == table[2].count("|")
+    assert "speed-up vs optimum |" in table[0] and "speed-up vs optimum #2 |" in table[0]
+    assert table[0].count("|") == table[1].count("|") == table[2].count("|") == 11 + 2 * 4
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     (peer / "peer.json").write_text(json.dumps({"source_hash": "0" * 64, "source_model": "other"}))
     assert main(args) == 2  # another checkpoint: refused
+
+
+def test_peer_registry_says_what_it_accepts(tiny, tmp_path):
+    from eigenkv.engines.peer import load_peer
+    _, folder = tiny
+    assert load_peer(folder).label == "optimum"
+    with pytest.raises(EigenError, match="no such file or folder"):
+        load_peer(tmp_path / "missing")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(EigenError, match="not an Optimum export folder .*, an onnxruntime-genai folder .* or a GGUF"):
+        load_peer(tmp_path / "notes.txt")
