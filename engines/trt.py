@@ -367,7 +367,8 @@ class TrtEngine(Engine):
             feeds = {self.io.input_ids: ids, self.io.position_ids: positions, self.io.cache_lengths: cache.lengths}
             dev = {name: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)).to(self.device)
                    for name, v in feeds.items()}
-            logits = torch.empty((batch, tokens, self.vocab_size), dtype=self.torch_dtype, device=self.device)
+            # logits are float32 in every exported graph (fp16 graphs included: exporter/export.py)
+            logits = torch.empty((batch, tokens, self.vocab_size), dtype=torch.float32, device=self.device)
             for name, t in [*dev.items(), (self.io.logits, logits)]:
                 self.context.set_tensor_address(name, t.data_ptr())
             if not self.context.execute_async_v3(self.stream_handle):
