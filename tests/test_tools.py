@@ -286,3 +286,27 @@ def test_help_and_imports_without_optional_packages(tmp_path):
     assert report["tools"] == sorted(p.name for p in TOOLS.glob("*.py"))
     assert {"bench_export.py", "bench_op.py", "gpu_check.py", "kvpress_peer.py",
             "optimum_baseline.py"} <= set(report["tools"])
+
+
+def test_engine_agreement(workdir):
+    """Fused ORT attention vs the op's function on one export: identical greedy tokens, logits
+    within 1e-4; an engine of another cache (uncompressed) is reported as different."""
+    from tiny_models import export_tiny
+
+    from eigenkv.cli import main
+    out = workdir / "agree" / "model.onnx"
+    assert export_tiny(workdir, "llama", out, "--kv-ratio", "0.5", "--max-seq-len", "96", "--decode-steps", "4") == 0
+    base = workdir / "agree" / "base.onnx"
+    assert export_tiny(workdir, "llama", base, "--no-compress", "--max-seq-len", "96", "--decode-steps", "4") == 0
+    for graph, name, extra in ((out, "fused", []), (out, "function", ["--attention", "function"]), (base, "base", [])):
+        assert main(["build", str(graph), "-o", str(workdir / "agree" / name), *extra]) == 0
+    _tool("engine_agreement.py", "--engine", "function=agree/function", "--engine", "fused=agree/fused",
+          "--engine", "base=agree/base", "--prompt", "the quick brown", "--tokens", "8", "--chunk", "5",
+          "--random-len", "20", "--decode-steps", "3", "--out", "agree/check", cwd=workdir)
+    result = json.loads((workdir / "agree" / "check.json").read_text())
+    assert result["engines"]["fused"]["runtime"]["attention"] != "function"
+    assert result["greedy"]["the quick brown"]["fused"]["identical"]
+    vs = result["random_prompts"]["vs_reference"]
+    assert vs["fused"]["max_abs_diff"] < 1e-4 and vs["fused"]["greedy_steps_identical"]
+    assert vs["base"]["max_abs_diff"] > 1e-3
+    assert _table((workdir / "agree" / "check.md").read_text())[0] == ["prompt", "fused", "base"]
