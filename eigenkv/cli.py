@@ -405,7 +405,7 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _add_eviction_args(p, "the compressed engine (the baseline never evicts)")
     p.add_argument("--evict-compare", action="store_true",
-                   help="with --evict: time the compressed engine both without and with eviction")
+                   help="with --evict: time both engines (ENGINE and --baseline) without and with eviction")
 
 
 def build_parser() -> argparse.ArgumentParser:

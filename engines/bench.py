@@ -4,8 +4,9 @@ bytes held, KV bytes read per decode step and the achieved read bandwidth.
 
 Written against `Engine` only (engines/backend.py): any backend, and the peers of the registry
 in engines/peer.py (Optimum, onnxruntime-genai, llama.cpp), run through the same prefill and
-decode code. With eviction settings the first engine evicts; `evict_compare` times it both
-without ("compressed") and with eviction ("compressed+evict"), same loaded engine.
+decode code. With eviction settings the first engine evicts; `evict_compare` times both our
+engines without and with eviction ("compressed", "compressed+evict", "baseline",
+"baseline+evict"; each loaded once).
 Each (context, batch) point runs warm-up rounds, then `repeats` rounds alternating the order
 of the engines, on the same random prompt. Writes bench.json and bench.md (and bench.png
 when matplotlib is installed).
@@ -40,7 +41,7 @@ class BenchConfig:
     seed: int = 0
     progress: bool = True
     eviction: object = None  # EvictionSettings for the compressed engine (engines/eviction.py), or None
-    evict_compare: bool = False  # with eviction: also time the compressed engine without it
+    evict_compare: bool = False  # with eviction: time both engines without and with it
 
 
 @dataclass
@@ -110,8 +111,8 @@ def bench(engine_dir: Path, baseline_dir: Path, config: BenchConfig,
           peer_dirs: list[Path] | tuple[Path, ...] = ()) -> dict:
     """Time the engines (and peers) of one checkpoint -> the result dict (`write` saves it).
 
-    Engine names in the result: "compressed" (ENGINE; "compressed+evict" too with
-    `config.evict_compare`), "baseline", and each peer's `label`. EigenError (one line) for
+    Engine names in the result: "compressed" (ENGINE), "baseline" (with `config.evict_compare`
+    also "compressed+evict" and "baseline+evict"), and each peer's `label`. EigenError (one line) for
     engines of different checkpoints, a peer of another checkpoint or vocabulary, or a context
     beyond an engine's max_seq_len."""
     from eigenkv.engines.config import EngineConfig
@@ -131,11 +132,13 @@ def bench(engine_dir: Path, baseline_dir: Path, config: BenchConfig,
     from eigenkv.engines.eviction import make_evictor
     evictors = {"compressed": make_evictor(config.eviction, engines["compressed"])}
     if config.evict_compare:
-        evictors = {"compressed+evict": evictors["compressed"]}
-        engines = {"compressed": engines["compressed"], "compressed+evict": engines["compressed"],
-                   **{k: v for k, v in engines.items() if k != "compressed"}}
-        dirs = {"compressed": dirs["compressed"], "compressed+evict": dirs["compressed"],
-                **{k: v for k, v in dirs.items() if k != "compressed"}}
+        ours = ("compressed", "baseline")
+        evictors = {"compressed+evict": evictors["compressed"],
+                    "baseline+evict": make_evictor(config.eviction, engines["baseline"])}
+        engines = {**{k: engines[k.split("+")[0]] for k in ("compressed", "compressed+evict", "baseline",
+                                                             "baseline+evict")},
+                   **{k: v for k, v in engines.items() if k not in ours}}
+        dirs = {k: dirs[k.split("+")[0]] if k.split("+")[0] in ours else dirs[k] for k in engines}
     limit = min(e.max_seq_len for e in engines.values())
     if max(config.contexts) + config.decode_tokens + 1 > limit:
         raise EigenError(f"context {max(config.contexts)} + {config.decode_tokens} decode tokens exceeds the "
@@ -160,19 +163,20 @@ def bench(engine_dir: Path, baseline_dir: Path, config: BenchConfig,
 
 
 def markdown(result: dict) -> str:
-    """One row per (context, batch); "compressed+evict" (with `evict_compare`) gets four columns
-    (decode p50, its speed-up over the baseline, KV MiB held and read per step); each peer four
+    """One row per (context, batch); "compressed+evict" and "baseline+evict" (with `evict_compare`)
+    get four columns each (decode p50, speed-up over the baseline without eviction, KV MiB held
+    and read per step); each peer four
     more: its decode p50, prefill and KV MiB, and the compressed engine's speed-up over it
     (peer p50 / compressed p50)."""
     rows = {(p["context"], p["batch"], p["engine"]): p for p in result["points"]}
-    peers = [name for name in result["engines"] if name not in ("compressed", "compressed+evict", "baseline")]
-    evicted = "compressed+evict" in result["engines"]
+    ours = ("compressed", "compressed+evict", "baseline", "baseline+evict")
+    peers = [name for name in result["engines"] if name not in ours]
+    evicted = [name for name in ("compressed+evict", "baseline+evict") if name in result["engines"]]
     head = ("| context | batch | decode ms/token p50 (compressed / baseline) | p90 | tokens/s | "
             "speed-up | prefill ms | KV MiB | KV MiB read/step | KV read GB/s |")
     rule = "|---|---|---|---|---|---|---|---|---|---|"
-    if evicted:
-        head += (" compressed+evict decode ms p50 | speed-up vs baseline | KV MiB (evicting) | "
-                 "KV MiB read/step (evicting) |")
+    for name in evicted:
+        head += f" {name} decode ms p50 | speed-up vs baseline | {name} KV MiB | {name} KV MiB read/step |"
         rule += "---|---|---|---|"
     for name in peers:
         head += f" {name} decode ms p50 | speed-up vs {name} | {name} prefill ms | {name} KV MiB |"
@@ -187,8 +191,8 @@ def markdown(result: dict) -> str:
             f"{c['kv_bytes'] / 2**20:.1f} / {b['kv_bytes'] / 2**20:.1f} | "
             f"{c['kv_bytes_read_per_step'] / 2**20:.1f} / {b['kv_bytes_read_per_step'] / 2**20:.1f} | "
             f"{c['kv_read_gb_per_s']:.2f} / {b['kv_read_gb_per_s']:.2f} |")
-        if evicted:
-            e = rows[(ctx, batch, "compressed+evict")]
+        for name in evicted:
+            e = rows[(ctx, batch, name)]
             line += (f" {e['decode_ms_p50']:.1f} | {b['decode_ms_p50'] / e['decode_ms_p50']:.2f}x | "
                      f"{e['kv_bytes'] / 2**20:.1f} | {e['kv_bytes_read_per_step'] / 2**20:.1f} |")
         for name in peers:

@@ -217,8 +217,10 @@ def test_bench_evict_compare_times_the_engine_with_and_without(built, tmp_path):
     assert main(base + ["--evict-compare", "--evict", "key-norm", "--kv-budget", "12", "--sink", "2",
                         "--recent", "4", "--evict-headroom", "8"]) == 0
     result = json.loads((out / "bench.json").read_text())
-    assert list(result["engines"]) == ["compressed", "compressed+evict", "baseline"]
+    assert list(result["engines"]) == ["compressed", "compressed+evict", "baseline", "baseline+evict"]
     by = {p["engine"]: p for p in result["points"]}
     assert by["compressed"]["kv_bytes"] == by["baseline"]["kv_bytes"] > by["compressed+evict"]["kv_bytes"]
-    header = (out / "bench.md").read_text().splitlines()[2]
-    assert "compressed+evict decode ms p50" in header
+    assert by["baseline+evict"]["kv_bytes"] == by["compressed+evict"]["kv_bytes"]  # one engine twice here
+    table = [line for line in (out / "bench.md").read_text().splitlines() if line.startswith("|")]
+    assert "compressed+evict decode ms p50" in table[0] and "baseline+evict decode ms p50" in table[0]
+    assert table[0].count("|") == table[2].count("|") == 11 + 2 * 4
