@@ -33,7 +33,7 @@ from eigenkv.errors import EigenError
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 80
 MAX_SEQ = 64
-BOS = 1  # the BOS of `_bos_chat_tokenizer` (a byte token)
+BOS = 189  # the BOS of `_bos_chat_tokenizer`: "ā", the symbol of byte 1 in the sorted byte alphabet
 
 
 def _export(model: Path, calib: Path, out: Path, *extra) -> int:
@@ -95,13 +95,14 @@ def _bos_chat_tokenizer():
     """The byte tokenizer, plus a BOS that the tokenizer adds (as Llama's does) and a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
-    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}  # fixed ids
     chars = list(vocab)
+    assert chars[BOS] == "\u0101" and chars[BOS - 1] == "\u0100"  # bytes 1 and 0: no text character
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.TemplateProcessing(single=f"{chars[BOS]} $A", special_tokens=[(chars[BOS], BOS)])
-    t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=chars[BOS], eos_token=chars[0])
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=chars[BOS], eos_token=chars[BOS - 1])
     t.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                        "{% if add_generation_prompt %}<assistant>{% endif %}")
     return t
