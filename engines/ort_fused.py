@@ -324,6 +324,92 @@ def _attention_rows(g: _Graph, layer: _Layer) -> list:
 _BUILDERS = {GQA: _gqa, ATTENTION: _attention, ATTENTION_ROWS: _attention_rows}
 
 
+def _scalar(g: _Graph, name: str) -> float | None:
+    """The value of a one-element constant (an embedded initializer or a Constant node), else None."""
+    if name in g.inits:
+        init = g.inits[name]
+        if init.data_location == TensorProto.EXTERNAL:
+            return None
+        value = numpy_helper.to_array(init)
+    elif name in g.producer and g.producer[name].op_type == "Constant":
+        attr = next((a for a in g.producer[name].attribute if a.name == "value"), None)
+        if attr is None:
+            return None
+        value = numpy_helper.to_array(attr.t)
+    else:
+        return None
+    return float(value.reshape(-1)[0]) if value.size == 1 else None
+
+
+def _only_consumer(g: _Graph, name: str, op: str):
+    users = g.consumers.get(name, [])
+    return users[0] if len(users) == 1 and users[0].op_type == op else None
+
+
+def _rms_norm(g: _Graph, pow_node) -> tuple[list, onnx.NodeProto] | None:
+    """The RMSNorm that transformers' `x * rsqrt(mean(x^2) + eps) * w` traces to, starting at its
+    Pow: Pow(x, 2) -> ReduceMean(last axis, keepdims) -> Add(eps) -> Sqrt -> Reciprocal ->
+    Mul(x, .) -> Mul(w, .) -> (the 7 nodes, one SimplifiedLayerNormalization(x, w)), or None when
+    any link differs (a fp32 weight [D] and single-consumer intermediates are required)."""
+    x = pow_node.input[0]
+    if _scalar(g, pow_node.input[1]) != 2.0:
+        return None
+    mean = _only_consumer(g, pow_node.output[0], "ReduceMean")
+    if mean is None:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in mean.attribute}
+    axes = attrs.get("axes")
+    if axes is None and len(mean.input) > 1 and mean.input[1] in g.inits:
+        axes = numpy_helper.to_array(g.inits[mean.input[1]]).reshape(-1).tolist()
+    rank = len(g.shapes.get(x) or [None, None, None])
+    if attrs.get("keepdims", 1) != 1 or axes is None or [a % rank for a in axes] != [rank - 1]:
+        return None
+    add = _only_consumer(g, mean.output[0], "Add")
+    if add is None:
+        return None
+    eps = _scalar(g, add.input[1] if add.input[0] == mean.output[0] else add.input[0])
+    sqrt = _only_consumer(g, add.output[0], "Sqrt") if eps is not None else None
+    recip = _only_consumer(g, sqrt.output[0], "Reciprocal") if sqrt is not None else None
+    scale = _only_consumer(g, recip.output[0], "Mul") if recip is not None else None
+    if scale is None or set(scale.input) != {x, recip.output[0]}:
+        return None
+    weigh = _only_consumer(g, scale.output[0], "Mul")
+    if weigh is None:
+        return None
+    w = weigh.input[0] if weigh.input[1] == scale.output[0] else weigh.input[1]
+    init = g.inits.get(w)
+    if init is None or init.data_type != TensorProto.FLOAT or list(init.dims) != [g.dim(x, rank - 1)] \
+            or g.dtypes.get(x, TensorProto.FLOAT) != TensorProto.FLOAT:
+        return None
+    fused = helper.make_node("SimplifiedLayerNormalization", [x, w], [weigh.output[0]],
+                             name=weigh.name + "/rms_norm", axis=-1, epsilon=eps, stash_type=1)
+    return [pow_node, mean, add, sqrt, recip, scale, weigh], fused
+
+
+def fuse_rms_norms(model: onnx.ModelProto) -> int:
+    """Replace every RMSNorm subgraph (`_rms_norm`) of `model` (in place) by ONNX Runtime's
+    SimplifiedLayerNormalization (what ORT-GenAI's graphs use; ONNX Runtime then fuses the
+    residual Add into SkipSimplifiedLayerNormalization) -> how many were replaced. Exact up to
+    float32 round-off: the same mean of squares, eps, reciprocal square root and scale."""
+    g = _Graph(model)
+    replace: dict[int, list] = {}
+    for node in model.graph.node:
+        if node.op_type != "Pow" or node.domain not in ("", "ai.onnx"):
+            continue
+        found = _rms_norm(g, node)
+        if found is None:
+            continue
+        old, fused = found
+        for n in old:
+            replace[id(n)] = []
+        replace[id(old[-1])] = [fused]
+    if replace:
+        nodes = [new for node in model.graph.node for new in replace.get(id(node), [node])]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return sum(1 for v in replace.values() if v)
+
+
 def rewrite(model: onnx.ModelProto, rope_mode: RopeMode | str, plan: dict | None = None
             ) -> tuple[onnx.ModelProto, dict]:
     """Rewrite every `eigen::LowRankAttention` layer of `model` (in place; also returned) into
@@ -401,7 +487,8 @@ def rewrite_file(src: Path, tmp: Path, rope_mode: RopeMode | str, remedy: str = 
         else:
             locations.add(next(e.value for e in init.external_data if e.key == "location"))
     model, report = rewrite(model, rope_mode)
-    if set(report["layers"]) <= {FUNCTION}:
+    report["rms_norms_fused"] = fuse_rms_norms(model)
+    if set(report["layers"]) <= {FUNCTION} and not report["rms_norms_fused"]:
         return None, report
     for location in locations:  # relative to the graph: the export's data files beside the copy, hard-linked
         target, data = tmp / location, (src.parent / location).resolve()  # (ORT refuses symlinks out of its folder)

@@ -61,6 +61,10 @@ def test_rewrite_is_recorded_and_the_export_keeps_the_op(built):
     engine_graph = onnx.load(str(root / "fused" / "model.onnx"), load_external_data=False)
     ops = {n.op_type for n in engine_graph.graph.node}
     assert KERNELS[mode] <= ops and "LowRankAttention" not in ops and not engine_graph.functions
+    # every RMSNorm (2 per layer + the final one) became ONNX Runtime's fused norm
+    assert runtime["attention_rewrite"]["rms_norms_fused"] == 2 * 3 + 1
+    assert "Pow" not in ops and "Reciprocal" not in ops
+    assert ops & {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"}
     exported = onnx.load(str(built["graph"]), load_external_data=False)  # TensorRT's copy: unchanged
     assert sum(n.op_type == "LowRankAttention" and n.domain == "eigen" for n in exported.graph.node) == 3
     assert [f.name for f in exported.functions] == ["LowRankAttention"]
@@ -192,3 +196,34 @@ def test_attention_option_is_checked(built, tmp_path, capsys):
     assert "--attention" in capsys.readouterr().err and not (tmp_path / "t").exists()
     with pytest.raises(EigenError, match="--attention must be one of fused, function"):
         ort.build(built["graph"], read_manifest(built["graph"]), tmp_path, attention="flash")
+
+
+def _rms_norm_graph(exponent: float):
+    """x [2, 3, 8] -> transformers' traced RMSNorm (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul)."""
+    from onnx import TensorProto, helper, numpy_helper
+    w = np.random.default_rng(1).normal(size=8).astype(np.float32)
+    inits = [numpy_helper.from_array(np.array(exponent, np.float32), "two"),
+             numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+             numpy_helper.from_array(np.array(1e-5, np.float32), "eps"), numpy_helper.from_array(w, "w")]
+    nodes = [helper.make_node("Pow", ["x", "two"], ["sq"]),
+             helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1),
+             helper.make_node("Add", ["ms", "eps"], ["v"]), helper.make_node("Sqrt", ["v"], ["r"]),
+             helper.make_node("Reciprocal", ["r"], ["inv"]), helper.make_node("Mul", ["x", "inv"], ["n"]),
+             helper.make_node("Mul", ["w", "n"], ["y"])]
+    graph = helper.make_graph(nodes, "rms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), w
+
+
+def test_rms_norm_fusion_matches_float64_and_only_takes_the_exact_pattern():
+    import onnxruntime as ort
+    model, w = _rms_norm_graph(2.0)
+    assert ort_fused.fuse_rms_norms(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["SimplifiedLayerNormalization"]
+    x = np.random.default_rng(0).normal(size=(2, 3, 8)).astype(np.float32)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    x64 = x.astype(np.float64)
+    expected = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-5) * w
+    assert np.abs(got - expected).max() < 1e-5  # float32 round-off
+    cubed, _ = _rms_norm_graph(3.0)
+    assert ort_fused.fuse_rms_norms(cubed) == 0 and len(cubed.graph.node) == 7
