@@ -14,7 +14,6 @@ when matplotlib is installed).
 
 from __future__ import annotations
 
-import json
 import platform
 import resource
 import time

@@ -249,7 +249,7 @@ for name, ep in sorted(scripts.items()):
         run_help(commands[-1], lambda: main([*argv, "--help"]), "usage: " + commands[-1])
 
 sys.path.insert(0, {tools!r})
-for tool in sorted(Path({tools!r}).glob("*.py")):
+for tool in sorted(t for t in Path({tools!r}).glob("*.py") if not t.name.startswith("_")):  # _x.py: shared helpers
     tools.append(tool.name)
     sys.argv = [str(tool), "--help"]
     run_help(tool.name, lambda: runpy.run_path(str(tool), run_name="__main__"), "usage:")
@@ -283,7 +283,7 @@ def test_help_and_imports_without_optional_packages(tmp_path):
     subcommands = next(a for a in build_parser()._actions if a.dest == "command").choices
     assert {"compress", "export", "build", "run", "bench"} <= set(subcommands)
     assert report["commands"] == ["eigenkv", *(f"eigenkv {c}" for c in subcommands), "export-eigen"]
-    assert report["tools"] == sorted(p.name for p in TOOLS.glob("*.py"))
+    assert report["tools"] == sorted(p.name for p in TOOLS.glob("*.py") if not p.name.startswith("_"))
     assert {"bench_export.py", "bench_op.py", "gpu_check.py", "kvpress_peer.py",
             "optimum_baseline.py"} <= set(report["tools"])
 

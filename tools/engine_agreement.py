@@ -15,7 +15,6 @@ largest magnitude for scale. Writes OUT.json and OUT.md (command, machine).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shlex
 import sys

@@ -57,6 +57,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/_commands.py, however this file is run
+from _commands import run_logged  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 KVPRESS_SPEC = "kvpress==0.5.5"
 TRANSFORMERS_SPEC = "transformers<5.3"  # kvpress 0.5.5's own bound, stated so pip resolves it first
@@ -72,19 +75,8 @@ class PeerError(Exception):
 # ---- parent side: the project's environment -------------------------------------------------
 
 def _run(cmd: list[str], env: dict | None = None, log: Path | None = None) -> str:
-    """Run cmd; return its output. A failure is one line (the last meaningful output line)."""
-    with tempfile.TemporaryFile("w+") as out:
-        code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        out.seek(0)
-        text = out.read()
-    if log is not None:
-        log.write_text(text)
-    if code != 0:
-        lines = [ln for ln in text.strip().splitlines() if ln.strip() and not ln.startswith("WARNING: ")]
-        where = f" (full output: {log})" if log is not None else ""
-        raise PeerError(f"`{' '.join(Path(c).name if i == 0 else c for i, c in enumerate(cmd[:4]))} ...` failed "
-                        f"(exit {code}): {(lines or ['no output'])[-1][:300]}{where}")
-    return text
+    """Run cmd; return its output. A failure is one line (PeerError)."""
+    return run_logged(cmd, env, log, PeerError)
 
 
 def _clean_env() -> dict:

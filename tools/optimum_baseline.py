@@ -26,11 +26,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/_commands.py, however this file is run
+from _commands import run_logged  # noqa: E402
 
 import numpy as np
 import torch
@@ -74,18 +76,8 @@ def save_hf_folder(model, folder: Path) -> dict:
 
 
 def _run(cmd: list[str], log: Path | None = None, env: dict | None = None) -> str:
-    """Run cmd; its output goes to `log` (or is returned). A failure is one line."""
-    with tempfile.TemporaryFile("w+") as out:
-        code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        out.seek(0)
-        text = out.read()
-    if log is not None:
-        log.write_text(text)
-    if code != 0:
-        lines = [ln for ln in text.strip().splitlines() if ln.strip() and not ln.startswith("WARNING: Location")]
-        where = f" (full output: {log})" if log is not None else ""
-        raise EigenError(f"`{' '.join(cmd[:4])} ...` failed (exit {code}): {(lines or ['no output'])[-1][:200]}{where}")
-    return text
+    """Run cmd; its output goes to `log` (or is returned). A failure is one line (EigenError)."""
+    return run_logged(cmd, env, log, EigenError)
 
 
 def _clean_env() -> dict:
