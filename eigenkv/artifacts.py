@@ -222,7 +222,8 @@ def ensure_output_dir(path: Path, force: bool) -> Path:
 
 
 ATTENTION_TENSORS = ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias",
-                     "o_proj.weight", "o_proj.bias", "key_up", "joint_basis", "joint_query_basis", "key_gram")
+                     "o_proj.weight", "o_proj.bias", "key_up", "joint_basis", "joint_query_basis", "key_gram",
+                     "key_down")
 
 
 def save_projections(path: Path, folded, meta: dict) -> None:

@@ -10,6 +10,10 @@ this module only projects, rotates and caches around it. How keys are cached is 
   JOINT    queries and keys rotated at head_dim, then projected per layer: keys by
            `joint_basis` [head_dim, r_k], queries by `joint_query_basis` (default: the same);
            the cache holds post-RoPE rank-r_k keys
+QK-norm families (qwen3) normalise each query and key head (`q_norm`, `k_norm` over head_dim)
+after W_q/W_k and before RoPE; a nonlinear norm sits between W_k and the key basis, so the key
+down-projection cannot fold into W_k: it is `key_down` [Hkv, r_k, head_dim], applied to the
+normalised keys (the "key post-projection"). Values still fold into W_v and W_o.
 `key_gram` [G, r_k, r_k] (folded modes) is UᵀU of the key up-projection U, so the norm of a
 reconstructed key is computed in rank space: ‖U k_r‖² = k_rᵀ (UᵀU) k_r (key-norm eviction).
 """
@@ -92,7 +96,8 @@ class LowRankAttention(nn.Module):
                  n_heads: int, n_kv_heads: int, head_dim: int, scale: float, rope_mode: RopeMode,
                  key_up: torch.Tensor | None = None, joint_basis: torch.Tensor | None = None,
                  joint_query_basis: torch.Tensor | None = None, key_gram: torch.Tensor | None = None,
-                 alibi_slopes: torch.Tensor | None = None):
+                 alibi_slopes: torch.Tensor | None = None, q_norm: nn.Module | None = None,
+                 k_norm: nn.Module | None = None, key_down: torch.Tensor | None = None):
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
@@ -103,7 +108,11 @@ class LowRankAttention(nn.Module):
         self.register_buffer("joint_query_basis", joint_query_basis)
         self.differentiable = False  # True: call the reference math (has autograd) instead of the op
         self.register_buffer("alibi_slopes", alibi_slopes)
-        # Identity taps: calibration hooks read rotated full-width queries/keys here.
+        self.q_norm, self.k_norm = q_norm, k_norm  # QK-norm (shared with the source model) or None
+        self.register_buffer("key_down", key_down)  # [Hkv, r_k, head_dim] after k_norm, or None
+        # Identity taps: calibration hooks read full-width queries/keys as projected (after any
+        # QK-norm, before RoPE) and rotated here.
+        self.projected_query, self.projected_key = nn.Identity(), nn.Identity()
         self.rotated_query, self.rotated_key = nn.Identity(), nn.Identity()
 
     @property
@@ -113,7 +122,11 @@ class LowRankAttention(nn.Module):
 
     @property
     def key_rank(self) -> int:
-        return self.k_proj.out_features // self.n_kv_heads if self.joint_basis is None else self.joint_basis.shape[1]
+        if self.joint_basis is not None:
+            return self.joint_basis.shape[1]
+        if self.key_down is not None:
+            return self.key_down.shape[1]
+        return self.k_proj.out_features // self.n_kv_heads
 
     @property
     def value_rank(self) -> int:
@@ -128,6 +141,13 @@ class LowRankAttention(nn.Module):
         q = self._heads(self.q_proj(x), self.n_heads)
         k = self._heads(self.k_proj(x), self.n_kv_heads)
         v = self._heads(self.v_proj(x), self.n_kv_heads)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        q, k = self.projected_query(q), self.projected_key(k)
+        if self.key_down is not None:  # [B, Hkv, S, d] -> [B, Hkv, S, r_k] per KV head
+            k = k @ self.key_down.transpose(1, 2)
         if self.rope:
             q = self.rotated_query(rope(q, positions))
             if self.rope_mode is not RopeMode.PRE:

@@ -25,8 +25,8 @@ from eigenkv.plugins.spec import RopeMode
 class LayerStats:
     """Float64 Gram matrices Σ x xᵀ of one layer's activations over `tokens` calibration tokens.
 
-    query     [Hq, d, d]   queries as projected (pre-RoPE in RoPE models)
-    key       [Hkv, d, d]  keys as projected (pre-RoPE in RoPE models)
+    query     [Hq, d, d]   queries as projected (after any QK-norm; pre-RoPE in RoPE models)
+    key       [Hkv, d, d]  keys as projected (after any QK-norm; pre-RoPE in RoPE models)
     value     [Hkv, d, d]
     rot_query [1, d, d]    rotated queries, all heads summed (RoPE models, else None)
     rot_key   [1, d, d]    rotated keys, all heads summed (RoPE models, else None)
@@ -95,7 +95,7 @@ class _Accumulator:
 def gram_hooks(attn: LowRankAttention) -> Iterator[_Accumulator]:
     """Hooks on one uncompressed attention module; removed on exit, whatever happens."""
     acc = _Accumulator(attn)
-    taps = [(attn.q_proj, "query", attn.n_heads), (attn.k_proj, "key", attn.n_kv_heads),
+    taps = [(attn.projected_query, "query", attn.n_heads), (attn.projected_key, "key", attn.n_kv_heads),
             (attn.v_proj, "value", attn.n_kv_heads)]
     if attn.rope:
         taps += [(attn.rotated_query, "rot_q", attn.n_heads), (attn.rotated_key, "rot_k", attn.n_kv_heads)]

@@ -135,7 +135,8 @@ def _attention(layer: nn.Module, family: Family, dims: Dims, slopes) -> LowRankA
     return LowRankAttention(q, k, v, get_path(layer, family.o), n_heads=dims.n_heads,
                             n_kv_heads=dims.n_kv_heads, head_dim=dims.head_dim, scale=dims.scale,
                             rope_mode=RopeMode.ROTATED if family.positions == "rope" else RopeMode.NONE,
-                            alibi_slopes=slopes)
+                            alibi_slopes=slopes, q_norm=get_path(layer, family.q_norm),
+                            k_norm=get_path(layer, family.k_norm))
 
 
 def _rope_tables(model: nn.Module, dims: Dims, max_positions: int) -> Rope:

@@ -282,6 +282,8 @@ def _cast_copy(decoder: EigenDecoder, dtype: torch.dtype) -> EigenDecoder:
         new.embed = _Cast(new.embed, to_output=f32)
     for layer in new.layers:  # x + attn(norm(x)): a float32 x plus the dtype output stays float32
         layer.attn_norm, layer.mlp_norm = norm(layer.attn_norm), norm(layer.mlp_norm)
+        if layer.attn.q_norm is not None:  # QK-norm: computed in float32, handing dtype to RoPE
+            layer.attn.q_norm, layer.attn.k_norm = norm(layer.attn.q_norm), norm(layer.attn.k_norm)
     if new.project_out is not None:  # final norm -> project_out (dtype) -> LM head (float32)
         new.final_norm = norm(new.final_norm)
         new.project_out = _Cast(new.project_out, to_input=dtype)

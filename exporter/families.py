@@ -60,6 +60,8 @@ class Family:
     dims: Callable[[object], Dims] = field(default=None)  # type: ignore[assignment]
     check: Callable[[object], None] = lambda config: None
     alibi_slopes: Callable[[object], torch.Tensor] | None = None
+    q_norm: str | None = None  # per-head norm of queries after W_q, before RoPE (QK-norm)
+    k_norm: str | None = None  # per-head norm of keys after W_k, before RoPE (QK-norm)
 
 
 _REGISTRY: dict[str, Family] = {}
@@ -94,9 +96,24 @@ def _unsupported(what: str, model_type: str) -> EigenError:
 
 # ---- llama-like (RoPE, GQA, RMSNorm, gated MLP) ------------------------------------------
 
+# RoPE types whose tables transformers recomputes from the sequence length (dynamic NTK,
+# Phi-3's longrope): up to `original_max_position_embeddings` they equal the unscaled (or
+# short-factor) tables, so the export stays there and matches transformers at every length.
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def _rope_parameters(c) -> dict:
+    params = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
+    return params if isinstance(params, dict) else {}
+
+
 def _llama_dims(c) -> Dims:
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     max_positions = c.max_position_embeddings
+    rope = _rope_parameters(c)
+    if rope.get("rope_type", rope.get("type")) in _LENGTH_DEPENDENT_ROPE:
+        original = rope.get("original_max_position_embeddings") or getattr(c, "original_max_position_embeddings", None)
+        max_positions = min(max_positions, original or max_positions)
     window = getattr(c, "sliding_window", None)
     if window and getattr(c, "use_sliding_window", True):
         # the decoder attends to the whole cache: stay where that equals sliding-window attention
@@ -109,6 +126,9 @@ def _llama_dims(c) -> Dims:
 def _llama_check(c) -> None:
     if getattr(c, "pretraining_tp", 1) not in (1, None):
         raise _unsupported("pretraining_tp > 1", c.model_type)
+    factor = _rope_parameters(c).get("partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0))
+    if factor not in (None, 1, 1.0):
+        raise _unsupported(f"partial rotary embeddings (partial_rotary_factor={factor})", c.model_type)
 
 
 _LLAMA_PATHS = dict(
@@ -119,6 +139,12 @@ _LLAMA_PATHS = dict(
 )
 register(Family(model_type="llama", **_LLAMA_PATHS), "mistral")
 register(Family(model_type="qwen2", **_LLAMA_PATHS))  # same layout; q/k/v carry biases
+# Qwen3: llama layout plus QK-norm (RMSNorm over head_dim of each query and key head, before RoPE)
+register(Family(model_type="qwen3", **_LLAMA_PATHS, q_norm="self_attn.q_norm", k_norm="self_attn.k_norm"))
+# Phi-3/Phi-4: one fused qkv_proj and a fused gate_up MLP (callable as mlp(x)); longrope is
+# matched up to original_max_position_embeddings (see _LENGTH_DEPENDENT_ROPE)
+register(Family(model_type="phi3", **{**_LLAMA_PATHS, "q": None, "k": None, "v": None},
+                qkv="self_attn.qkv_proj"))
 
 
 # ---- OPT (learned positions, biases, LayerNorm, ReLU MLP) --------------------------------

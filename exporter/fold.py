@@ -7,6 +7,7 @@ D = Uᵀ), per KV head h and every query head j of h's group:
   no RoPE  W_k,h <- D_k,h W_k,h and W_q,j <- U_k,hᵀ W_q,j  (scores qᵀ U D k)
   pre      W_k,h <- D_k,h W_k,h; key_up = U_kᵀ [G, r_k, d] (the op reconstructs and rotates)
   joint    after RoPE: keys @ D_kᵀ, queries @ U_k (one pair per layer)
+  QK-norm  (pre mode only) W_k stays; key_down = D_k [Hkv, r_k, d] applies after k_norm
 Factors with D U = I at full rank reproduce the original model to round-off.
 Every folded layer also keeps key_gram = U_kᵀU_k [G, r_k, r_k] (computed before U_k folds into
 W_q where it does), so a cached key's reconstructed norm is a rank-space product.
@@ -93,7 +94,15 @@ def fold_attention(attn: LowRankAttention, factors: LayerFactors | LayerBases, k
     per_head = d_k.shape[0] == attn.n_kv_heads
     u64 = u_k.to(torch.float64)
     key_gram = (u64.transpose(1, 2) @ u64).to(dtype).contiguous()  # [G, r_k, r_k]
-    if not attn.rope:
+    key_down = None
+    if attn.k_norm is not None and not (attn.rope and rope_mode in (RopeMode.PRE, RopeMode.JOINT)):
+        raise EigenError(f"keys normalised per head (QK-norm) fold in the pre or joint RoPE modes only, "
+                         f"not {rope_mode!r}")
+    if attn.rope and rope_mode == RopeMode.PRE and attn.k_norm is not None:
+        key_down = d_k.expand(attn.n_kv_heads, -1, -1).to(dtype).contiguous()  # after k_norm
+        key_up = u_k.transpose(1, 2).to(dtype).contiguous()  # [G, r_k, d]
+        mode = RopeMode.PRE
+    elif not attn.rope:
         k_proj = _project_rows(attn.k_proj, d_k.expand(attn.n_kv_heads, -1, -1), attn.n_kv_heads, 1)
         q_proj = _project_rows(attn.q_proj, u_k.transpose(1, 2).expand(attn.n_kv_heads, -1, -1),
                                attn.n_heads, group)
@@ -111,7 +120,8 @@ def fold_attention(attn: LowRankAttention, factors: LayerFactors | LayerBases, k
         mode = RopeMode.JOINT
     return LowRankAttention(q_proj, k_proj, v_proj, o_proj, n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads,
                             head_dim=d, scale=attn.scale, rope_mode=mode, key_up=key_up, joint_basis=joint_k,
-                            joint_query_basis=joint_q, key_gram=key_gram, alibi_slopes=attn.alibi_slopes)
+                            joint_query_basis=joint_q, key_gram=key_gram, alibi_slopes=attn.alibi_slopes,
+                            q_norm=attn.q_norm, k_norm=attn.k_norm, key_down=key_down)
 
 
 def fold(decoder: EigenDecoder, factors: list, key_ranks: list[int], value_ranks: list[int],
@@ -147,4 +157,5 @@ def attention_from_tensors(attn: LowRankAttention, tensors: dict, key_mode: str)
                             lin("o_proj", attn.o_proj), n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads,
                             head_dim=attn.head_dim, scale=attn.scale, rope_mode=mode, key_up=get("key_up"),
                             joint_basis=get("joint_basis"), joint_query_basis=get("joint_query_basis"),
-                            key_gram=get("key_gram"), alibi_slopes=attn.alibi_slopes)
+                            key_gram=get("key_gram"), alibi_slopes=attn.alibi_slopes, q_norm=attn.q_norm,
+                            k_norm=attn.k_norm, key_down=get("key_down"))

@@ -49,7 +49,7 @@ def folded_parameters(folded: EigenDecoder, original: EigenDecoder) -> list[torc
     out = []
     for layer in folded.layers:
         a = layer.attn
-        for t in [*a.parameters(), a.key_up, a.joint_basis, a.joint_query_basis]:
+        for t in [*a.parameters(), a.key_up, a.key_down, a.joint_basis, a.joint_query_basis]:
             if t is not None and id(t) not in shared and t.is_floating_point():
                 out.append(t)
     return list({id(t): t for t in out}.values())

@@ -63,6 +63,8 @@ def test_kv_reconstruction_error_non_increasing_in_rank(family_setup, rope_mode)
     _, k_full, v_full = attn0.project(x, pos, decoder.rope)  # rotated keys for RoPE models
     if rope and rope_mode == "pre":
         k_full = attn0._heads(attn0.k_proj(x), attn0.n_kv_heads)  # pre mode caches pre-RoPE keys
+        if attn0.k_norm is not None:  # QK-norm: the keys the basis sees are normalised per head
+            k_full = attn0.k_norm(k_full)
     errors = {"key": [], "value": []}
     d = decoder.dims.head_dim
     for r in range(1, d + 1):

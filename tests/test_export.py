@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from tiny_models import FAMILIES, ensure_model as _ensure_model, export_tiny as _export, folded_for_manifest as _folded_decoder
+from tiny_models import FAMILIES, QK_NORM_FAMILIES, ensure_model as _ensure_model, export_tiny as _export, folded_for_manifest as _folded_decoder
 
 from eigenkv.cli import main
 from eigenkv.plugins import spec
@@ -54,7 +54,7 @@ def test_graph_structure(exported):
 
 
 def test_kv_io_bytes_equal_manifest_and_no_full_width_kv(exported):
-    _, out, manifest = exported
+    family, out, manifest = exported
     model = onnx.load(str(out), load_external_data=False)
     d, hkv = manifest["layout"]["head_dim"], manifest["layout"]["n_kv_heads"]
     per_token = 0
@@ -75,7 +75,13 @@ def test_kv_io_bytes_equal_manifest_and_no_full_width_kv(exported):
     if full != n_heads * d:  # with MHA (OPT, MPT) the width is that of W_q: nothing to tell apart
         wide = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and any(
             len(weights[i]) == 2 and weights[i][-1] == full for i in n.input if i in weights)]
-        assert len(wide) == sum(r == d for r in manifest["layout"]["key_ranks"] + manifest["layout"]["value_ranks"]), wide
+        expected = sum(r == d for r in manifest["layout"]["key_ranks"] + manifest["layout"]["value_ranks"])
+        if family in QK_NORM_FAMILIES:  # W_k stays full width before the per-head key norm; key_down follows
+            expected += sum(r < d for r in manifest["layout"]["key_ranks"])
+            downs = [n.name for n in model.graph.node if n.op_type == "MatMul" and any(
+                len(weights.get(i, [])) == 3 and weights[i][:2] == [hkv, d] for i in n.input)]  # [Hkv, d, r_k]
+            assert len(downs) == sum(r < d for r in manifest["layout"]["key_ranks"]), downs
+        assert len(wide) == expected, wide
     updates = [n.input[1] for n in inferred.graph.node if n.op_type == "TensorScatter"]
     ranks = [r for pair in zip(manifest["layout"]["key_ranks"], manifest["layout"]["value_ranks"]) for r in pair]
     assert [shapes[u][3] for u in updates] == ranks  # what is written is rank-r, layer by layer

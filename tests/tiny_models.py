@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-FAMILIES = ("llama", "qwen2", "opt", "mpt")
+FAMILIES = ("llama", "qwen2", "opt", "mpt", "qwen3", "phi3")
+QK_NORM_FAMILIES = ("qwen3",)  # keys normalised per head before RoPE: W_k stays full width
 
 
 def tiny_config(model_type: str):
@@ -17,6 +18,15 @@ def tiny_config(model_type: str):
         return tf.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                               num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
                               tie_word_embeddings=True)
+    if model_type == "qwen3":  # QK-norm
+        return tf.Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                              tie_word_embeddings=True)
+    if model_type == "phi3":  # fused qkv_proj and gate_up_proj
+        return tf.Phi3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                             original_max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                             tie_word_embeddings=False)
     if model_type == "opt":
         return tf.OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=3,
                             num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64)
@@ -34,6 +44,8 @@ def tiny_model(model_type: str, seed: int = 0):
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.05)
+            elif "q_norm" in name or "k_norm" in name:  # QK-norm weights away from 1
+                p.uniform_(0.5, 1.5)
     return model.float().eval()
 
 
