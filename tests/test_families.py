@@ -80,6 +80,13 @@ def test_onnxruntime_full_rank_matches_transformers_prefill_and_32_greedy(family
         logits = engine.step(engine.new_cache(1, 64), ids.numpy(), torch.arange(20)[None].numpy())
         assert float((torch.from_numpy(logits) - ref_logits).abs().max()) <= TOL, name
         assert generate(engine, [ids[0].tolist()], 32)[0] == ref_tokens, name
+        if name == "full":  # built engines: ORT (its fused-attention rewrite) and torch (the folded model)
+            from eigenkv.cli import main
+            from eigenkv.engines.backend import load_engine
+            for backend in ("ort", "torch"):
+                assert main(["build", str(out), "-o", str(out.parent / backend), "--backend", backend]) == 0
+                built = load_engine(out.parent / backend)
+                assert generate(built, [ids[0].tolist()], 32)[0] == ref_tokens, backend
 
 
 @torch.no_grad()
