@@ -58,7 +58,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 def sdpa_attention(query, key_cache, value_cache, cache_lengths, query_positions, *, scale: float,
                    rope_mode: int = 0, causal: bool = True, slot_positions=None, key_up=None, rope_cos=None,
-                   rope_sin=None, alibi_slopes=None) -> torch.Tensor:
+                   rope_sin=None, alibi_slopes=None, window: int = 0) -> torch.Tensor:
     """The op through torch's scaled_dot_product_attention, for caches whose keys are ready to score
     (rope_mode 0: uncompressed rotated keys, no-RoPE or rank-space keys). Same arguments and result
     [B, Hq, S, r_v] as `reference.low_rank_attention`.
@@ -81,6 +81,8 @@ def sdpa_attention(query, key_cache, value_cache, cache_lengths, query_positions
     k_pos = slot[None, None, None, :] if slot_positions is None else slot_positions.to(torch.int64)[:, :, None, :]
     if causal:
         valid = valid & (k_pos <= q_pos)  # [B, Hkv or 1, S, Smax]
+    if window > 0:  # sliding window: q_pos - k_pos < window
+        valid = valid & (q_pos - k_pos < window)
     valid = valid.expand(batch, n_kv, seq, n_slots)[:, :, None].expand(batch, n_kv, groups, seq, n_slots)
     mask = valid.reshape(batch, n_kv, groups * seq, n_slots)
     if alibi_slopes is not None:
@@ -230,12 +232,14 @@ class _StepWriter:
 def attention_forward(attn, x: torch.Tensor, positions: torch.Tensor, rope, writer: _StepWriter, layer: int,
                       attend: Callable) -> torch.Tensor:
     """`LowRankAttention.forward` with the attention implementation `attend`: x [B, S, hidden] -> [B, S, hidden]."""
+    rope = attn.layer_rope(rope)
     q, k, v = attn.project(x, positions, rope)
     k, v, lengths, slots = writer.write(layer, k, v, positions)
     pre = attn.rope_mode is RopeMode.PRE
     out = attend(q, k, v, lengths, positions, scale=attn.scale, rope_mode=attn.rope_mode.op_code,
                  slot_positions=slots, key_up=attn.key_up if pre else None, rope_cos=rope.cos if pre else None,
-                 rope_sin=rope.sin if pre else None, alibi_slopes=attn.alibi_slopes)  # [B, Hq, S, r_v]
+                 rope_sin=rope.sin if pre else None, alibi_slopes=attn.alibi_slopes,
+                 window=attn.window)  # [B, Hq, S, r_v]
     batch, seq = positions.shape
     return attn.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 

@@ -97,7 +97,8 @@ class LowRankAttention(nn.Module):
                  key_up: torch.Tensor | None = None, joint_basis: torch.Tensor | None = None,
                  joint_query_basis: torch.Tensor | None = None, key_gram: torch.Tensor | None = None,
                  alibi_slopes: torch.Tensor | None = None, q_norm: nn.Module | None = None,
-                 k_norm: nn.Module | None = None, key_down: torch.Tensor | None = None):
+                 k_norm: nn.Module | None = None, key_down: torch.Tensor | None = None, window: int = 0,
+                 rope: "Rope | None" = None):
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
@@ -110,6 +111,8 @@ class LowRankAttention(nn.Module):
         self.register_buffer("alibi_slopes", alibi_slopes)
         self.q_norm, self.k_norm = q_norm, k_norm  # QK-norm (shared with the source model) or None
         self.register_buffer("key_down", key_down)  # [Hkv, r_k, head_dim] after k_norm, or None
+        self.window = int(window)  # sliding window in tokens (the query's own included); 0: global
+        self.own_rope = rope  # this layer's RoPE tables where they differ from the model's (gemma3 local layers)
         # Identity taps: calibration hooks read full-width queries/keys as projected (after any
         # QK-norm, before RoPE) and rotated here.
         self.projected_query, self.projected_key = nn.Identity(), nn.Identity()
@@ -136,8 +139,22 @@ class LowRankAttention(nn.Module):
         b, s, _ = t.shape
         return t.view(b, s, n, -1).transpose(1, 2)
 
+    def layer_rope(self, rope: Rope | None) -> Rope | None:
+        """The tables this layer rotates with: its own where it has them, else the model's `rope`."""
+        return self.own_rope if self.own_rope is not None else rope
+
+    def with_rope(self, rope: Rope | None) -> "LowRankAttention":
+        """A shallow copy (every weight shared) with its own RoPE tables `rope`."""
+        import copy
+        new = copy.copy(self)
+        new._modules, new._buffers = dict(self._modules), dict(self._buffers)
+        new.own_rope = rope
+        return new
+
     def project(self, x: torch.Tensor, positions: torch.Tensor, rope: Rope | None):
-        """x [B, S, hidden] -> q [B, Hq, S, dq], k [B, Hkv, S, r_k], v [B, Hkv, S, r_v] as cached."""
+        """x [B, S, hidden] -> q [B, Hq, S, dq], k [B, Hkv, S, r_k], v [B, Hkv, S, r_v] as cached
+        (rotated with the layer's own tables where it has them, else `rope`)."""
+        rope = self.layer_rope(rope)
         q = self._heads(self.q_proj(x), self.n_heads)
         k = self._heads(self.k_proj(x), self.n_kv_heads)
         v = self._heads(self.v_proj(x), self.n_kv_heads)
@@ -162,6 +179,7 @@ class LowRankAttention(nn.Module):
         """x [B, S, hidden], positions [B, S]; `cache.write(layer, k, v, positions)` returns the
         buffers to attend over, the valid lengths after the write and every slot's position
         (cache None: the sequence is the cache)."""
+        rope = self.layer_rope(rope)
         q, k, v = self.project(x, positions, rope)
         batch, seq = positions.shape
         if cache is None:
@@ -175,6 +193,6 @@ class LowRankAttention(nn.Module):
             q, k, v, lengths, positions, scale=self.scale, rope_mode=self.rope_mode.op_code,
             slot_positions=slots, key_up=self.key_up if pre else None,
             rope_cos=rope.cos if pre else None, rope_sin=rope.sin if pre else None,
-            alibi_slopes=self.alibi_slopes,
+            alibi_slopes=self.alibi_slopes, window=self.window,
         )  # [B, Hq, S, r_v]
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))

@@ -109,7 +109,8 @@ def to_onnx(decoder: EigenDecoder, path: Path, data_name: str, max_seq_len: int,
     hierarchical_names(model)
     attn = decoder.layers[0].attn
     attach_function(model, build_function(rope_mode=attn.rope_mode.op_code, alibi=attn.alibi_slopes is not None,
-                                          slot_positions=True, opset=OPSET))
+                                          slot_positions=True, opset=OPSET,
+                                          window=any(layer.attn.window > 0 for layer in decoder.layers)))
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data_name, size_threshold=1024)
 

@@ -121,7 +121,8 @@ def fold_attention(attn: LowRankAttention, factors: LayerFactors | LayerBases, k
     return LowRankAttention(q_proj, k_proj, v_proj, o_proj, n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads,
                             head_dim=d, scale=attn.scale, rope_mode=mode, key_up=key_up, joint_basis=joint_k,
                             joint_query_basis=joint_q, key_gram=key_gram, alibi_slopes=attn.alibi_slopes,
-                            q_norm=attn.q_norm, k_norm=attn.k_norm, key_down=key_down)
+                            q_norm=attn.q_norm, k_norm=attn.k_norm, key_down=key_down, window=attn.window,
+                            rope=attn.own_rope)
 
 
 def fold(decoder: EigenDecoder, factors: list, key_ranks: list[int], value_ranks: list[int],
@@ -158,4 +159,4 @@ def attention_from_tensors(attn: LowRankAttention, tensors: dict, key_mode: str)
                             head_dim=attn.head_dim, scale=attn.scale, rope_mode=mode, key_up=get("key_up"),
                             joint_basis=get("joint_basis"), joint_query_basis=get("joint_query_basis"),
                             key_gram=get("key_gram"), alibi_slopes=attn.alibi_slopes, q_norm=attn.q_norm,
-                            k_norm=attn.k_norm, key_down=get("key_down"))
+                            k_norm=attn.k_norm, key_down=get("key_down"), window=attn.window, rope=attn.own_rope)

@@ -8,9 +8,10 @@ The body is *specialised* for one model configuration (`rope_mode`, ALiBi on/off
 positions given or not): it only reads the inputs that configuration uses, so the node may
 pass '' for the unused optional inputs. The node's `rope_mode` attribute must match the
 `rope_mode` the function was built for (a body cannot switch inputs on an attribute), and
-`version` is declared but not read. `scale` and `causal` are read from the node through
-attribute references, so one function serves every layer. All four attributes are declared
-without defaults: the node must carry them all (the exporter writes them all).
+`version` is declared but not read. `scale`, `causal` and (in a body built with `window=True`)
+`window` are read from the node through attribute references, so one function serves every
+layer, local (sliding-window) and global alike. All attributes are declared without defaults:
+the node must carry them all (the exporter writes them all).
 
 Shapes (all dynamic; G = Hq / Hkv query heads per KV head):
   query [B, Hq, S, dq], key_cache [B, Hkv, Smax, r_k], value_cache [B, Hkv, Smax, r_v],
@@ -94,8 +95,9 @@ def _rope_keys(b: _Body, key_cache: str, key_up: str, cos: str, sin: str, k_pos_
     return b.op("Add", [b.op("Mul", [k, c], "k_cos"), b.op("Mul", [rot, s], "k_sin")], "k_rope")
 
 
-def _masks(b: _Body, key_cache: str, cache_lengths: str, q_pos: str, k_pos: str) -> str:
-    """bool [B, Hkv|1, 1, S, Smax]: slot < cache_lengths[b] and (not causal or k_pos <= q_pos).
+def _masks(b: _Body, key_cache: str, cache_lengths: str, q_pos: str, k_pos: str, window: bool = False) -> str:
+    """bool [B, Hkv|1, 1, S, Smax]: slot < cache_lengths[b] and (not causal or k_pos <= q_pos)
+    [and (window <= 0 or q_pos - k_pos < window) when built with `window`].
 
     q_pos int64 [B, 1, 1, S, 1]; k_pos int64 [B, Hkv, 1, 1, Smax] or [Smax].
     """
@@ -110,6 +112,11 @@ def _masks(b: _Body, key_cache: str, cache_lengths: str, q_pos: str, k_pos: str)
                   "causal_bool", to=TensorProto.BOOL)
     past = b.op("LessOrEqual", [k_pos, q_pos], "not_future")  # [B,Hkv|1,1,S,Smax]
     allowed = b.op("Or", [past, b.op("Not", [causal], "not_causal")], "causal_ok")
+    if window:
+        size = b.attr_constant("window", "value_int", AttributeProto.INT, "window")  # int64 []
+        near = b.op("Less", [b.op("Sub", [q_pos, k_pos], "window_dist"), size], "in_window")
+        no_window = b.op("LessOrEqual", [size, b.op("Constant", [], "window_off", value_int=0)], "no_window")
+        allowed = b.op("And", [allowed, b.op("Or", [near, no_window], "window_ok")], "causal_window_ok")
     return b.op("And", [in_cache, allowed], "valid")
 
 
@@ -122,8 +129,10 @@ def _alibi(b: _Body, scores: str, slopes: str, key_cache: str, q_pos: str, k_pos
     return b.op("Sub", [scores, b.op("Mul", [slope, dist], "alibi_bias")], "scores_alibi")
 
 
-def build_function(*, rope_mode: int, alibi: bool, slot_positions: bool, opset: int = 24) -> onnx.FunctionProto:
-    """The `eigen::LowRankAttention` function for one configuration (see the module doc)."""
+def build_function(*, rope_mode: int, alibi: bool, slot_positions: bool, opset: int = 24,
+                   window: bool = False) -> onnx.FunctionProto:
+    """The `eigen::LowRankAttention` function for one configuration (see the module doc);
+    `window`: the body reads the node's `window` attribute (a model with sliding-window layers)."""
     if rope_mode not in (ROPE_NONE, ROPE_PRE):
         raise ValueError(f"rope_mode must be {ROPE_NONE} or {ROPE_PRE}, got {rope_mode}")
     if opset < MIN_OPSET:
@@ -160,7 +169,7 @@ def build_function(*, rope_mode: int, alibi: bool, slot_positions: bool, opset: 
     if alibi:
         scores = _alibi(b, scores, alibi_slopes, key_cache, q_pos, k_pos)
 
-    valid = _masks(b, key_cache, cache_lengths, q_pos, k_pos)
+    valid = _masks(b, key_cache, cache_lengths, q_pos, k_pos, window)
     masked = b.op("Where", [valid, scores, b.scalar("minus_inf", float("-inf"))], "scores_masked")
     probs = b.op("Softmax", [masked], "softmax", axis=-1)
     probs = b.op("Where", [valid, probs, b.scalar("zero_f32", 0.0)], "probs")  # all-masked rows: 0
@@ -177,7 +186,7 @@ def build_function(*, rope_mode: int, alibi: bool, slot_positions: bool, opset: 
         opset_imports=[helper.make_opsetid("", opset)],
         attributes=[a.name for a in spec.ATTRIBUTES],
         doc_string=f"eigen::LowRankAttention v{spec.VERSION} specialised for rope_mode={rope_mode}, "
-                   f"alibi={alibi}, slot_positions={slot_positions} (node rope_mode must match).",
+                   f"alibi={alibi}, slot_positions={slot_positions}, window={window} (node rope_mode must match).",
     )
 
 

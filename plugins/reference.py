@@ -14,6 +14,7 @@ Shapes (B batch, Hq query heads, Hkv KV heads, S new tokens, Smax cache slots):
   key_up         [1 or Hkv, r_k, head_dim]   `pre` mode only: K = K_r @ key_up
   rope_cos/sin   [P, head_dim]      `pre` mode only: tables indexed by position
   alibi_slopes   [Hq]               optional ALiBi bias: -slope * (q_pos - k_pos)
+  window         int                sliding window: slot visible only when q_pos - k_pos < window (0: none)
   returns        [B, Hq, S, r_v]
 """
 
@@ -57,6 +58,7 @@ def low_rank_attention(
     rope_cos: torch.Tensor | None = None,
     rope_sin: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """Attention of the new queries over the cached (compressed) keys and values."""
     batch, n_q, _, _ = query.shape
@@ -83,6 +85,8 @@ def low_rank_attention(
     valid = torch.arange(n_slots, device=query.device)[None, None, None, :] < cache_lengths.long()[:, None, None, None]
     if causal:
         valid = valid & (k_pos <= q_pos)
+    if window > 0:  # transformers' sliding_window_overlay: kv > q - window
+        valid = valid & (q_pos - k_pos < window)
     scores = scores.masked_fill(~valid, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no valid slot give zeros
     return (probs @ values.to(work)).to(query.dtype)

@@ -12,7 +12,8 @@ from enum import Enum
 
 NAME = "LowRankAttention"  # never a built-in ONNX op name (TensorRT matches built-ins by name)
 DOMAIN = "eigen"
-VERSION = 1
+VERSION = 2  # 2: the `window` attribute (sliding-window layers); a version-1 node is window = 0
+READ_VERSIONS = (1, 2)  # node versions every implementation accepts
 
 
 class RopeMode(str, Enum):
@@ -92,6 +93,8 @@ ATTRIBUTES = (
     Attribute("scale", "float", None, "softmax scale; stays 1/sqrt(original head_dim) after folding"),
     Attribute("rope_mode", "int", 0, "0: keys cached ready to score; 1: pre-RoPE rank-r keys, op rotates"),
     Attribute("causal", "int", 1, "mask slots whose position is after the query's"),
+    Attribute("window", "int", 0, "sliding window: a query at q_pos sees slots with q_pos - k_pos < window "
+              "(transformers' sliding_window, the query's own token included); 0: no window"),
     Attribute("version", "int", VERSION, "the op version the node was written for"),
 )
 

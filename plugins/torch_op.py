@@ -20,21 +20,22 @@ _Opt = torch.Tensor | None
 def _eager_op(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
               cache_lengths: torch.Tensor, query_positions: torch.Tensor, slot_positions: _Opt,
               key_up: _Opt, rope_cos: _Opt, rope_sin: _Opt, alibi_slopes: _Opt,
-              scale: float, rope_mode: int, causal: int) -> torch.Tensor:
+              scale: float, rope_mode: int, causal: int, window: int = 0) -> torch.Tensor:
     return low_rank_attention(query, key_cache, value_cache, cache_lengths, query_positions, scale=scale,
                               rope_mode=rope_mode, causal=bool(causal), slot_positions=slot_positions,
-                              key_up=key_up, rope_cos=rope_cos, rope_sin=rope_sin, alibi_slopes=alibi_slopes)
+                              key_up=key_up, rope_cos=rope_cos, rope_sin=rope_sin, alibi_slopes=alibi_slopes,
+                              window=window)
 
 
 @_eager_op.register_fake
 def _(query, key_cache, value_cache, cache_lengths, query_positions, slot_positions, key_up, rope_cos,
-      rope_sin, alibi_slopes, scale, rope_mode, causal):
+      rope_sin, alibi_slopes, scale, rope_mode, causal, window=0):
     return query.new_empty(spec.output_shape(tuple(query.shape), tuple(value_cache.shape)))
 
 
 def low_rank_attention_op(query, key_cache, value_cache, cache_lengths, query_positions, *, scale: float,
                           rope_mode: int = 0, causal: bool = True, slot_positions=None, key_up=None,
-                          rope_cos=None, rope_sin=None, alibi_slopes=None) -> torch.Tensor:
+                          rope_cos=None, rope_sin=None, alibi_slopes=None, window: int = 0) -> torch.Tensor:
     """Same arguments as `reference.low_rank_attention`; integer inputs are cast to int32."""
     cache_lengths, query_positions = cache_lengths.to(torch.int32), query_positions.to(torch.int32)
     if slot_positions is not None:
@@ -42,10 +43,11 @@ def low_rank_attention_op(query, key_cache, value_cache, cache_lengths, query_po
     if torch.onnx.is_in_onnx_export():
         inputs = (query, key_cache, value_cache, cache_lengths, query_positions, slot_positions, key_up,
                   rope_cos, rope_sin, alibi_slopes)
-        attrs = dict(scale=float(scale), rope_mode=int(rope_mode), causal=int(causal), version=spec.VERSION,
+        attrs = dict(scale=float(scale), rope_mode=int(rope_mode), causal=int(causal), window=int(window),
+                     version=spec.VERSION,
                      **spec.PARSER_ATTRIBUTES)
         shape = spec.output_shape(tuple(query.shape), tuple(value_cache.shape))
         return torch.onnx.ops.symbolic(f"{spec.DOMAIN}::{spec.NAME}", inputs, attrs, dtype=query.dtype,
                                        shape=shape, version=spec.VERSION)
     return _eager_op(query, key_cache, value_cache, cache_lengths, query_positions, slot_positions, key_up,
-                     rope_cos, rope_sin, alibi_slopes, float(scale), int(rope_mode), int(causal))
+                     rope_cos, rope_sin, alibi_slopes, float(scale), int(rope_mode), int(causal), int(window))

@@ -18,7 +18,7 @@ A TensorRT AOT plugin (one launch per call) compiles the single-pass variant: `c
 Kernel arguments follow `LAUNCH_PARAMS`: the op's inputs in spec order, the int32 sizes,
 then the output (TensorRT's AOT order: inputs, extra ints, outputs). Everything else is a
 compile-time constant: the float `scale` and `rope_mode` (TensorRT AOT can pass only
-integers and tensors), `causal`, the ranks and head_dim, the group size, block sizes.
+integers and tensors), `causal`, the sliding `window`, the ranks and head_dim, the group size, block sizes.
 Absent optional inputs are passed as None, which removes them from the compiled signature.
 
 Triton is imported only inside functions: importing this module never needs it. Kernels
@@ -131,7 +131,7 @@ def _lowrank_attn_fwd(
     n_kv_heads, seq_len, n_slots, n_positions,
     attn,
     part_acc, part_ml,
-    SCALE: tl.constexpr, ROPE_MODE: tl.constexpr, CAUSAL: tl.constexpr,
+    SCALE: tl.constexpr, ROPE_MODE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     HAS_SLOT_POSITIONS: tl.constexpr, HAS_ALIBI: tl.constexpr, KEY_UP_PER_HEAD: tl.constexpr,
     GROUPS: tl.constexpr, G_PAD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
     R_K: tl.constexpr, R_V: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -159,6 +159,7 @@ def _lowrank_attn_fwd(
     q_row = (pid_bh * GROUPS + g) * seq_len + s  # row of [B*Hq*S, *] (query and attn)
     q_pos = tl.load(query_positions + b * seq_len + s, mask=row_ok, other=0)
     q_max = tl.max(tl.where(row_ok, q_pos, -2147483647), axis=0)
+    q_min = tl.min(tl.where(row_ok, q_pos, 2147483647), axis=0)
     if HAS_ALIBI:
         slope = tl.load(alibi_slopes + hk * GROUPS + g, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
 
@@ -194,6 +195,8 @@ def _lowrank_attn_fwd(
         live = True
         if CAUSAL:  # skip a block whose every valid slot is after every query
             live = tl.min(tl.where(slot_ok, k_pos, 2147483647), axis=0) <= q_max
+        if WINDOW > 0:  # or before every query's window
+            live = live & (tl.max(tl.where(slot_ok, k_pos, -2147483647), axis=0) > q_min - WINDOW)
         if live:
             kr = _load_rows(key_cache, kv_row0 + offs, slot_ok, 0, R_K, R_K, RK_PAD)
             if ROPE_MODE == 1:
@@ -209,6 +212,8 @@ def _lowrank_attn_fwd(
             valid = slot_ok[None, :]
             if CAUSAL:
                 valid = valid & (k_pos[None, :] <= q_pos[:, None])
+            if WINDOW > 0:  # sliding window: q_pos - k_pos < WINDOW
+                valid = valid & (q_pos[:, None] - k_pos[None, :] < WINDOW)
             v = _load_rows(value_cache, kv_row0 + offs, slot_ok, 0, R_V, R_V, RV_PAD)
             m_i, l_i, acc = _softmax_step(qk, valid, m_i, l_i, acc, v, DOT_F32)
 
@@ -299,10 +304,12 @@ class KernelShape:
     key_up_per_head: bool
     block_s: int
     block_n: int
+    window: int = 0  # sliding window in tokens (0: none), baked into the kernel like `causal`
 
     def constexprs(self, split: bool, dot_f32: bool) -> dict:
         """The kernel's constexpr arguments by name."""
         return dict(SCALE=float(self.scale), ROPE_MODE=int(self.rope_mode), CAUSAL=bool(self.causal),
+                    WINDOW=int(self.window),
                     HAS_SLOT_POSITIONS=self.has_slot_positions, HAS_ALIBI=self.has_alibi,
                     KEY_UP_PER_HEAD=self.key_up_per_head, GROUPS=self.groups, G_PAD=_pow2(self.groups, 1),
                     BLOCK_S=self.block_s, BLOCK_N=self.block_n, R_K=self.r_k, R_V=self.r_v,
@@ -383,6 +390,7 @@ def low_rank_attention_triton(
     slot_positions: torch.Tensor | None = None, key_up: torch.Tensor | None = None,
     rope_cos: torch.Tensor | None = None, rope_sin: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None, num_splits: int | None = None, block_n: int | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """`reference.low_rank_attention` as a fused Triton kernel: same arguments, result [B, Hq, S, r_v].
 
@@ -411,7 +419,7 @@ def low_rank_attention_triton(
                         r_v=r_v, head_dim=query.shape[3] if rope_mode == ROPE_PRE else 0,
                         has_slot_positions=slot_positions is not None, has_alibi=alibi_slopes is not None,
                         key_up_per_head=key_up is not None and key_up.shape[0] > 1,
-                        block_s=query_block(groups, seq_len), block_n=_pow2(block_n or 64))
+                        block_s=query_block(groups, seq_len), block_n=_pow2(block_n or 64), window=int(window))
     q_blocks = -(-seq_len // shape.block_s)
     splits = num_splits or _auto_splits(query.device, batch * n_kv * q_blocks, n_slots, shape.block_n)
     splits = max(1, min(int(splits), -(-n_slots // shape.block_n)))
@@ -546,12 +554,13 @@ def compile_merge_aot(r_v: int, max_splits: int, dtype: torch.dtype, capability:
 
 def default_shape(*, scale: float, rope_mode: int, groups: int, r_k: int, r_v: int, head_dim: int = 0,
                   causal: bool = True, has_slot_positions: bool = True, has_alibi: bool = False,
-                  key_up_per_head: bool = True, seq_len_hint: int = 1, block_n: int = 64) -> KernelShape:
+                  key_up_per_head: bool = True, seq_len_hint: int = 1, block_n: int = 64,
+                  window: int = 0) -> KernelShape:
     """A KernelShape with the entry's block sizes (block_s from the group size and a typical S)."""
     return KernelShape(scale=float(scale), rope_mode=rope_mode, causal=causal, groups=groups, r_k=r_k, r_v=r_v,
                        head_dim=head_dim if rope_mode == ROPE_PRE else 0, has_slot_positions=has_slot_positions,
                        has_alibi=has_alibi, key_up_per_head=key_up_per_head,
-                       block_s=query_block(groups, seq_len_hint), block_n=_pow2(block_n))
+                       block_s=query_block(groups, seq_len_hint), block_n=_pow2(block_n), window=int(window))
 
 
 __all__ = ["LAUNCH_PARAMS", "LAUNCH_INPUTS", "LAUNCH_INTS", "LAUNCH_OUTPUTS", "SPLIT_PARAMS", "AOT_PTX_VERSION",

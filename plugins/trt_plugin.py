@@ -5,7 +5,7 @@
 
 What `register()` defines, all of it derived from `plugins/spec.py`:
   * `@trtp.register("eigen::LowRankAttention")`: the ten spec inputs as `TensorDesc`s in spec
-    order, then the spec attributes (`scale: float`, `rope_mode`, `causal`, `version: int`);
+    order, then the spec attributes (`scale: float`, `rope_mode`, `causal`, `window`, `version: int`);
     one output `attn` of shape `spec.output_shape(query, value_cache)` in the query's type.
   * `@trtp.aot_impl`: the fused Triton kernel of `triton_attention.py`, compiled to PTX (ISA 8.4,
     `AOT_PTX_VERSION`) for the building GPU, with the float `scale` and `rope_mode` (and
@@ -100,7 +100,7 @@ INPUT_NAMES = tuple(t.name for t in spec.INPUTS)
 OUTPUT_NAMES = tuple(t.name for t in spec.OUTPUTS)
 _PY_TYPES = {"float": float, "int": int}
 ATTRIBUTE_TYPES = {a.name: _PY_TYPES[a.type] for a in spec.ATTRIBUTES}  # register order = spec order
-IMPL_ATTRIBUTES = ("scale", "rope_mode", "causal")  # what the JIT reference needs (serialised with JIT)
+IMPL_ATTRIBUTES = ("scale", "rope_mode", "causal", "window")  # what the JIT reference needs (serialised with JIT)
 RESERVED_ATTRIBUTE_NAMES = frozenset({"outputs", "stream", "tactic"})  # tensorrt/plugin/_validate.py
 RESERVED_NAMESPACES = frozenset({"", "trt", "tensorrt", "std"})
 
@@ -186,6 +186,7 @@ class Variant:
     key_up_per_head: bool
     seq_hint: int  # query tokens the block is sized for (TACTICS)
     capability: int  # 80, 90, ...
+    window: int = 0  # sliding window (0: none)
 
     def kernel_shape(self):
         """The triton_attention.KernelShape of this variant."""
@@ -193,7 +194,8 @@ class Variant:
         return ta.default_shape(scale=self.scale, rope_mode=self.rope_mode, groups=self.groups, r_k=self.r_k,
                                 r_v=self.r_v, head_dim=self.head_dim, causal=self.causal,
                                 has_slot_positions=self.has_slot_positions, has_alibi=self.has_alibi,
-                                key_up_per_head=self.key_up_per_head, seq_len_hint=self.seq_hint, block_n=BLOCK_N)
+                                key_up_per_head=self.key_up_per_head, seq_len_hint=self.seq_hint, block_n=BLOCK_N,
+                                window=self.window)
 
 
 def kernel_signature(variant: Variant) -> tuple[dict, dict]:
@@ -357,9 +359,9 @@ def _define(trt, trtp) -> None:
 def _describe_fn(trt, trtp):
     def describe(args: dict):
         """attn [B, Hq, S, r_v] in the query's type; ValueError for a node of another op version."""
-        if args["version"] != spec.VERSION:
+        if args["version"] not in spec.READ_VERSIONS:
             raise ValueError(f"{PLUGIN_ID} node was written for op version {args['version']}, "
-                             f"this plugin implements version {spec.VERSION}: re-export the graph")
+                             f"this plugin reads versions {spec.READ_VERSIONS}: re-export the graph")
         shape = spec.output_shape(args["query"].shape_expr, args["value_cache"].shape_expr)
         return trtp.from_shape_expr(tuple(shape), dtype=args["query"].dtype)
     return describe
@@ -438,7 +440,8 @@ def _variant(trt, args: dict) -> Variant:
                    r_k=_static_dim(key_cache, 3, "r_k"), r_v=_static_dim(args["value_cache"], 3, "r_v"),
                    head_dim=_static_dim(query, 3, "head_dim") if pre else 0, groups=n_q // n_kv,
                    key_up_per_head=pre and _static_dim(key_up, 0, "key_up groups") > 1,
-                   seq_hint=TACTICS.get(args["tactic"], 1), capability=major * 10 + minor)
+                   seq_hint=TACTICS.get(args["tactic"], 1), capability=major * 10 + minor,
+                   window=int(args.get("window", 0)))
 
 
 def _impl_fn(trt):
@@ -452,7 +455,8 @@ def _impl_fn(trt):
         with torch.cuda.stream(torch.cuda.ExternalStream(args["stream"])):
             out = low_rank_attention(tensors["query"], tensors["key_cache"], tensors["value_cache"],
                                      tensors["cache_lengths"], tensors["query_positions"], scale=args["scale"],
-                                     rope_mode=args["rope_mode"], causal=bool(args["causal"]), **optional)
+                                     rope_mode=args["rope_mode"], causal=bool(args["causal"]),
+                                     window=int(args.get("window", 0)), **optional)
             _as_torch(trt, args["outputs"][0]).copy_(out)
     return impl
 

@@ -68,21 +68,24 @@ def _write_garbage(x, lengths, g, scale):
             x["slot_positions"][b, :, n:] = torch.randint(0, P, x["slot_positions"][b, :, n:].shape, generator=g).int()
 
 
-def _model(names, rope_mode, alibi, slot_positions, dtype, causal=1):
-    """One-node model: the op node (parser attributes included) + the specialised function."""
+def _model(names, rope_mode, alibi, slot_positions, dtype, causal=1, window=0):
+    """One-node model: the op node (parser attributes included) + the specialised function
+    (reading the node's `window` when it is > 0)."""
     node_inputs = [t.name if t.name in names else "" for t in spec.INPUTS]
     while node_inputs[-1] == "":
         node_inputs.pop()  # drop unused trailing optional inputs, '' for those in the middle
     node = helper.make_node(
         spec.NAME, node_inputs, [spec.OUTPUTS[0].name], name="layer0/attn", domain=spec.DOMAIN,
-        scale=SCALE, rope_mode=rope_mode, causal=causal, version=spec.VERSION, **spec.PARSER_ATTRIBUTES)
+        scale=SCALE, rope_mode=rope_mode, causal=causal, window=window, version=spec.VERSION,
+        **spec.PARSER_ATTRIBUTES)
     ftype = _ONNX_TYPE[dtype]
     graph_inputs = [helper.make_tensor_value_info(t.name, TensorProto.INT32 if t.dtype == "int32" else ftype,
                                                   t.shape.split(",")) for t in spec.INPUTS if t.name in names]
     output = helper.make_tensor_value_info(spec.OUTPUTS[0].name, ftype, spec.OUTPUTS[0].shape.split(","))
     model = helper.make_model(helper.make_graph([node], "lra_test", graph_inputs, [output]),
                               opset_imports=[helper.make_opsetid("", 24)])
-    attach_function(model, build_function(rope_mode=rope_mode, alibi=alibi, slot_positions=slot_positions))
+    attach_function(model, build_function(rope_mode=rope_mode, alibi=alibi, slot_positions=slot_positions,
+                                          window=window > 0))
     onnx.checker.check_model(model, full_check=True)
     return model
 

@@ -21,35 +21,36 @@ from eigenkv.plugins.reference import ROPE_NONE, ROPE_PRE, low_rank_attention
 
 SCALE = 0.37  # the one test_onnx_function's one-node model bakes in
 TOL = 1e-5
+WINDOW = 3  # shorter than every cache length in test_onnx_function.LENGTHS (5, 9)
 OPTIONAL = ("slot_positions", "key_up", "rope_cos", "rope_sin", "alibi_slopes")
 
 
-def _kwargs(x, rope_mode, dtype):
+def _kwargs(x, rope_mode, dtype, window=0):
     cast = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in x.items()}
-    return cast, dict(scale=SCALE, rope_mode=rope_mode, **{k: cast.get(k) for k in OPTIONAL})
+    return cast, dict(scale=SCALE, rope_mode=rope_mode, window=window, **{k: cast.get(k) for k in OPTIONAL})
 
 
-def _reference32(x, rope_mode):
-    c, kw = _kwargs(x, rope_mode, torch.float32)
+def _reference32(x, rope_mode, window):
+    c, kw = _kwargs(x, rope_mode, torch.float32, window)
     return low_rank_attention(c["query"], c["key_cache"], c["value_cache"], c["cache_lengths"],
                               c["query_positions"], **kw)
 
 
-def _torch_op(x, rope_mode):
+def _torch_op(x, rope_mode, window):
     from eigenkv.plugins.torch_op import low_rank_attention_op
-    c, kw = _kwargs(x, rope_mode, torch.float32)
+    c, kw = _kwargs(x, rope_mode, torch.float32, window)
     return low_rank_attention_op(c["query"], c["key_cache"], c["value_cache"], c["cache_lengths"],
                                  c["query_positions"], **kw)
 
 
-def _onnx_function(x, rope_mode):
-    model = _model(set(x), rope_mode, "alibi_slopes" in x, "slot_positions" in x, np.float32)
+def _onnx_function(x, rope_mode, window):
+    model = _model(set(x), rope_mode, "alibi_slopes" in x, "slot_positions" in x, np.float32, window=window)
     return torch.from_numpy(_run_ort(model, x, np.float32))
 
 
-def _triton(x, rope_mode):
+def _triton(x, rope_mode, window):
     from eigenkv.plugins.triton_attention import low_rank_attention_triton
-    c, kw = _kwargs(x, rope_mode, torch.float32)
+    c, kw = _kwargs(x, rope_mode, torch.float32, window)
     return low_rank_attention_triton(c["query"], c["key_cache"], c["value_cache"], c["cache_lengths"],
                                      c["query_positions"], **kw)
 
@@ -77,20 +78,26 @@ IMPLEMENTATIONS = {
     "triton-kernel": (_triton, _triton_missing),
     "tensorrt-plugin": (None, _tensorrt_missing),
 }
-CASES = [(rope, alibi, slots) for rope in (ROPE_NONE, ROPE_PRE) for alibi in (False, True) for slots in (False, True)]
+CASES = [(rope, alibi, slots, 0) for rope in (ROPE_NONE, ROPE_PRE) for alibi in (False, True) for slots in (False, True)]
+# sliding-window layers (op version 2): the window masks by slot *positions* (shuffled slots)
+CASES += [(ROPE_NONE, False, True, WINDOW), (ROPE_PRE, True, True, WINDOW), (ROPE_PRE, False, False, WINDOW)]
 
 
 @pytest.mark.parametrize("name", list(IMPLEMENTATIONS))
-@pytest.mark.parametrize("rope_mode, alibi, slot_positions", CASES)
-def test_implementation_matches_float64_reference(name, rope_mode, alibi, slot_positions):
+@pytest.mark.parametrize("rope_mode, alibi, slot_positions, window", CASES)
+def test_implementation_matches_float64_reference(name, rope_mode, alibi, slot_positions, window):
     run, missing = IMPLEMENTATIONS[name]
     reason = missing()
     if reason is not None:
         pytest.skip(reason)
-    seed = 1000 + 10 * rope_mode + 2 * alibi + slot_positions  # fresh inputs per case, the same for every implementation
+    seed = 1000 + 10 * rope_mode + 2 * alibi + slot_positions + window  # fresh inputs per case, same for every implementation
     x = _inputs(rope_mode, alibi, slot_positions, seed)
     ref = low_rank_attention(x["query"], x["key_cache"], x["value_cache"], x["cache_lengths"], x["query_positions"],
-                             **_kwargs(x, rope_mode, torch.float64)[1])
-    out = run(x, rope_mode).to(torch.float64)
+                             **_kwargs(x, rope_mode, torch.float64, window)[1])
+    out = run(x, rope_mode, window).to(torch.float64)
     assert out.shape == ref.shape and torch.isfinite(out).all()
     assert float((out - ref).abs().max()) <= TOL
+    if window:  # the window masks something here: without it the result differs
+        unwindowed = low_rank_attention(x["query"], x["key_cache"], x["value_cache"], x["cache_lengths"],
+                                        x["query_positions"], **_kwargs(x, rope_mode, torch.float64)[1])
+        assert float((unwindowed - ref).abs().max()) > 100 * TOL

@@ -160,6 +160,16 @@ def test_split_decode_matches_reference(interpreter, mode, dtype):
     check(args, attrs, dtype, num_splits=3)  # 45 slots in blocks of 16: 3 splits of one block
 
 
+@pytest.mark.parametrize("mode,tokens,splits", [("pre", 5, 1), ("rank", 1, 3), ("pre", 1, 3)])
+def test_sliding_window_matches_reference(interpreter, mode, tokens, splits):
+    """Sliding-window layers (op v2): slots with q_pos - k_pos >= window are masked by position
+    on moved slots, and blocks wholly before every query's window are skipped (split decode too)."""
+    args, attrs = make_case(SHAPES["g3-d128"], MODES[mode], tokens, torch.float32, seed=29)
+    window = 6
+    assert int((args["query_positions"].max() - attrs["slot_positions"].min())) >= window  # it masks something
+    check(args, dict(attrs, window=window), torch.float32, num_splits=splits)
+
+
 def test_alibi_prefill(interpreter):
     """ALiBi bias -slope * (q_pos - k_pos) with moved slots, rank-space prefill."""
     args, attrs = make_case(SHAPES["g4-d64"], 0, 5, torch.float32, seed=11, alibi=True)
