@@ -56,7 +56,9 @@ class KVLayout:
     """Per-layer cache geometry: layer i's buffers are key [B, n_kv_heads, Smax, key_ranks[i]] and
     value [B, n_kv_heads, Smax, value_ranks[i]] in the graph's precision; with `slot_positions`,
     the graph also reads each slot's token position [B, n_kv_heads, Smax] per layer (int32), so
-    slots may be reordered or compacted (eviction)."""
+    slots may be reordered or compacted (eviction). A sliding-window layer (`windows[i]` = W > 0)
+    attends to its last W positions only, so its buffer needs W - 1 + (tokens per step) slots
+    whatever the context (engines/runtime.py slides it)."""
 
     n_layers: int
     n_kv_heads: int
@@ -65,13 +67,22 @@ class KVLayout:
     value_ranks: tuple[int, ...]
     max_seq_len: int
     slot_positions: bool = True
+    windows: tuple[int, ...] = ()  # per-layer sliding window in tokens (0: global); () = no windows
 
     def __post_init__(self):
         object.__setattr__(self, "key_ranks", tuple(self.key_ranks))
         object.__setattr__(self, "value_ranks", tuple(self.value_ranks))
+        object.__setattr__(self, "windows", tuple(int(w) for w in self.windows) if any(self.windows) else ())
         if not len(self.key_ranks) == len(self.value_ranks) == self.n_layers:
             raise EigenError(f"KV layout: {self.n_layers} layers but {len(self.key_ranks)} key ranks and "
                              f"{len(self.value_ranks)} value ranks")
+        if self.windows and (len(self.windows) != self.n_layers or min(self.windows) < 0):
+            raise EigenError(f"KV layout: windows must be one value >= 0 per layer ({self.n_layers}), "
+                             f"got {list(self.windows)}")
+
+    def window(self, layer: int) -> int:
+        """Layer `layer`'s sliding window in tokens (0: it attends to the whole context)."""
+        return self.windows[layer] if self.windows else 0
 
     def bytes_per_token(self, precision: str) -> int:
         """KV bytes one token occupies in all layers' K and V buffers (bytes)."""

@@ -179,6 +179,8 @@ def _choose(g: _Graph, layer: _Layer, wanted: str) -> tuple[str, str]:
         return FUNCTION, "ALiBi bias"
     if int(layer.attrs.get("causal", 1)) != 1:
         return FUNCTION, "non-causal node"
+    if int(layer.attrs.get("window", 0)) > 0:
+        return FUNCTION, "sliding window (the function masks by slot position)"
     if not _scatters_ok(g, layer):
         return FUNCTION, "cache writes are not the exporter's TensorScatter pair"
     q, k, v = layer.inputs["query"], layer.inputs["key_cache"], layer.inputs["value_cache"]

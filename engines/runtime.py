@@ -65,10 +65,39 @@ def sample(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> 
 
 def capacities(engine: Engine, context: int, chunk: int, evictor=None) -> list[int]:
     """Slots per layer for `context` tokens (prompt + new) prefilled `chunk` at a time: the whole
-    context, or with an evictor its budget plus room for one chunk (skipped layers: the whole)."""
-    if evictor is None:
-        return [context] * engine.layout.n_layers
-    return evictor.capacities(engine.layout.n_layers, context, chunk)
+    context, or with an evictor its budget plus room for one chunk (skipped layers: the whole).
+    A sliding-window layer (window W) never needs more than W - 1 + chunk slots: the W - 1
+    positions before a step's first token and the step's own (`slide_windows` keeps it there)."""
+    caps = [context] * engine.layout.n_layers if evictor is None else \
+        evictor.capacities(engine.layout.n_layers, context, chunk)
+    return [min(cap, context, window - 1 + chunk) if (window := engine.layout.window(i)) else cap
+            for i, cap in enumerate(caps)]
+
+
+def slide_windows(engine: Engine, cache: KVCache, new_tokens: int, first_positions: np.ndarray) -> None:
+    """Before a step of `new_tokens` tokens whose first positions are first_positions [B] (int):
+    in each sliding-window layer (window W) where a sequence would overflow its buffer, keep only
+    the slots a query of this step can see (position >= first - W + 1), compacted to the front in
+    order. The op masks by position (q_pos - k_pos < W), so dropping older slots changes nothing.
+    Sequences that fit are left alone (the buffer then holds older, masked slots)."""
+    first = np.broadcast_to(np.asarray(first_positions, dtype=np.int64), (cache.lengths.shape[1],))
+    for layer, cap in enumerate(cache.capacities):
+        window = engine.layout.window(layer)
+        if not window:
+            continue
+        for seq in np.flatnonzero(cache.lengths[layer] + new_tokens > cap):
+            n = int(cache.lengths[layer, seq])
+            pos = cache.positions(layer)[seq, :, :n]
+            kept = [np.flatnonzero(p >= first[seq] - window + 1) for p in pos]
+            cache.keep(layer, int(seq), np.stack(kept))
+
+
+def _make_room(engine: Engine, cache: KVCache, new_tokens: int, first_positions, evictor) -> None:
+    """Everything that frees slots before a step: sliding windows, then the evictor's budget."""
+    if engine.layout.windows:
+        slide_windows(engine, cache, new_tokens, first_positions)
+    if evictor is not None:
+        evictor.make_room(engine, cache, new_tokens)
 
 
 def prefill(engine: Engine, cache: KVCache, ids: np.ndarray, lengths: np.ndarray, chunk: int,
@@ -82,8 +111,7 @@ def prefill(engine: Engine, cache: KVCache, ids: np.ndarray, lengths: np.ndarray
     last = None
     for start in range(0, width, chunk):
         stop = min(start + chunk, width)
-        if evictor is not None:
-            evictor.make_room(engine, cache, stop - start)
+        _make_room(engine, cache, stop - start, start, evictor)
         positions = np.broadcast_to(np.arange(start, stop), (batch, stop - start))
         logits = engine.step(cache, ids[:, start:stop], positions)
         cache.advance(np.clip(lengths - start, 0, stop - start))
@@ -97,8 +125,7 @@ def prefill(engine: Engine, cache: KVCache, ids: np.ndarray, lengths: np.ndarray
 def decode_step(engine: Engine, cache: KVCache, tokens: np.ndarray, positions: np.ndarray,
                 evictor=None) -> np.ndarray:
     """One token per sequence: tokens, positions [B] -> next-token logits [B, V]."""
-    if evictor is not None:
-        evictor.make_room(engine, cache, 1)
+    _make_room(engine, cache, 1, positions, evictor)
     logits = engine.step(cache, tokens[:, None], positions[:, None])[:, 0]
     cache.advance(np.ones(len(tokens), np.int64))
     return check_finite(logits, engine, f"position {int(positions.max())}")
@@ -175,8 +202,7 @@ def stream_perplexity(engine: Engine, tokens: np.ndarray, chunk: int = 1, evicto
     nll, count = 0.0, 0
     for start in range(0, tokens.size - 1, chunk):
         stop = min(start + chunk, tokens.size - 1)
-        if evictor is not None:
-            evictor.make_room(engine, cache, stop - start)
+        _make_room(engine, cache, stop - start, start, evictor)
         logits = engine.step(cache, tokens[None, start:stop], np.arange(start, stop)[None]).astype(np.float64)[0]
         cache.advance(np.array([stop - start]))
         z = logits - logits.max(-1, keepdims=True)

@@ -247,11 +247,12 @@ def attention_forward(attn, x: torch.Tensor, positions: torch.Tensor, rope, writ
 def decoder_forward(decoder, ids: torch.Tensor, positions: torch.Tensor, writer: _StepWriter,
                     attend: Callable) -> torch.Tensor:
     """`EigenDecoder.forward` over a step writer: ids, positions [B, S] -> logits [B, S, V]
-    (`EigenLayer`: x + attn(attn_norm(x)), then x + mlp(mlp_norm(x)))."""
+    (`EigenLayer`: x + attn_post_norm(attn(attn_norm(x))), then its MLP block)."""
     h = decoder.embed_inputs(ids, positions)
     for i, layer in enumerate(decoder.layers):
-        h = h + attention_forward(layer.attn, layer.attn_norm(h), positions, decoder.rope, writer, i, attend)
-        h = h + layer.mlp(layer.mlp_norm(h))
+        h = h + layer.attn_post_norm(attention_forward(layer.attn, layer.attn_norm(h), positions, decoder.rope,
+                                                       writer, i, attend))
+        h = layer.mlp_block(h)
     return decoder.head(h)
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from eigenkv.exporter.attention import KVCache, LowRankAttention, Rope
-from eigenkv.exporter.families import Dims, Family, family_for, get_path
+from eigenkv.exporter.families import Dims, Family, family_for, get_path, layer_windows
 from eigenkv.plugins.spec import RopeMode
 
 
@@ -29,15 +29,27 @@ class PlainMLP(nn.Module):
 
 
 class EigenLayer(nn.Module):
-    """x + attn(attn_norm(x)), then x + mlp(mlp_norm(x))."""
+    """x + attn_post_norm(attn(attn_norm(x))), then x + mlp_post_norm(mlp(mlp_norm(x))); the post
+    norms (gemma3) are identities where a family has none."""
 
-    def __init__(self, attn_norm: nn.Module, attn: LowRankAttention, mlp_norm: nn.Module, mlp: nn.Module):
+    def __init__(self, attn_norm: nn.Module, attn: LowRankAttention, mlp_norm: nn.Module, mlp: nn.Module,
+                 attn_post_norm: nn.Module | None = None, mlp_post_norm: nn.Module | None = None):
         super().__init__()
         self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
+        self.attn_post_norm = attn_post_norm if attn_post_norm is not None else nn.Identity()
+        self.mlp_post_norm = mlp_post_norm if mlp_post_norm is not None else nn.Identity()
 
     def forward(self, x, positions, rope=None, cache=None, layer=0):
-        x = x + self.attn(self.attn_norm(x), positions, rope, cache, layer)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.attn_post_norm(self.attn(self.attn_norm(x), positions, rope, cache, layer))
+        return x + self.mlp_post_norm(self.mlp(self.mlp_norm(x)))
+
+    def mlp_block(self, x: torch.Tensor) -> torch.Tensor:
+        """x + mlp_post_norm(mlp(mlp_norm(x))): the second half of `forward`."""
+        return x + self.mlp_post_norm(self.mlp(self.mlp_norm(x)))
+
+    def with_attn(self, attn: LowRankAttention) -> "EigenLayer":
+        """The same layer (norms and MLP shared) around another attention module."""
+        return EigenLayer(self.attn_norm, attn, self.mlp_norm, self.mlp, self.attn_post_norm, self.mlp_post_norm)
 
 
 class EigenDecoder(nn.Module):
@@ -102,13 +114,16 @@ class EigenDecoder(nn.Module):
         new = self._copy()
         if self.rope is not None:
             new.rope = Rope(self.rope.cos[:n].clone(), self.rope.sin[:n].clone())
+        if any(layer.attn.own_rope is not None for layer in self.layers):
+            new.layers = nn.ModuleList(layer if layer.attn.own_rope is None else layer.with_attn(
+                layer.attn.with_rope(Rope(layer.attn.own_rope.cos[:n].clone(), layer.attn.own_rope.sin[:n].clone())))
+                for layer in self.layers)
         return new
 
     def with_attention(self, attentions: list[LowRankAttention]) -> "EigenDecoder":
         """A shallow copy sharing every module but the attention ones (the fold's result)."""
         new = self._copy()
-        new.layers = nn.ModuleList(
-            EigenLayer(old.attn_norm, attn, old.mlp_norm, old.mlp) for old, attn in zip(self.layers, attentions))
+        new.layers = nn.ModuleList(old.with_attn(attn) for old, attn in zip(self.layers, attentions))
         return new
 
 
@@ -126,7 +141,8 @@ def _split_linear(fused: nn.Linear, sizes: list[int]) -> list[nn.Linear]:
     return out
 
 
-def _attention(layer: nn.Module, family: Family, dims: Dims, slopes) -> LowRankAttention:
+def _attention(layer: nn.Module, family: Family, dims: Dims, slopes, window: int = 0,
+               rope: Rope | None = None) -> LowRankAttention:
     q_out, kv_out = dims.n_heads * dims.head_dim, dims.n_kv_heads * dims.head_dim
     if family.qkv is not None:
         q, k, v = _split_linear(get_path(layer, family.qkv), [q_out, kv_out, kv_out])
@@ -136,17 +152,32 @@ def _attention(layer: nn.Module, family: Family, dims: Dims, slopes) -> LowRankA
                             n_kv_heads=dims.n_kv_heads, head_dim=dims.head_dim, scale=dims.scale,
                             rope_mode=RopeMode.ROTATED if family.positions == "rope" else RopeMode.NONE,
                             alibi_slopes=slopes, q_norm=get_path(layer, family.q_norm),
-                            k_norm=get_path(layer, family.k_norm))
+                            k_norm=get_path(layer, family.k_norm), window=window, rope=rope)
 
 
-def _rope_tables(model: nn.Module, dims: Dims, max_positions: int) -> Rope:
-    """Cos/sin [P, head_dim] from the source model's own rotary module (any RoPE scaling)."""
+def _rope_tables(model: nn.Module, dims: Dims, max_positions: int, layer_type: str | None = None) -> Rope:
+    """Cos/sin [P, head_dim] from the source model's own rotary module (any RoPE scaling); for a
+    model whose rotary module takes a `layer_type` (gemma3_text: local and global layers have
+    their own base), the tables of that layer type."""
     rotary = get_path(model, "model.rotary_emb")
     positions = torch.arange(max_positions)[None]
     probe = torch.zeros(1, dtype=torch.float32)
     with torch.no_grad():
-        cos, sin = rotary(probe, positions)
+        cos, sin = rotary(probe, positions) if layer_type is None else rotary(probe, positions, layer_type)
     return Rope(cos[0].float(), sin[0].float())
+
+
+def _layer_ropes(model: nn.Module, dims: Dims, max_positions: int) -> tuple[Rope, list[Rope | None]]:
+    """(the model's RoPE tables, per layer: its own tables where its layer type has other ones, else None)."""
+    import inspect
+    rotary = get_path(model, "model.rotary_emb")
+    types = getattr(model.config, "layer_types", None)
+    if types is None or "layer_type" not in inspect.signature(rotary.forward).parameters:
+        return _rope_tables(model, dims, max_positions), [None] * dims.n_layers
+    tables = {t: _rope_tables(model, dims, max_positions, t) for t in sorted(set(types))}
+    main = tables["full_attention"] if "full_attention" in tables else tables[types[0]]
+    own = [None if (tables[t].cos.equal(main.cos) and tables[t].sin.equal(main.sin)) else tables[t] for t in types]
+    return main, own
 
 
 def decoder_from_hf(model: nn.Module, max_positions: int | None = None) -> EigenDecoder:
@@ -155,16 +186,19 @@ def decoder_from_hf(model: nn.Module, max_positions: int | None = None) -> Eigen
     dims = family.dims(model.config)
     positions = min(max_positions or dims.max_positions, dims.max_positions)
     slopes = family.alibi_slopes(model.config).float() if family.alibi_slopes else None
+    rope, own_ropes = _layer_ropes(model, dims, positions) if family.positions == "rope" else (None, [None] * dims.n_layers)
+    windows = [w if w < positions else 0 for w in layer_windows(model.config)]  # a window >= the context: none
     layers = []
-    for layer in get_path(model, family.layers):
+    for i, layer in enumerate(get_path(model, family.layers)):
         mlp = get_path(layer, family.mlp) if family.mlp else PlainMLP(
             get_path(layer, family.mlp_up), family.activation(model.config), get_path(layer, family.mlp_down))
-        layers.append(EigenLayer(get_path(layer, family.attn_norm), _attention(layer, family, dims, slopes),
-                                 get_path(layer, family.mlp_norm), mlp))
+        attn = _attention(layer, family, dims, slopes, windows[i], own_ropes[i])
+        layers.append(EigenLayer(get_path(layer, family.attn_norm), attn, get_path(layer, family.mlp_norm), mlp,
+                                 get_path(layer, family.attn_post_norm), get_path(layer, family.mlp_post_norm)))
     return EigenDecoder(
         dims, family, get_path(model, family.embed), layers, get_path(model, family.final_norm),
         get_path(model, family.lm_head),
-        rope=_rope_tables(model, dims, positions) if family.positions == "rope" else None,
+        rope=rope,
         learned_positions=get_path(model, family.learned_positions),
         project_in=get_path(model, family.project_in), project_out=get_path(model, family.project_out),
     ).eval()

@@ -118,7 +118,8 @@ def to_onnx(decoder: EigenDecoder, path: Path, data_name: str, max_seq_len: int,
 def layout_of(decoder: EigenDecoder, max_seq_len: int) -> KVLayout:
     """The cache geometry of a (folded) decoder's graph."""
     d = decoder.dims
-    return KVLayout(d.n_layers, d.n_kv_heads, d.head_dim, decoder.key_ranks, decoder.value_ranks, max_seq_len)
+    return KVLayout(d.n_layers, d.n_kv_heads, d.head_dim, decoder.key_ranks, decoder.value_ranks, max_seq_len,
+                    windows=tuple(layer.attn.window for layer in decoder.layers))
 
 
 def save_key_grams(decoder: EigenDecoder, path: Path) -> bool:
@@ -285,6 +286,9 @@ def _cast_copy(decoder: EigenDecoder, dtype: torch.dtype) -> EigenDecoder:
         layer.attn_norm, layer.mlp_norm = norm(layer.attn_norm), norm(layer.mlp_norm)
         if layer.attn.q_norm is not None:  # QK-norm: computed in float32, handing dtype to RoPE
             layer.attn.q_norm, layer.attn.k_norm = norm(layer.attn.q_norm), norm(layer.attn.k_norm)
+        if not isinstance(layer.attn_post_norm, nn.Identity):  # gemma3: norm the dtype output in float32
+            layer.attn_post_norm = _Cast(layer.attn_post_norm.float(), to_input=f32, to_output=f32)
+            layer.mlp_post_norm = _Cast(layer.mlp_post_norm.float(), to_input=f32, to_output=f32)
     if new.project_out is not None:  # final norm -> project_out (dtype) -> LM head (float32)
         new.final_norm = norm(new.final_norm)
         new.project_out = _Cast(new.project_out, to_input=dtype)

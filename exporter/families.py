@@ -62,6 +62,8 @@ class Family:
     alibi_slopes: Callable[[object], torch.Tensor] | None = None
     q_norm: str | None = None  # per-head norm of queries after W_q, before RoPE (QK-norm)
     k_norm: str | None = None  # per-head norm of keys after W_k, before RoPE (QK-norm)
+    attn_post_norm: str | None = None  # norm of the attention output before the residual add (gemma3)
+    mlp_post_norm: str | None = None  # norm of the MLP output before the residual add (gemma3)
 
 
 _REGISTRY: dict[str, Family] = {}
@@ -76,6 +78,11 @@ def register(family: Family, *aliases: str) -> Family:
     return family
 
 
+def registered(model_type: str | None) -> Family | None:
+    """The family registered under `model_type` (aliases included), or None."""
+    return _REGISTRY.get(model_type)
+
+
 def supported() -> list[str]:
     return sorted(_REGISTRY)
 
@@ -88,6 +95,21 @@ def family_for(config) -> Family:
     family = _REGISTRY[model_type]
     family.check(config)
     return family
+
+
+def layer_windows(config) -> list[int]:
+    """Per-layer sliding window in tokens (0: global) as transformers applies it: `layer_types`
+    ("sliding_attention" layers get `sliding_window`) where the config has them (qwen2, qwen3,
+    gemma3_text), else `sliding_window` on every layer unless `use_sliding_window` is off
+    (mistral, phi3). A query at position q sees keys at q - window + 1 .. q."""
+    n = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None) or 0
+    types = getattr(config, "layer_types", None)
+    if not window:
+        return [0] * n
+    if types is not None:
+        return [window if t == "sliding_attention" else 0 for t in types]
+    return [window] * n if getattr(config, "use_sliding_window", True) else [0] * n
 
 
 def _unsupported(what: str, model_type: str) -> EigenError:
@@ -114,10 +136,6 @@ def _llama_dims(c) -> Dims:
     if rope.get("rope_type", rope.get("type")) in _LENGTH_DEPENDENT_ROPE:
         original = rope.get("original_max_position_embeddings") or getattr(c, "original_max_position_embeddings", None)
         max_positions = min(max_positions, original or max_positions)
-    window = getattr(c, "sliding_window", None)
-    if window and getattr(c, "use_sliding_window", True):
-        # the decoder attends to the whole cache: stay where that equals sliding-window attention
-        max_positions = min(max_positions, window)
     return Dims(c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
                 c.num_key_value_heads or c.num_attention_heads, head_dim,
                 max_positions, 1.0 / math.sqrt(head_dim))
@@ -145,6 +163,32 @@ register(Family(model_type="qwen3", **_LLAMA_PATHS, q_norm="self_attn.q_norm", k
 # matched up to original_max_position_embeddings (see _LENGTH_DEPENDENT_ROPE)
 register(Family(model_type="phi3", **{**_LLAMA_PATHS, "q": None, "k": None, "v": None},
                 qkv="self_attn.qkv_proj"))
+
+
+# ---- Gemma 3 text (QK-norm, four norms per layer, local/global layers with their own RoPE) ----
+
+def _gemma3_dims(c) -> Dims:
+    d = _llama_dims(c)
+    return Dims(d.hidden, d.n_layers, d.n_heads, d.n_kv_heads, d.head_dim, d.max_positions,
+                c.query_pre_attn_scalar ** -0.5)
+
+
+def _gemma3_check(c) -> None:
+    _llama_check(c)
+    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(c, name, None) is not None:
+            raise _unsupported(f"{name} (tanh soft-capping)", c.model_type)
+    if getattr(c, "use_bidirectional_attention", False):
+        raise _unsupported("bidirectional attention", c.model_type)
+
+
+register(Family(
+    model_type="gemma3_text", positions="rope", layers="model.layers", embed="model.embed_tokens",
+    final_norm="model.norm", lm_head="lm_head", attn_norm="input_layernorm", mlp_norm="pre_feedforward_layernorm",
+    attn_post_norm="post_attention_layernorm", mlp_post_norm="post_feedforward_layernorm",
+    q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj", mlp="mlp",
+    q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", dims=_gemma3_dims, check=_gemma3_check,
+))
 
 
 # ---- OPT (learned positions, biases, LayerNorm, ReLU MLP) --------------------------------

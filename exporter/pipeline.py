@@ -24,7 +24,7 @@ from eigenkv.exporter.heal import HealSettings, heal
 from eigenkv.exporter.methods import get_method, method_factors
 from eigenkv.exporter.quality import validation_rise
 from eigenkv.exporter.perplexity import perplexity
-from eigenkv.exporter.families import Dims, family_for
+from eigenkv.exporter.families import Dims, family_for, registered
 from eigenkv.exporter.rank_strategies import chosen_strategies, rank_strategy
 from eigenkv.exporter.sources import ModelSource, load_config, load_model, model_hash, resolve_model
 from eigenkv.exporter.texts import Texts, split_texts
@@ -153,9 +153,10 @@ def _saved(config: CompressConfig, decoder: EigenDecoder, source_hash: str):
     from eigenkv.artifacts import load_projections
     layers, meta = load_projections(Path(config.projections))
     d = decoder.dims
-    mine = {"model_type": decoder.family.model_type, "source_hash": source_hash, "n_layers": d.n_layers,
-            "n_kv_heads": d.n_kv_heads, "head_dim": d.head_dim}
+    mine = {"source_hash": source_hash, "n_layers": d.n_layers, "n_kv_heads": d.n_kv_heads, "head_dim": d.head_dim}
     wrong = [k for k, v in mine.items() if meta.get(k) != v]
+    if registered(meta.get("model_type")) is not decoder.family:  # aliases (mistral -> llama) share a family
+        wrong.insert(0, "model_type")
     if wrong:
         raise EigenError(f"--projections {config.projections} was made for another model "
                          f"({', '.join(f'{k}={meta.get(k)!r}' for k in wrong)}); recalibrate without --projections")

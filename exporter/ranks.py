@@ -113,11 +113,9 @@ class ErrorBudgetSearch:
 
     @torch.no_grad()
     def _error(self, i, bases, ranks, inputs, outputs) -> float:
-        from eigenkv.exporter.decoder import EigenLayer
         from eigenkv.exporter.fold import fold_attention
         old = self.decoder.layers[i]
-        layer = EigenLayer(old.attn_norm, fold_attention(old.attn, bases, *ranks, self.rope_mode),
-                           old.mlp_norm, old.mlp)
+        layer = old.with_attn(fold_attention(old.attn, bases, *ranks, self.rope_mode))
         positions = torch.arange(inputs.shape[1]).expand(inputs.shape[0], -1)
         approx = layer(inputs, positions, self.decoder.rope)
         return float((outputs - approx).norm() / outputs.norm().clamp_min(1e-30))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from eigenkv.exporter.decoder import EigenDecoder, EigenLayer
+from eigenkv.exporter.decoder import EigenDecoder
 from eigenkv.exporter.decompose import LayerFactors
 from eigenkv.exporter.fold import fold_attention
 from eigenkv.exporter.perplexity import kl_divergence
@@ -55,7 +55,7 @@ def measure(decoder: EigenDecoder, factors: list[LayerFactors], samples: torch.T
     for i, layer in enumerate(decoder.layers):
         for kind, ranks in (("key", (probe_rank, d)), ("value", (d, probe_rank))):
             attn = fold_attention(layer.attn, factors[i], *ranks, rope_mode)
-            h = EigenLayer(layer.attn_norm, attn, layer.mlp_norm, layer.mlp)(inputs[i], positions, decoder.rope)
+            h = layer.with_attn(attn)(inputs[i], positions, decoder.rope)
             for later in decoder.layers[i + 1:]:
                 h = later(h, positions, decoder.rope)
             kls[kind].append(float(kl_divergence(ref, decoder.head(h))))

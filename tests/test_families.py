@@ -1,6 +1,8 @@
-"""The families added after llama/qwen2/opt/mpt (qwen3: QK-norm; phi3: fused qkv_proj, longrope)
-against transformers itself: the decoder, full-rank folds in every RoPE mode, and the exported
-ONNX graph through ONNX Runtime, prefill logits and 32 greedy tokens."""
+"""The families added after llama/qwen2/opt/mpt (qwen3: QK-norm; phi3: fused qkv_proj, longrope;
+gemma3_text: QK-norm, post norms, local sliding-window layers with their own RoPE base) and
+sliding-window layers (mistral with a window) against transformers itself: the decoder, full-rank
+folds in every RoPE mode, and the exported ONNX graph through ONNX Runtime, prefill logits and 32
+greedy tokens, with prompts longer than the window; local layers' caches stay at their window."""
 
 import pytest
 import torch
@@ -12,7 +14,8 @@ from eigenkv.exporter.decoder import decoder_from_hf
 from eigenkv.exporter.decompose import decompose
 from eigenkv.exporter.fold import fold
 
-NEW_FAMILIES = ("qwen3", "phi3")
+NEW_FAMILIES = ("qwen3", "phi3", "gemma3_text", "mistral-window")
+WINDOW = 8  # tiny_models: gemma3_text local layers and mistral-window
 TOL = 1e-4  # max |logit diff| vs transformers, float32
 TEXT = "The quick brown fox jumps over the lazy dog. " * 20
 
@@ -45,6 +48,8 @@ def test_full_rank_fold_equals_transformers(family, rope_mode):
     decoder = decoder_from_hf(model)
     stats = calibrate(decoder, _ids(5, 4, 48), progress=False)
     d, n = decoder.dims.head_dim, decoder.dims.n_layers
+    if family in ("gemma3_text", "mistral-window"):
+        assert any(layer.attn.window == WINDOW for layer in decoder.layers)
     folded = fold(decoder, decompose(stats, True, rope_mode), [d] * n, [d] * n, rope_mode)
     ids = _ids(7)
     ref = model(ids).logits
@@ -67,8 +72,9 @@ def test_onnxruntime_full_rank_matches_transformers_prefill_and_32_greedy(family
     from eigenkv.engines.runtime import generate
     from eigenkv.manifest import read_manifest
     model = tiny_model(family)
-    d = tiny_config(family).hidden_size // tiny_config(family).num_attention_heads
-    ids = _ids(21, batch=1)
+    config = tiny_config(family)
+    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    ids = _ids(21, batch=1)  # 20 tokens: longer than the window
     ref_logits = model(ids).logits
     ref_tokens = _greedy_transformers(model, ids, 32)
     for name, extra in (("full", ("--key-rank", str(d), "--value-rank", str(d), "--rope-mode", "pre")),
@@ -117,3 +123,43 @@ def test_partial_rotary_is_refused_in_one_line():
     with pytest.raises(EigenError, match=r"^phi3: partial rotary embeddings \(partial_rotary_factor=0.5\)") as e:
         decoder_from_hf(model)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "mistral-window"])
+@torch.no_grad()
+def test_sliding_window_cache_stays_at_the_window(family, workdir):
+    """Generating 40 tokens past a 20-token prompt in prefill chunks of 4 (rank-reduced export):
+    each local layer's buffer holds W - 1 + 4 slots whatever the context (bytes checked), global
+    layers the whole context, and the tokens equal the folded torch model's (which attends to the
+    whole sequence with the window mask, no cache)."""
+    from eigenkv.engines.ort import OrtEngine
+    from eigenkv.engines.runtime import generate
+    from eigenkv.manifest import read_manifest
+    from tiny_models import folded_for_manifest
+    out = workdir / f"{family}-half" / "model.onnx"
+    assert export_tiny(workdir, family, out, "--max-seq-len", "64", "--kv-ratio", "0.5") == 0
+    m = read_manifest(out)
+    windows = [m.layout.window(i) for i in range(m.layout.n_layers)]
+    assert WINDOW in windows
+    engine = OrtEngine(out, m.layout, m.io, m.precision)
+    import json
+    manifest = json.loads((out.parent / "model.eigen.json").read_text())
+    folded = folded_for_manifest(workdir, family, manifest, out).with_max_positions(64)
+    ids = _ids(33, batch=1)
+    seen = []
+    for n_new in (24, 40):  # two contexts: local buffers the same size
+        caches = []
+        tokens = generate(engine, [ids[0].tolist()], n_new, prefill_chunk=4, on_cache=caches.append)[0]
+        cache = caches[-1]
+        assert _greedy_transformers(lambda x: type("R", (), {"logits": folded(x)}), ids, n_new) == tokens
+        caps = cache.capacities
+        for i, w in enumerate(windows):
+            assert caps[i] == (w - 1 + 4 if w else 20 + n_new), (i, caps)
+            per_slot = cache.layout.n_kv_heads * (cache.layout.key_ranks[i] + cache.layout.value_ranks[i]) * 4
+            assert cache.buffers[2 * i].nbytes + cache.buffers[2 * i + 1].nbytes == caps[i] * per_slot
+            if w:  # slid: the newest positions in order, the oldest tokens dropped
+                held = cache.positions(i)[0, :, : cache.lengths[i, 0]]
+                assert (held == held[:, :1] + range(held.shape[1])).all() and held.min() > 0
+                assert held.max() == 20 + n_new - 2  # the last token fed back
+        seen.append([caps[i] for i, w in enumerate(windows) if w])
+    assert seen[0] == seen[1]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-FAMILIES = ("llama", "qwen2", "opt", "mpt", "qwen3", "phi3")
-QK_NORM_FAMILIES = ("qwen3",)  # keys normalised per head before RoPE: W_k stays full width
+FAMILIES = ("llama", "qwen2", "opt", "mpt", "qwen3", "phi3", "gemma3_text")
+QK_NORM_FAMILIES = ("qwen3", "gemma3_text")  # keys normalised per head before RoPE: W_k stays full width
 
 
 def tiny_config(model_type: str):
@@ -27,6 +27,16 @@ def tiny_config(model_type: str):
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                              original_max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                              tie_word_embeddings=False)
+    if model_type == "gemma3_text":  # QK-norm, 4 norms per layer, local layers (window 8, own RoPE base)
+        return tf.Gemma3TextConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+                                   max_position_embeddings=128, sliding_window=8,
+                                   layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if model_type == "mistral-window":  # every layer slides (window 8)
+        return tf.MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                sliding_window=8, tie_word_embeddings=False)
     if model_type == "opt":
         return tf.OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=3,
                             num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64)
@@ -46,6 +56,8 @@ def tiny_model(model_type: str, seed: int = 0):
                 p.normal_(0, 0.05)
             elif "q_norm" in name or "k_norm" in name:  # QK-norm weights away from 1
                 p.uniform_(0.5, 1.5)
+            elif model_type == "gemma3_text" and "norm" in name:  # Gemma norms scale by (1 + w): w = 0 is 1
+                p.normal_(0, 0.2)
     return model.float().eval()
 
 
