@@ -183,7 +183,7 @@ class Evictor:
         """Before a step of `new_tokens`: in every evicted layer where a sequence would overflow,
         keep `budget` of its slots (per KV head) and compact them in place."""
         for layer, cap in enumerate(cache.capacities):
-            if layer in self.settings.skip_layers or engine.layout.window(layer):
+            if layer in self.settings.skip_layers or cache.layout.window(layer):
                 continue  # skipped, or a sliding-window layer (its window bounds it: runtime.slide_windows)
             for seq in np.flatnonzero(cache.lengths[layer] + new_tokens > cap):
                 n = int(cache.lengths[layer, seq])
