@@ -7,6 +7,8 @@ random slots (any order) and on multi-token steps over a compacted cache."""
 
 import copy
 import json
+import shutil
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -62,9 +64,18 @@ def test_rewrite_is_recorded_and_the_export_keeps_the_op(built):
     ops = {n.op_type for n in engine_graph.graph.node}
     assert KERNELS[mode] <= ops and "LowRankAttention" not in ops and not engine_graph.functions
     # every RMSNorm (2 per layer + the final one) became ONNX Runtime's fused norm
-    assert runtime["attention_rewrite"]["rms_norms_fused"] == 2 * 3 + 1
+    report = runtime["attention_rewrite"]
+    assert report["rms_norms_fused"] == 2 * 3 + 1
     assert "Pow" not in ops and "Reciprocal" not in ops
+    counts = Counter(n.op_type for n in engine_graph.graph.node)
     assert ops & {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"}
+    if mode == "rotated":  # RoPE inside GQA (position_ids), no head splits
+        gqa = [n for n in engine_graph.graph.node if n.op_type == "GroupQueryAttention"]
+        for n in gqa:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            assert attrs["do_rotary"] == 1 and n.input[9] == "position_ids"
+        assert counts["ReduceMax"] == 1  # slot counts computed once per step for all layers
+        assert not ops & {"Neg", "GatherND", "Transpose", "Reshape"}
     exported = onnx.load(str(built["graph"]), load_external_data=False)  # TensorRT's copy: unchanged
     assert sum(n.op_type == "LowRankAttention" and n.domain == "eigen" for n in exported.graph.node) == 3
     assert [f.name for f in exported.functions] == ["LowRankAttention"]
@@ -139,6 +150,30 @@ def test_fused_matches_float64_after_keep(built, new):
     ref_prefill, ref_step = _reference(model, prompt, kept, tokens, positions)
     assert np.abs(last - ref_prefill).max() <= TOL_REF
     assert np.abs(logits - ref_step).max() <= TOL_REF
+
+
+@pytest.mark.parametrize("variant", ["rope-in-graph"])
+def test_gqa_variants_match(built, variant, tmp_path, monkeypatch):
+    """The GQA layers' other form, which a graph gets when its RoPE is not recognised (RoPE left
+    in the graph with do_rotary=0), is exact too: vs the function
+    engine on the same steps (right-padded multi-token prefill, decode), same tolerance."""
+    if built["mode"] != "rotated":
+        pytest.skip("GQA layers: rotated mode")
+    from eigenkv.engines import ort
+    from eigenkv.manifest import read_manifest
+    monkeypatch.setattr(ort_fused, "_rope_of", lambda g, name: None)
+    fields = ort.build(built["graph"], read_manifest(built["graph"]), tmp_path)
+    assert fields["runtime"]["attention"] == "GroupQueryAttention"
+    graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+    gqa = [n for n in graph.graph.node if n.op_type == "GroupQueryAttention"]
+    rotary = {a.i for n in gqa for a in n.attribute if a.name == "do_rotary"}
+    assert len(gqa) == 3 and rotary == {0}
+    shutil.copyfile(built["root"] / "fused" / "config.json", tmp_path / "config.json")
+    engine = load_engine(tmp_path)
+    rng = np.random.default_rng(5)
+    prompts = [list(rng.integers(0, 256, n)) for n in (5, 13, 9)]
+    got, function = _steps(engine, prompts, 4, 12), _steps(built["function"], prompts, 4, 12)
+    assert np.abs(got - function).max() <= TOL_ENGINES
 
 
 def test_rewrite_plans_and_fallbacks(built):
