@@ -37,6 +37,9 @@ Runtime's CPU provider), all exact against the op's reference math:
   three kernels instead of a [B, Hkv, Smax, hd] tensor streaming through memory three times.
 - `function`: leave the node (ONNX Runtime inlines the op's function).
 
+Around attention (`rewrite_file`): RMSNorms become SimplifiedLayerNormalization (`fuse_rms_norms`)
+and each with its residual Add SkipSimplifiedLayerNormalization (`fuse_skip_norms`).
+
 Why masking by slot index is exact: the op masks slot j for a query when pos(j) > pos(query) or
 j is past the valid slots. Every cached slot holds a token of an earlier step (eviction moves
 slots to the front, `KVCache.keep`, but keeps only tokens already seen), so it is in the past
@@ -580,8 +583,8 @@ def _rms_norm(g: _Graph, pow_node) -> tuple[list, onnx.NodeProto] | None:
 
 def fuse_rms_norms(model: onnx.ModelProto) -> int:
     """Replace every RMSNorm subgraph (`_rms_norm`) of `model` (in place) by ONNX Runtime's
-    SimplifiedLayerNormalization (what ORT-GenAI's graphs use; ONNX Runtime then fuses the
-    residual Add into SkipSimplifiedLayerNormalization) -> how many were replaced. Exact up to
+    SimplifiedLayerNormalization (what ORT-GenAI's graphs use; `fuse_skip_norms` then takes the
+    residual Add in, which ONNX Runtime's own fusion does not) -> how many were replaced. Exact up to
     float32 round-off: the same mean of squares, eps, reciprocal square root and scale."""
     g = _Graph(model)
     replace: dict[int, list] = {}
@@ -600,6 +603,36 @@ def fuse_rms_norms(model: onnx.ModelProto) -> int:
         del model.graph.node[:]
         model.graph.node.extend(nodes)
     return sum(1 for v in replace.values() if v)
+
+
+def fuse_skip_norms(model: onnx.ModelProto) -> int:
+    """Fold each residual `Add(a, b)` that feeds a SimplifiedLayerNormalization (`fuse_rms_norms`)
+    into com.microsoft SkipSimplifiedLayerNormalization(a, b, w) (what ORT-GenAI's graphs run;
+    ONNX Runtime's own fusion does not fire on these graphs), whose fourth output is the sum the
+    Add's other readers (the next residual) take -> how many. Exact: the same float32 a + b, then
+    the same normalization. Only same-shape [B, S, D] float32 operands (no broadcasting)."""
+    g = _Graph(model)
+    replace: dict[int, list] = {}
+    for norm in model.graph.node:
+        if norm.op_type != "SimplifiedLayerNormalization" or norm.domain not in ("", "ai.onnx") or len(norm.output) != 1:
+            continue
+        add = _made_by(g, norm.input[0], "Add")
+        if add is None or id(add) in replace or _attr(norm, "axis", -1) not in (-1, 2):
+            continue
+        a, b = (g.symbols.get(x) for x in add.input)
+        if a is None or a != b or len(a) != 3 or any(g.dtypes.get(x) != TensorProto.FLOAT for x in add.input) \
+                or add.output[0] in {o.name for o in model.graph.output}:
+            continue
+        fused = helper.make_node("SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], norm.input[1]],
+                                 [norm.output[0], "", "", add.output[0]], name=norm.name + "/skip", domain=MS_DOMAIN,
+                                 epsilon=float(_attr(norm, "epsilon", 1e-5)))
+        replace[id(add)], replace[id(norm)] = [fused], []  # at the Add: before all its readers
+    if replace:
+        nodes = [new for node in model.graph.node for new in replace.get(id(node), [node])]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        _tidy_imports(model)
+    return len(replace) // 2
 
 
 def rewrite(model: onnx.ModelProto, rope_mode: RopeMode | str, plan: dict | None = None
@@ -708,6 +741,7 @@ def rewrite_file(src: Path, tmp: Path, rope_mode: RopeMode | str, remedy: str = 
             locations.add(next(e.value for e in init.external_data if e.key == "location"))
     model, report = rewrite(model, rope_mode)
     report["rms_norms_fused"] = fuse_rms_norms(model)
+    report["skip_norms_fused"] = fuse_skip_norms(model)
     if set(report["layers"]) <= {FUNCTION} and not report["rms_norms_fused"]:
         return None, report
     for location in locations:  # relative to the graph: the export's data files beside the copy, hard-linked

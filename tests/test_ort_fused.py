@@ -63,12 +63,13 @@ def test_rewrite_is_recorded_and_the_export_keeps_the_op(built):
     engine_graph = onnx.load(str(root / "fused" / "model.onnx"), load_external_data=False)
     ops = {n.op_type for n in engine_graph.graph.node}
     assert KERNELS[mode] <= ops and "LowRankAttention" not in ops and not engine_graph.functions
-    # every RMSNorm (2 per layer + the final one) became ONNX Runtime's fused norm
+    # every RMSNorm (2 per layer + the final one) became ONNX Runtime's fused norm, all but the
+    # first (on the embedding) with the residual Add before it
     report = runtime["attention_rewrite"]
-    assert report["rms_norms_fused"] == 2 * 3 + 1
+    assert report["rms_norms_fused"] == 2 * 3 + 1 and report["skip_norms_fused"] == 2 * 3
     assert "Pow" not in ops and "Reciprocal" not in ops
     counts = Counter(n.op_type for n in engine_graph.graph.node)
-    assert ops & {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"}
+    assert counts["SkipSimplifiedLayerNormalization"] == 2 * 3 and counts["SimplifiedLayerNormalization"] == 1
     if mode == "rotated":  # RoPE inside GQA (position_ids), no head splits
         gqa = [n for n in engine_graph.graph.node if n.op_type == "GroupQueryAttention"]
         for n in gqa:
@@ -248,6 +249,35 @@ def _rms_norm_graph(exponent: float):
     graph = helper.make_graph(nodes, "rms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 8])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), w
+
+
+def test_skip_norm_fusion_matches_float64_and_keeps_the_residual():
+    """Add(a, b) -> RMSNorm, the sum also read by the next residual Add: one
+    SkipSimplifiedLayerNormalization whose fourth output feeds that Add; a broadcasting Add is left."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=8).astype(np.float32)
+
+    def graph(b_shape):
+        nodes = [helper.make_node("Add", ["a", "b"], ["h"]),
+                 helper.make_node("SimplifiedLayerNormalization", ["h", "w"], ["n"], axis=-1, epsilon=1e-5),
+                 helper.make_node("Add", ["h", "n"], ["y"])]
+        vi = helper.make_tensor_value_info
+        g = helper.make_graph(nodes, "skip", [vi("a", TensorProto.FLOAT, ["B", "S", 8]), vi("b", TensorProto.FLOAT, b_shape)],
+                              [vi("y", TensorProto.FLOAT, ["B", "S", 8])], [numpy_helper.from_array(w, "w")])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+
+    model = graph(["B", "S", 8])
+    assert ort_fused.fuse_skip_norms(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["SkipSimplifiedLayerNormalization", "Add"]
+    a, b = (rng.normal(size=(2, 3, 8)).astype(np.float32) for _ in range(2))
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"a": a, "b": b})[0]
+    h = a.astype(np.float64) + b
+    expected = h + h / np.sqrt((h ** 2).mean(-1, keepdims=True) + 1e-5) * w
+    assert np.abs(got - expected).max() < 1e-5  # float32 round-off
+    broadcast = graph([1, 1, 8])
+    assert ort_fused.fuse_skip_norms(broadcast) == 0 and len(broadcast.graph.node) == 3
 
 
 def test_rms_norm_fusion_matches_float64_and_only_takes_the_exact_pattern():
