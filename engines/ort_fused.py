@@ -23,7 +23,8 @@ Runtime's CPU provider), all exact against the op's reference math:
   is rotated at its own position, not at its slot: exact after eviction moved slots, on
   right-padded and multi-token steps); otherwise `do_rotary=0` on the graph's rotated tensors.
   The exporter's head split (Reshape + Transpose) before and head merge after the op are
-  dropped where recognised (GQA reads and writes [B, S, H*d]). A layer whose widths differ, or are
+  dropped where recognised (GQA reads and writes [B, S, H*d]), and `pack_qkv` then packs the
+  Q, K, V projections into one MatMul (GQA's packed input). A layer whose widths differ, or are
   not a multiple of 8 (GQA's limit), falls back to `attention`.
 - `attention` (keys cached ready to score, any widths: rank-space keys with r_v != r_k): the
   cache writes stay `TensorScatter` (in place) and attention is ONNX `Attention` (opset 24) over
@@ -605,6 +606,50 @@ def fuse_rms_norms(model: onnx.ModelProto) -> int:
     return sum(1 for v in replace.values() if v)
 
 
+def _weight(g: _Graph, name: str, base_dir: Path | None) -> np.ndarray | None:
+    """A float32 [D, N] MatMul weight (read from the export's data files when external), else None."""
+    init = g.inits.get(name)
+    if init is None or init.data_type != TensorProto.FLOAT or len(init.dims) != 2:
+        return None
+    if init.data_location == TensorProto.EXTERNAL and base_dir is None:
+        return None
+    return numpy_helper.to_array(init, base_dir=str(base_dir) if base_dir is not None else "")
+
+
+def pack_qkv(model: onnx.ModelProto, base_dir: Path | None = None) -> int:
+    """Each GroupQueryAttention whose query, key and value are MatMul(x, W_q|W_k|W_v) of one x,
+    read by it only, gets them packed (what ORT-GenAI's graphs do): one MatMul(x, [W_q | W_k |
+    W_v]) as GQA's packed query input, no key and value -> how many. The packed weights are new
+    (embedded) initializers; `base_dir` is where external weights are read from. Exact: every
+    output column is the same dot product over x's row."""
+    g = _Graph(model)
+    replace: dict[int, list] = {}
+    for node in model.graph.node:
+        if node.op_type != "GroupQueryAttention" or node.domain != MS_DOMAIN or len(node.input) < 3 \
+                or not all(node.input[:3]):
+            continue
+        mms = [_made_by(g, x, "MatMul") for x in node.input[:3]]
+        if None in mms or len({m.input[0] for m in mms}) != 1 \
+                or any(g.consumers.get(m.output[0], []) != [node] for m in mms):
+            continue
+        weights = [_weight(g, m.input[1], base_dir) for m in mms]
+        if any(w is None for w in weights) or len({w.shape[0] for w in weights}) != 1:
+            continue
+        packed = g.const(mms[0].input[1] + ".qkv", np.concatenate(weights, axis=1), np.float32)
+        name = node.name.rsplit("/", 1)[0] + "/qkv_proj/MatMul_0" if "/" in node.name else node.name + "/qkv"
+        matmul = helper.make_node("MatMul", [mms[0].input[0], packed], [name], name=name)
+        node.input[0], node.input[1], node.input[2] = name, "", ""
+        for m in mms:
+            replace[id(m)] = []
+        replace[id(mms[0])] = [matmul]
+    if replace:
+        nodes = [new for node in model.graph.node for new in replace.get(id(node), [node])]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        model.graph.initializer.extend(g.new_inits)
+    return sum(1 for v in replace.values() if v)
+
+
 def fuse_skip_norms(model: onnx.ModelProto) -> int:
     """Fold each residual `Add(a, b)` that feeds a SimplifiedLayerNormalization (`fuse_rms_norms`)
     into com.microsoft SkipSimplifiedLayerNormalization(a, b, w) (what ORT-GenAI's graphs run;
@@ -742,6 +787,7 @@ def rewrite_file(src: Path, tmp: Path, rope_mode: RopeMode | str, remedy: str = 
     model, report = rewrite(model, rope_mode)
     report["rms_norms_fused"] = fuse_rms_norms(model)
     report["skip_norms_fused"] = fuse_skip_norms(model)
+    report["qkv_packed"] = pack_qkv(model, src.parent)
     if set(report["layers"]) <= {FUNCTION} and not report["rms_norms_fused"]:
         return None, report
     for location in locations:  # relative to the graph: the export's data files beside the copy, hard-linked

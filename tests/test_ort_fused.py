@@ -70,11 +70,12 @@ def test_rewrite_is_recorded_and_the_export_keeps_the_op(built):
     assert "Pow" not in ops and "Reciprocal" not in ops
     counts = Counter(n.op_type for n in engine_graph.graph.node)
     assert counts["SkipSimplifiedLayerNormalization"] == 2 * 3 and counts["SimplifiedLayerNormalization"] == 1
-    if mode == "rotated":  # RoPE inside GQA (position_ids), no head splits
+    if mode == "rotated":  # RoPE inside GQA (position_ids), packed QKV projection, no head splits
         gqa = [n for n in engine_graph.graph.node if n.op_type == "GroupQueryAttention"]
+        assert report["qkv_packed"] == 3 and counts["MatMul"] == 5 * 3 + 1
         for n in gqa:
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-            assert attrs["do_rotary"] == 1 and n.input[9] == "position_ids"
+            assert attrs["do_rotary"] == 1 and n.input[1] == n.input[2] == "" and n.input[9] == "position_ids"
         assert counts["ReduceMax"] == 1  # slot counts computed once per step for all layers
         assert not ops & {"Neg", "GatherND", "Transpose", "Reshape"}
     exported = onnx.load(str(built["graph"]), load_external_data=False)  # TensorRT's copy: unchanged
@@ -153,22 +154,26 @@ def test_fused_matches_float64_after_keep(built, new):
     assert np.abs(logits - ref_step).max() <= TOL_REF
 
 
-@pytest.mark.parametrize("variant", ["rope-in-graph"])
+@pytest.mark.parametrize("variant", ["rope-in-graph", "unpacked"])
 def test_gqa_variants_match(built, variant, tmp_path, monkeypatch):
-    """The GQA layers' other form, which a graph gets when its RoPE is not recognised (RoPE left
-    in the graph with do_rotary=0), is exact too: vs the function
+    """The GQA layers' other forms, which a graph gets when a pattern is not recognised (RoPE left
+    in the graph with do_rotary=0; separate Q, K, V projections), are exact too: vs the function
     engine on the same steps (right-padded multi-token prefill, decode), same tolerance."""
     if built["mode"] != "rotated":
         pytest.skip("GQA layers: rotated mode")
     from eigenkv.engines import ort
     from eigenkv.manifest import read_manifest
-    monkeypatch.setattr(ort_fused, "_rope_of", lambda g, name: None)
+    if variant == "rope-in-graph":
+        monkeypatch.setattr(ort_fused, "_rope_of", lambda g, name: None)
+    else:
+        monkeypatch.setattr(ort_fused, "pack_qkv", lambda model, base_dir=None: 0)
     fields = ort.build(built["graph"], read_manifest(built["graph"]), tmp_path)
     assert fields["runtime"]["attention"] == "GroupQueryAttention"
     graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
     gqa = [n for n in graph.graph.node if n.op_type == "GroupQueryAttention"]
     rotary = {a.i for n in gqa for a in n.attribute if a.name == "do_rotary"}
-    assert len(gqa) == 3 and rotary == {0}
+    assert len(gqa) == 3 and rotary == ({0} if variant == "rope-in-graph" else {1})
+    assert all(n.input[1] for n in gqa)  # separate Q, K, V (the graph-rotated ones are no MatMul outputs)
     shutil.copyfile(built["root"] / "fused" / "config.json", tmp_path / "config.json")
     engine = load_engine(tmp_path)
     rng = np.random.default_rng(5)
@@ -214,6 +219,9 @@ def test_build_falls_back_to_the_function_when_a_fused_kernel_fails(built, tmp_p
         return nodes
 
     monkeypatch.setitem(ort_fused._BUILDERS, ort_fused.GQA, broken)
+    # unpacked: with a packed QKV input the session itself refuses the head count (caught too,
+    # `_optimize`), before the engine check this test is about
+    monkeypatch.setattr(ort_fused, "pack_qkv", lambda model, base_dir=None: 0)
     fields = ort.build(built["graph"], read_manifest(built["graph"]), tmp_path)
     assert fields["runtime"]["attention"] == "function"
     reasons = fields["runtime"]["attention_rewrite"]["fell_back"]
