@@ -17,11 +17,12 @@ Runtime's CPU provider), all exact against the op's reference math:
   token goes to the cache, as TensorScatter wrote them; it also lifts GQA's batch-1 limit on
   multi-token steps with a past), `scale` the op's. These three are computed once per step for
   all layers when the layer's slot count is the exporter's `Cast(cache_lengths[i] + S)`; each
-  layer gathers its row. Where the queries and keys are the exporter's rotate-half RoPE of
-  rows gathered at the graph input `position_ids` (`_rope_of`), GQA rotates them itself
-  (`do_rotary=1`, the tables' first halves as cos/sin caches, `position_ids` given, so each token
-  is rotated at its own position, not at its slot: exact after eviction moved slots, on
-  right-padded and multi-token steps); otherwise `do_rotary=0` on the graph's rotated tensors.
+  layer takes its row (one Split of the flat table). Where the queries and keys are the
+  exporter's rotate-half RoPE of rows gathered at the graph input `position_ids` (`_rope_of`),
+  GQA rotates them itself (`do_rotary=1`, the tables' first halves as cos/sin caches,
+  `position_ids` given, so each token is rotated at its own position, not at its slot: exact
+  after eviction moved slots, on right-padded and multi-token steps); otherwise `do_rotary=0`
+  on the graph's rotated tensors.
   The exporter's head split (Reshape + Transpose) before and head merge after the op are
   dropped where recognised (GQA reads and writes [B, S, H*d]), and `pack_qkv` then packs the
   Q, K, V projections into one MatMul (GQA's packed input). A layer whose widths differ, or are
@@ -375,7 +376,7 @@ def _gqa(g: _Graph, layer: _Layer) -> list:
 
     q3, k3, v3 = bsh(q, flat[0], "q"), bsh(k, flat[1], "k"), bsh(v, flat[2], "v")
     found = _lengths_of(g, layer.inputs["cache_lengths"])
-    if found is not None:  # the slot counts of all layers at once; each layer gathers its row
+    if found is not None:  # the slot counts of all layers at once; each layer takes its row
         table, i, s = found
         after = _shared(g, nodes, "lengths", lambda: _node(nodes, "Cast", [_node(
             nodes, "Add", [table, s], _C + "lengths_after")], _C + "lengths_after_i32", to=TensorProto.INT32))
@@ -384,7 +385,15 @@ def _gqa(g: _Graph, layer: _Layer) -> list:
         # an upper bound of every layer's seqlens_k + 1 (allowed with query_seqlens; exact when uniform)
         total = _shared(g, nodes, "total", lambda: _node(nodes, "ReduceMax", [after], _C + "total_sequence_length",
                                                          keepdims=0))
-        seqlens = _node(nodes, "Gather", [all_seqlens, g.const(f"layer_{i}", i)], f"{p}seqlens_k", axis=0)
+        n_layers = g.dim(table, 0)
+        if n_layers and 0 <= i < n_layers:  # one Split of the flat [L*B] table: row i is output i
+            rows = [f"{_C}seqlens_k.{j}" for j in range(n_layers)]
+            seqlens = rows[i]
+            _shared(g, nodes, "seqlens_rows", lambda: _node(
+                nodes, "Split", [_node(nodes, "Reshape", [all_seqlens, g.const("shape_m1", [-1])], _C + "seqlens_k_flat")],
+                _C + "seqlens_k_rows", outputs=rows, axis=0, num_outputs=n_layers))
+        else:
+            seqlens = _node(nodes, "Gather", [all_seqlens, g.const(f"layer_{i}", i)], f"{p}seqlens_k", axis=0)
         steps = _shared(g, nodes, "steps", lambda: _node(nodes, "Cast", [s], _C + "q_len_i32", to=TensorProto.INT32))
         batch = _shared(g, nodes, "batch", lambda: _node(nodes, "Shape", [table], _C + "batch", start=1, end=2))
     else:
