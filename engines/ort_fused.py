@@ -124,7 +124,7 @@ class _Graph:
             for i in n.input:
                 self.consumers.setdefault(i, []).append(n)
         self.new_inits: list[onnx.TensorProto] = []
-        self.shared: dict[str, str] = {}  # per-step values the rewrite computes once for all layers
+        self.shared: dict[str, object] = {}  # per-step values the rewrite computes once for all layers
         self.dropped: set[int] = set()  # id() of exporter nodes a layer's rewrite made dead
 
     def dim(self, name: str, axis: int) -> int | None:
@@ -376,6 +376,8 @@ def _gqa(g: _Graph, layer: _Layer) -> list:
 
     q3, k3, v3 = bsh(q, flat[0], "q"), bsh(k, flat[1], "k"), bsh(v, flat[2], "v")
     found = _lengths_of(g, layer.inputs["cache_lengths"])
+    if found is not None and g.shared.setdefault("source", found[::2]) != found[::2]:
+        found = None  # not the first layer's (cache_lengths, S): the shared values are not its own
     if found is not None:  # the slot counts of all layers at once; each layer takes its row
         table, i, s = found
         after = _shared(g, nodes, "lengths", lambda: _node(nodes, "Cast", [_node(
@@ -638,8 +640,13 @@ def pack_qkv(model: onnx.ModelProto, base_dir: Path | None = None) -> int:
                 or not all(node.input[:3]):
             continue
         mms = [_made_by(g, x, "MatMul") for x in node.input[:3]]
-        if None in mms or len({m.input[0] for m in mms}) != 1 \
-                or any(g.consumers.get(m.output[0], []) != [node] for m in mms):
+        if None in mms or len({m.input[0] for m in mms}) != 1:
+            continue
+        # other readers: only Shape of the batch and step axes (the per-layer step count), which
+        # the packed [B, S, N] output answers the same
+        others = [c for m in mms for c in g.consumers.get(m.output[0], []) if c is not node]
+        if any(c.op_type != "Shape" or not 0 <= _attr(c, "start", 0) or not 0 < (_attr(c, "end") or 9) <= 2
+               for c in others) or any(g.consumers.get(m.output[0], []).count(node) != 1 for m in mms):
             continue
         weights = [_weight(g, m.input[1], base_dir) for m in mms]
         if any(w is None for w in weights) or len({w.shape[0] for w in weights}) != 1:
@@ -648,6 +655,8 @@ def pack_qkv(model: onnx.ModelProto, base_dir: Path | None = None) -> int:
         name = node.name.rsplit("/", 1)[0] + "/qkv_proj/MatMul_0" if "/" in node.name else node.name + "/qkv"
         matmul = helper.make_node("MatMul", [mms[0].input[0], packed], [name], name=name)
         node.input[0], node.input[1], node.input[2] = name, "", ""
+        for c in others:
+            c.input[0] = name
         for m in mms:
             replace[id(m)] = []
         replace[id(mms[0])] = [matmul]

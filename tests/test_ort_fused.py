@@ -155,26 +155,33 @@ def test_fused_matches_float64_after_keep(built, new):
     assert np.abs(logits - ref_step).max() <= TOL_REF
 
 
-@pytest.mark.parametrize("variant", ["rope-in-graph", "unpacked"])
+@pytest.mark.parametrize("variant", ["rope-in-graph", "unpacked", "per-layer-slot-counts"])
 def test_gqa_variants_match(built, variant, tmp_path, monkeypatch):
     """The GQA layers' other forms, which a graph gets when a pattern is not recognised (RoPE left
-    in the graph with do_rotary=0; separate Q, K, V projections), are exact too: vs the function
-    engine on the same steps (right-padded multi-token prefill, decode), same tolerance."""
+    in the graph with do_rotary=0; separate Q, K, V projections; slot counts computed per layer),
+    are exact too: vs the function engine on the same steps (right-padded multi-token prefill,
+    decode), same tolerance."""
     if built["mode"] != "rotated":
         pytest.skip("GQA layers: rotated mode")
     from eigenkv.engines import ort
     from eigenkv.manifest import read_manifest
     if variant == "rope-in-graph":
         monkeypatch.setattr(ort_fused, "_rope_of", lambda g, name: None)
-    else:
+    elif variant == "unpacked":
         monkeypatch.setattr(ort_fused, "pack_qkv", lambda model, base_dir=None: 0)
+    else:
+        monkeypatch.setattr(ort_fused, "_lengths_of", lambda g, name: None)
     fields = ort.build(built["graph"], read_manifest(built["graph"]), tmp_path)
     assert fields["runtime"]["attention"] == "GroupQueryAttention"
     graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
     gqa = [n for n in graph.graph.node if n.op_type == "GroupQueryAttention"]
     rotary = {a.i for n in gqa for a in n.attribute if a.name == "do_rotary"}
     assert len(gqa) == 3 and rotary == ({0} if variant == "rope-in-graph" else {1})
-    assert all(n.input[1] for n in gqa)  # separate Q, K, V (the graph-rotated ones are no MatMul outputs)
+    if variant != "per-layer-slot-counts":  # separate Q, K, V (the graph-rotated ones are no MatMul outputs)
+        assert all(n.input[1] for n in gqa)
+    else:  # packed; seqlens_k and total_sequence_length computed by each layer
+        assert not any(n.input[1] for n in gqa)
+        assert sum(n.op_type == "ReduceMax" for n in graph.graph.node) == 3
     shutil.copyfile(built["root"] / "fused" / "config.json", tmp_path / "config.json")
     engine = load_engine(tmp_path)
     rng = np.random.default_rng(5)
