@@ -55,7 +55,7 @@ class OrtKVCache(HostKVCache):
         import onnxruntime as ort
         super().__init__(engine.layout, batch, capacities, engine.precision)
         self.binding = engine.session.io_binding()
-        self.binding.bind_output(engine.io.logits, "cpu")  # rebound per step to that step's array
+        self.binding.bind_output(engine.io.logits, "cpu")  # output 0 (`step` reads it by index), rebound per step
         self._values = [ort.OrtValue.ortvalue_from_numpy(b) for b in self.buffers]  # shares memory
         for name_in, name_out, value in zip(engine.past, engine.present, self._values):
             self.binding.bind_ortvalue_input(name_in, value)
@@ -80,13 +80,10 @@ class OrtEngine(Engine):
         self.slots = [io.slot_positions.format(i=i) for i in range(n)]
         self._key_grams = key_grams or {}
         self.binds = 0  # KV buffer bindings made (a test checks they are per cache, not per token)
-        logits = next(o for o in self.session.get_outputs() if o.name == self.io.logits)
-        self._logits_dtype = np.float16 if logits.type == "tensor(float16)" else np.float32
-        self._vocab = int(logits.shape[-1])
 
     @property
     def vocab_size(self) -> int:
-        return self._vocab
+        return int(next(o.shape[-1] for o in self.session.get_outputs() if o.name == self.io.logits))
 
     def key_gram(self, layer: int) -> np.ndarray | None:
         return self._key_grams.get(f"layers.{layer}.key_gram")
@@ -97,15 +94,12 @@ class OrtEngine(Engine):
     def step(self, cache: OrtKVCache, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         cache.write_positions(positions)
         binding = cache.binding
-        # a fresh array every step (its shape follows S; callers keep earlier steps' logits), which
-        # ONNX Runtime writes into: no allocation on its side, no OrtValue list of all outputs to read
-        logits = np.empty((*np.shape(ids), self._vocab), self._logits_dtype)
-        binding.bind_output(self.io.logits, "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
+        binding.bind_output(self.io.logits, "cpu")  # fresh every step: its shape follows S
         binding.bind_cpu_input(self.io.input_ids, np.ascontiguousarray(ids, dtype=np.int64))
         binding.bind_cpu_input(self.io.position_ids, np.ascontiguousarray(positions, dtype=np.int64))
         binding.bind_cpu_input(self.io.cache_lengths, np.ascontiguousarray(cache.lengths, dtype=np.int64))
         self.session.run_with_iobinding(binding)
-        return logits
+        return binding.get_outputs()[0].numpy()
 
 
 ATTENTION_CHOICES = ("fused", "function")  # `eigenkv build --attention` (ORT backend)
