@@ -12,11 +12,21 @@ Runtime's CPU provider), all exact against the op's reference math:
   inputs are the graph's past inputs, its present outputs the graph's present outputs, which the
   engine binds to the same memory: the kernel sees past == present and appends the step's keys
   and values in place at slot cache_lengths[i]. `seqlens_k` = cache_lengths[i] + S - 1 (int32),
-  `total_sequence_length` = its maximum + 1, `query_seqlens` = S for every sequence (every new
+  `total_sequence_length` = the maximum over all layers and sequences + 1 (with `query_seqlens`
+  GQA takes it as an upper bound only), `query_seqlens` = S for every sequence (every new
   token goes to the cache, as TensorScatter wrote them; it also lifts GQA's batch-1 limit on
-  multi-token steps with a past), `do_rotary=0` (queries and keys are rotated in the graph),
-  `scale` the op's. A layer whose widths differ, or are not a multiple of 8 (GQA's limit), falls
-  back to `attention`.
+  multi-token steps with a past), `scale` the op's. These three are computed once per step for
+  all layers when the layer's slot count is the exporter's `Cast(cache_lengths[i] + S)`; each
+  layer takes its row (one Split of the flat table). Where the queries and keys are the
+  exporter's rotate-half RoPE of rows gathered at the graph input `position_ids` (`_rope_of`),
+  GQA rotates them itself (`do_rotary=1`, the tables' first halves as cos/sin caches,
+  `position_ids` given, so each token is rotated at its own position, not at its slot: exact
+  after eviction moved slots, on right-padded and multi-token steps); otherwise `do_rotary=0`
+  on the graph's rotated tensors.
+  The exporter's head split (Reshape + Transpose) before and head merge after the op are
+  dropped where recognised (GQA reads and writes [B, S, H*d]), and `pack_qkv` then packs the
+  Q, K, V projections into one MatMul (GQA's packed input). A layer whose widths differ, or are
+  not a multiple of 8 (GQA's limit), falls back to `attention`.
 - `attention` (keys cached ready to score, any widths: rank-space keys with r_v != r_k): the
   cache writes stay `TensorScatter` (in place) and attention is ONNX `Attention` (opset 24) over
   the whole buffers with `nonpad_kv_seqlen` = valid slots after the write and `is_causal=1`
@@ -28,6 +38,9 @@ Runtime's CPU provider), all exact against the op's reference math:
   KV head) rows, so one row's rebuilt and rotated keys ([Smax, hd]) stay in cache between the
   three kernels instead of a [B, Hkv, Smax, hd] tensor streaming through memory three times.
 - `function`: leave the node (ONNX Runtime inlines the op's function).
+
+Around attention (`rewrite_file`): RMSNorms become SimplifiedLayerNormalization (`fuse_rms_norms`)
+and each with its residual Add SkipSimplifiedLayerNormalization (`fuse_skip_norms`).
 
 Why masking by slot index is exact: the op masks slot j for a query when pos(j) > pos(query) or
 j is past the valid slots. Every cached slot holds a token of an earlier step (eviction moves
@@ -91,22 +104,28 @@ class _Graph:
         g = model.graph
         self.model = model
         self.shapes: dict[str, list] = {}
+        self.symbols: dict[str, list] = {}  # dims with their names: dim_value, dim_param or None
         self.dtypes: dict[str, int] = {}
+        self.graph_inputs = {v.name for v in g.input}
         for v in list(g.input) + list(g.value_info) + list(g.output):
             if v.type.HasField("tensor_type"):
                 self.dtypes[v.name] = v.type.tensor_type.elem_type
             if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
-                self.shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None
-                                       for d in v.type.tensor_type.shape.dim]
+                dims = v.type.tensor_type.shape.dim
+                self.shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+                self.symbols[v.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param or None for d in dims]
         self.inits = {init.name: init for init in g.initializer}
         for name, init in self.inits.items():
             self.shapes[name] = list(init.dims)
+            self.symbols[name] = list(init.dims)
         self.producer = {o: n for n in g.node for o in n.output}
         self.consumers: dict[str, list] = {}
         for n in g.node:
             for i in n.input:
                 self.consumers.setdefault(i, []).append(n)
         self.new_inits: list[onnx.TensorProto] = []
+        self.shared: dict[str, object] = {}  # per-step values the rewrite computes once for all layers
+        self.dropped: set[int] = set()  # id() of exporter nodes a layer's rewrite made dead
 
     def dim(self, name: str, axis: int) -> int | None:
         shape = self.shapes.get(name)
@@ -208,32 +227,220 @@ def _choose(g: _Graph, layer: _Layer, wanted: str) -> tuple[str, str]:
     return wanted, ""
 
 
-def _gqa(g: _Graph, layer: _Layer) -> list:
-    """One GroupQueryAttention in place of the layer's two TensorScatter and its attention node."""
-    p, nodes = layer.prefix + "fused/", []
-    q = layer.inputs["query"]
-    lengths = _node(nodes, "Cast", [layer.inputs["cache_lengths"]], f"{p}lengths_i32",  # after the write
-                    to=TensorProto.INT32)
-    hq, hkv, d = g.dim(q, 1), g.dim(layer.inputs["key_cache"], 1), g.dim(q, 3)
+def _attr(node, name, default=None):
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
-    def bsh(x, tag):  # [B, H, S, d] -> [B, S, H*d]
+
+def _int_values(g: _Graph, name: str) -> list | None:
+    """The values of a small int initializer or Constant, else None."""
+    if name in g.inits and g.inits[name].data_location != TensorProto.EXTERNAL:
+        return numpy_helper.to_array(g.inits[name]).reshape(-1).tolist()
+    node = g.producer.get(name)
+    if node is not None and node.op_type == "Constant" and _attr(node, "value") is not None:
+        return numpy_helper.to_array(_attr(node, "value")).reshape(-1).tolist()
+    return None
+
+
+def _made_by(g: _Graph, name: str, op: str):
+    node = g.producer.get(name)
+    return node if node is not None and node.op_type == op and node.domain in ("", "ai.onnx") else None
+
+
+def _bhsd_of(g: _Graph, name: str, heads: int, d: int) -> str | None:
+    """`name` [B, H, S, d] = Transpose(Reshape(y), perm 0,2,1,3) with y [B, S, H*d] (the exporter's
+    head split of a projection) -> y, else None. Checked on the value infos: Reshape keeps B and S
+    and splits the last axis into (H, d), so y[b, s, h*d + j] == name[b, h, s, j]."""
+    t = _made_by(g, name, "Transpose")
+    r = _made_by(g, t.input[0], "Reshape") if t is not None and list(_attr(t, "perm", [])) == [0, 2, 1, 3] else None
+    if r is None:
+        return None
+    y, view = r.input[0], g.symbols.get(r.output[0])
+    ys = g.symbols.get(y)
+    if ys is None or view is None or len(ys) != 3 or len(view) != 4 or None in ys[:2]:
+        return None
+    return y if view[:2] == ys[:2] and view[2:] == [heads, d] and ys[2] == heads * d else None
+
+
+def _rope_of(g: _Graph, name: str) -> tuple | None:
+    """`name` = x * cos[pos] + rotate_half(x) * sin[pos] (the exporter's RoPE: Mul, Split in
+    halves, Neg, Concat, Mul, Add; cos/sin rows gathered by GatherND at the graph input `pos`
+    [B, S] unsqueezed to [B, 1, S, 1]) -> (x, cos table, sin table, pos), else None."""
+    add = _made_by(g, name, "Add")
+    muls = [_made_by(g, i, "Mul") for i in add.input] if add is not None else [None]
+    if None in muls or len(muls) != 2:
+        return None
+    for m_cos, m_sin in (muls, muls[::-1]):
+        for x, cg in (m_cos.input, m_cos.input[::-1]):
+            for cat, sg in (m_sin.input, m_sin.input[::-1]):
+                found = _rotate_half_of(g, cat, x) and _gathered(g, cg, sg)
+                if found:
+                    return (x,) + found
+    return None
+
+
+def _rotate_half_of(g: _Graph, cat: str, x: str) -> bool:
+    """cat == Concat(-x[..., d/2:], x[..., :d/2]) along the last axis of a rank-4 x."""
+    concat = _made_by(g, cat, "Concat")
+    if concat is None or len(concat.input) != 2 or _attr(concat, "axis") not in (3, -1):
+        return False
+    neg = _made_by(g, concat.input[0], "Neg")
+    split = _made_by(g, neg.input[0], "Split") if neg is not None else None
+    if split is None or split.input[0] != x or _attr(split, "axis") not in (3, -1) or len(split.output) != 2:
+        return False
+    d = g.dim(x, 3)
+    sizes = _int_values(g, split.input[1]) if len(split.input) > 1 and split.input[1] else None
+    halves = sizes == [d // 2, d // 2] if sizes is not None else _attr(split, "num_outputs") == 2
+    return bool(halves and d and d % 2 == 0 and len(g.shapes.get(x) or []) == 4
+                and neg.input[0] == split.output[1] and concat.input[1] == split.output[0])
+
+
+def _gathered(g: _Graph, cos: str, sin: str) -> tuple | None:
+    """cos, sin == GatherND(table, idx) of one idx = pos [B, S] (a graph input) unsqueezed to
+    [B, 1, S, 1] -> (cos table, sin table, pos), else None."""
+    gc, gs = _made_by(g, cos, "GatherND"), _made_by(g, sin, "GatherND")
+    if gc is None or gs is None or gc.input[1] != gs.input[1] or _attr(gc, "batch_dims", 0) or _attr(gs, "batch_dims", 0):
+        return None
+    idx = gc.input[1]
+    pos = idx
+    while (u := _made_by(g, pos, "Unsqueeze")) is not None:
+        pos = u.input[0]
+    ps, ix = g.symbols.get(pos), g.symbols.get(idx)
+    if pos not in g.graph_inputs or ps is None or len(ps) != 2 or ix != [ps[0], 1, ps[1], 1] \
+            or g.dtypes.get(pos) != TensorProto.INT64:
+        return None
+    return gc.input[0], gs.input[0], pos
+
+
+def _tables_ok(g: _Graph, tables, d: int) -> bool:
+    """RoPE tables [P, d] that repeat their first half, loaded."""
+    for name in tables:
+        init = g.inits.get(name)
+        if init is None or list(init.dims[1:]) != [d] or init.data_location == TensorProto.EXTERNAL:
+            return False
+        table = numpy_helper.to_array(init)
+        if table.dtype != np.float32 or not np.array_equal(table[:, : d // 2], table[:, d // 2:]):
+            return False
+    return True
+
+
+def _half_table(g: _Graph, table: str) -> str:
+    half = _C + table + ".half"
+    if half not in g.inits:
+        data = numpy_helper.to_array(g.inits[table])
+        g.const(table + ".half", np.ascontiguousarray(data[:, : data.shape[1] // 2]), data.dtype)
+    return half
+
+
+def _lengths_of(g: _Graph, name: str) -> tuple | None:
+    """The layer's valid slots after the write, `Cast(Gather(cache_lengths, i) + S)` with
+    cache_lengths [L, B] a graph input and i a constant -> (cache_lengths, i, S), else None."""
+    cast = _made_by(g, name, "Cast")
+    add = _made_by(g, cast.input[0], "Add") if cast is not None and _attr(cast, "to") == TensorProto.INT32 else None
+    if add is None:
+        return None
+    for sel, s in (add.input, add.input[::-1]):
+        gather = _made_by(g, sel, "Gather")
+        if gather is None or _attr(gather, "axis", 0) != 0 or gather.input[0] not in g.graph_inputs:
+            continue
+        i = _int_values(g, gather.input[1])
+        if i is not None and len(i) == 1 and len(g.shapes.get(gather.input[1], [0])) == 0 \
+                and len(g.shapes.get(gather.input[0]) or []) == 2 and len(g.shapes.get(s, [0])) == 0:
+            return gather.input[0], int(i[0]), s
+    return None
+
+
+def _shared(g: _Graph, nodes: list, key: str, build) -> str:
+    """A value all layers share, built (into `nodes`) by the first layer that needs it."""
+    if key not in g.shared:
+        g.shared[key] = build()
+    return g.shared[key]
+
+
+def _gqa(g: _Graph, layer: _Layer) -> list:
+    """One GroupQueryAttention in place of the layer's two TensorScatter and its attention node
+    (and, where the exporter's RoPE, head split and head merge are recognised, those too)."""
+    p, nodes = layer.prefix + "fused/", []
+    q, kc = layer.inputs["query"], layer.inputs["key_cache"]
+    hq, hkv, d = g.dim(q, 1), g.dim(kc, 1), g.dim(q, 3)
+    k, v = layer.k_scatter.input[1], layer.v_scatter.input[1]
+    rope = [_rope_of(g, q), _rope_of(g, k)]
+    if None in rope or rope[0][1:] != rope[1][1:] or not _tables_ok(g, rope[0][1:3], d):
+        rope = None  # queries and keys rotated in the graph: do_rotary=0
+    else:
+        q, k = rope[0][0], rope[1][0]
+    flat = [_bhsd_of(g, x, h, d) for x, h in ((q, hq), (k, hkv), (v, hkv))]
+
+    def bsh(x, y, tag):  # [B, H, S, d] -> [B, S, H*d]
+        if y is not None:
+            return y
         t = _node(nodes, "Transpose", [x], f"{p}{tag}_bshd", perm=[0, 2, 1, 3])
         return _node(nodes, "Reshape", [t, g.const("shape_bs_flat", [0, 0, -1])], f"{p}{tag}_bsh")
 
-    q3, k3, v3 = bsh(q, "q"), bsh(layer.k_scatter.input[1], "k"), bsh(layer.v_scatter.input[1], "v")
-    seqlens = _node(nodes, "Sub", [lengths, g.const("one_i32", 1, np.int32)], f"{p}seqlens_k")
-    total = _node(nodes, "ReduceMax", [lengths], f"{p}total_sequence_length", keepdims=0)
-    steps = _node(nodes, "Cast", [_node(nodes, "Shape", [q], f"{p}q_len", start=2, end=3)], f"{p}q_len_i32",
-                  to=TensorProto.INT32)
-    query_seqlens = _node(nodes, "Expand", [steps, _node(nodes, "Shape", [lengths], f"{p}batch")], f"{p}query_seqlens")
-    out = _node(nodes, "GroupQueryAttention",
-                [q3, k3, v3, layer.k_scatter.input[0], layer.v_scatter.input[0], seqlens, total] + [""] * 9
-                + [query_seqlens], layer.prefix + "GroupQueryAttention_0",
-                outputs=[f"{p}gqa_out", layer.k_scatter.output[0], layer.v_scatter.output[0]], domain=MS_DOMAIN,
-                num_heads=hq, kv_num_heads=hkv, scale=float(layer.attrs["scale"]), do_rotary=0)
-    out4 = _node(nodes, "Reshape", [out, g.const(f"shape_bshd_{hq}_{d}", [0, 0, hq, d])], f"{p}out_bshd")
-    _node(nodes, "Transpose", [out4], f"{p}out", outputs=[layer.node.output[0]], perm=[0, 2, 1, 3])
+    q3, k3, v3 = bsh(q, flat[0], "q"), bsh(k, flat[1], "k"), bsh(v, flat[2], "v")
+    found = _lengths_of(g, layer.inputs["cache_lengths"])
+    if found is not None and g.shared.setdefault("source", found[::2]) != found[::2]:
+        found = None  # not the first layer's (cache_lengths, S): the shared values are not its own
+    if found is not None:  # the slot counts of all layers at once; each layer takes its row
+        table, i, s = found
+        after = _shared(g, nodes, "lengths", lambda: _node(nodes, "Cast", [_node(
+            nodes, "Add", [table, s], _C + "lengths_after")], _C + "lengths_after_i32", to=TensorProto.INT32))
+        all_seqlens = _shared(g, nodes, "seqlens", lambda: _node(
+            nodes, "Sub", [after, g.const("one_i32", 1, np.int32)], _C + "seqlens_k"))
+        # an upper bound of every layer's seqlens_k + 1 (allowed with query_seqlens; exact when uniform)
+        total = _shared(g, nodes, "total", lambda: _node(nodes, "ReduceMax", [after], _C + "total_sequence_length",
+                                                         keepdims=0))
+        n_layers = g.dim(table, 0)
+        if n_layers and 0 <= i < n_layers:  # one Split of the flat [L*B] table: row i is output i
+            rows = [f"{_C}seqlens_k.{j}" for j in range(n_layers)]
+            seqlens = rows[i]
+            _shared(g, nodes, "seqlens_rows", lambda: _node(
+                nodes, "Split", [_node(nodes, "Reshape", [all_seqlens, g.const("shape_m1", [-1])], _C + "seqlens_k_flat")],
+                _C + "seqlens_k_rows", outputs=rows, axis=0, num_outputs=n_layers))
+        else:
+            seqlens = _node(nodes, "Gather", [all_seqlens, g.const(f"layer_{i}", i)], f"{p}seqlens_k", axis=0)
+        steps = _shared(g, nodes, "steps", lambda: _node(nodes, "Cast", [s], _C + "q_len_i32", to=TensorProto.INT32))
+        batch = _shared(g, nodes, "batch", lambda: _node(nodes, "Shape", [table], _C + "batch", start=1, end=2))
+    else:
+        lengths = _node(nodes, "Cast", [layer.inputs["cache_lengths"]], f"{p}lengths_i32",  # after the write
+                        to=TensorProto.INT32)
+        seqlens = _node(nodes, "Sub", [lengths, g.const("one_i32", 1, np.int32)], f"{p}seqlens_k")
+        total = _node(nodes, "ReduceMax", [lengths], f"{p}total_sequence_length", keepdims=0)
+        steps = _node(nodes, "Cast", [_node(nodes, "Shape", [q3], f"{p}q_len", start=1, end=2)], f"{p}q_len_i32",
+                      to=TensorProto.INT32)
+        batch = _node(nodes, "Shape", [lengths], f"{p}batch")
+    if found is not None:
+        query_seqlens = _shared(g, nodes, "query_seqlens", lambda: _node(nodes, "Expand", [steps, batch],
+                                                                         _C + "query_seqlens"))
+    else:
+        query_seqlens = _node(nodes, "Expand", [steps, batch], f"{p}query_seqlens")
+    rotary = [_half_table(g, rope[0][1]), _half_table(g, rope[0][2]), rope[0][3]] if rope else ["", "", ""]
+    merged = _merged_heads(g, layer, hq, d)
+    out = merged.output[0] if merged is not None else f"{p}gqa_out"
+    _node(nodes, "GroupQueryAttention",
+          [q3, k3, v3, layer.k_scatter.input[0], layer.v_scatter.input[0], seqlens, total] + rotary + [""] * 6
+          + [query_seqlens], layer.prefix + "GroupQueryAttention_0",
+          outputs=[out, layer.k_scatter.output[0], layer.v_scatter.output[0]], domain=MS_DOMAIN,
+          num_heads=hq, kv_num_heads=hkv, scale=float(layer.attrs["scale"]), do_rotary=int(rope is not None))
+    if merged is None:
+        out4 = _node(nodes, "Reshape", [out, g.const(f"shape_bshd_{hq}_{d}", [0, 0, hq, d])], f"{p}out_bshd")
+        _node(nodes, "Transpose", [out4], f"{p}out", outputs=[layer.node.output[0]], perm=[0, 2, 1, 3])
     return nodes
+
+
+def _merged_heads(g: _Graph, layer: _Layer, hq: int, d: int):
+    """The exporter's head merge after the op, Reshape(Transpose(out, perm 0,2,1,3)) to [B, S, Hq*d]
+    (GQA's own output layout), when it is the op's only reader -> that Reshape (marked dropped with
+    the Transpose: GQA writes its output), else None."""
+    users = g.consumers.get(layer.node.output[0], [])
+    t = users[0] if len(users) == 1 and users[0].op_type == "Transpose" else None
+    if t is None or list(_attr(t, "perm", [])) != [0, 2, 1, 3]:
+        return None
+    r = _only_consumer(g, t.output[0], "Reshape")
+    out, q = g.symbols.get(r.output[0]) if r is not None else None, g.symbols.get(layer.inputs["query"])
+    if out is None or q is None or len(out) != 3 or out != [q[0], q[2], hq * d] or None in out[:2]:
+        return None
+    g.dropped.update((id(t), id(r)))
+    return r
 
 
 def _attention(g: _Graph, layer: _Layer) -> list:
@@ -390,8 +597,8 @@ def _rms_norm(g: _Graph, pow_node) -> tuple[list, onnx.NodeProto] | None:
 
 def fuse_rms_norms(model: onnx.ModelProto) -> int:
     """Replace every RMSNorm subgraph (`_rms_norm`) of `model` (in place) by ONNX Runtime's
-    SimplifiedLayerNormalization (what ORT-GenAI's graphs use; ONNX Runtime then fuses the
-    residual Add into SkipSimplifiedLayerNormalization) -> how many were replaced. Exact up to
+    SimplifiedLayerNormalization (what ORT-GenAI's graphs use; `fuse_skip_norms` then takes the
+    residual Add in, which ONNX Runtime's own fusion does not) -> how many were replaced. Exact up to
     float32 round-off: the same mean of squares, eps, reciprocal square root and scale."""
     g = _Graph(model)
     replace: dict[int, list] = {}
@@ -410,6 +617,87 @@ def fuse_rms_norms(model: onnx.ModelProto) -> int:
         del model.graph.node[:]
         model.graph.node.extend(nodes)
     return sum(1 for v in replace.values() if v)
+
+
+def _weight(g: _Graph, name: str, base_dir: Path | None) -> np.ndarray | None:
+    """A float32 [D, N] MatMul weight (read from the export's data files when external), else None."""
+    init = g.inits.get(name)
+    if init is None or init.data_type != TensorProto.FLOAT or len(init.dims) != 2:
+        return None
+    if init.data_location == TensorProto.EXTERNAL and base_dir is None:
+        return None
+    return numpy_helper.to_array(init, base_dir=str(base_dir) if base_dir is not None else "")
+
+
+def pack_qkv(model: onnx.ModelProto, base_dir: Path | None = None) -> int:
+    """Each GroupQueryAttention whose query, key and value are MatMul(x, W_q|W_k|W_v) of one x,
+    read by it only, gets them packed (what ORT-GenAI's graphs do): one MatMul(x, [W_q | W_k |
+    W_v]) as GQA's packed query input, no key and value -> how many. The packed weights are new
+    (embedded) initializers; `base_dir` is where external weights are read from. Exact: every
+    output column is the same dot product over x's row."""
+    g = _Graph(model)
+    replace: dict[int, list] = {}
+    for node in model.graph.node:
+        if node.op_type != "GroupQueryAttention" or node.domain != MS_DOMAIN or len(node.input) < 3 \
+                or not all(node.input[:3]):
+            continue
+        mms = [_made_by(g, x, "MatMul") for x in node.input[:3]]
+        if None in mms or len({m.input[0] for m in mms}) != 1:
+            continue
+        # other readers: only Shape of the batch and step axes (the per-layer step count), which
+        # the packed [B, S, N] output answers the same
+        others = [c for m in mms for c in g.consumers.get(m.output[0], []) if c is not node]
+        if any(c.op_type != "Shape" or not 0 <= _attr(c, "start", 0) or not 0 < (_attr(c, "end") or 9) <= 2
+               for c in others) or any(g.consumers.get(m.output[0], []).count(node) != 1 for m in mms):
+            continue
+        weights = [_weight(g, m.input[1], base_dir) for m in mms]
+        if any(w is None for w in weights) or len({w.shape[0] for w in weights}) != 1:
+            continue
+        packed = g.const(mms[0].input[1] + ".qkv", np.concatenate(weights, axis=1), np.float32)
+        name = node.name.rsplit("/", 1)[0] + "/qkv_proj/MatMul_0" if "/" in node.name else node.name + "/qkv"
+        matmul = helper.make_node("MatMul", [mms[0].input[0], packed], [name], name=name)
+        node.input[0], node.input[1], node.input[2] = name, "", ""
+        for c in others:
+            c.input[0] = name
+        for m in mms:
+            replace[id(m)] = []
+        replace[id(mms[0])] = [matmul]
+    if replace:
+        nodes = [new for node in model.graph.node for new in replace.get(id(node), [node])]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        model.graph.initializer.extend(g.new_inits)
+    return sum(1 for v in replace.values() if v)
+
+
+def fuse_skip_norms(model: onnx.ModelProto) -> int:
+    """Fold each residual `Add(a, b)` that feeds a SimplifiedLayerNormalization (`fuse_rms_norms`)
+    into com.microsoft SkipSimplifiedLayerNormalization(a, b, w) (what ORT-GenAI's graphs run;
+    ONNX Runtime's own fusion does not fire on these graphs), whose fourth output is the sum the
+    Add's other readers (the next residual) take -> how many. Exact: the same float32 a + b, then
+    the same normalization. Only same-shape [B, S, D] float32 operands (no broadcasting)."""
+    g = _Graph(model)
+    replace: dict[int, list] = {}
+    for norm in model.graph.node:
+        if norm.op_type != "SimplifiedLayerNormalization" or norm.domain not in ("", "ai.onnx") or len(norm.output) != 1:
+            continue
+        add = _made_by(g, norm.input[0], "Add")
+        if add is None or id(add) in replace or _attr(norm, "axis", -1) not in (-1, 2):
+            continue
+        a, b = (g.symbols.get(x) for x in add.input)
+        if a is None or a != b or len(a) != 3 or any(g.dtypes.get(x) != TensorProto.FLOAT for x in add.input) \
+                or add.output[0] in {o.name for o in model.graph.output}:
+            continue
+        fused = helper.make_node("SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], norm.input[1]],
+                                 [norm.output[0], "", "", add.output[0]], name=norm.name + "/skip", domain=MS_DOMAIN,
+                                 epsilon=float(_attr(norm, "epsilon", 1e-5)))
+        replace[id(add)], replace[id(norm)] = [fused], []  # at the Add: before all its readers
+    if replace:
+        nodes = [new for node in model.graph.node for new in replace.get(id(node), [node])]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        _tidy_imports(model)
+    return len(replace) // 2
 
 
 def rewrite(model: onnx.ModelProto, rope_mode: RopeMode | str, plan: dict | None = None
@@ -435,17 +723,44 @@ def rewrite(model: onnx.ModelProto, rope_mode: RopeMode | str, plan: dict | None
             replace[id(layer.k_scatter)] = replace[id(layer.v_scatter)] = []
         if how != FUNCTION:
             replace[id(layer.node)] = _BUILDERS[how](g, layer)
+    replace.update({dropped: [] for dropped in g.dropped})
     if replace:
         nodes = [new for node in model.graph.node for new in replace.get(id(node), [node])]
         del model.graph.node[:]
         model.graph.node.extend(nodes)
         model.graph.initializer.extend(g.new_inits)
+        _prune(model)
         _tidy_imports(model)
     ops = sorted({OP_NAMES[k] for k in chosen}, key=list(OP_NAMES.values()).index)
     report = {"attention": "+".join(ops) if ops else "none", "formulation": wanted, "layers": dict(chosen)}
     if reasons:
         report["fell_back"] = dict(reasons)
     return model, report
+
+
+def _prune(model: onnx.ModelProto) -> None:
+    """Drop the nodes no graph output depends on any more (the exporter's RoPE, head splits and
+    slot counts a fused kernel took over)."""
+    live = {o.name for o in model.graph.output}
+    kept = []
+    for node in reversed(model.graph.node):
+        if any(o in live for o in node.output):
+            kept.append(node)
+            live.update(node.input)
+            for a in node.attribute:  # a subgraph's reads of outer values
+                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    live.update(i for n in _all_nodes(sub) for i in n.input)
+    if len(kept) != len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(reversed(kept))
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                yield from _all_nodes(sub)
 
 
 def _tidy_imports(model: onnx.ModelProto) -> None:
@@ -478,6 +793,7 @@ def rewrite_file(src: Path, tmp: Path, rope_mode: RopeMode | str, remedy: str = 
                          + (f"; {remedy}" if remedy else "")) from None
     rope = _INPUTS.index("rope_cos"), _INPUTS.index("rope_sin")
     tables = {n.input[i] for n in model.graph.node if n.domain == spec.DOMAIN for i in rope if i < len(n.input)}
+    tables |= {n.input[0] for n in model.graph.node if n.op_type == "GatherND"}  # the graph's RoPE rows (gqa)
     locations = set()
     for init in model.graph.initializer:
         if not uses_external_data(init):
@@ -490,6 +806,8 @@ def rewrite_file(src: Path, tmp: Path, rope_mode: RopeMode | str, remedy: str = 
             locations.add(next(e.value for e in init.external_data if e.key == "location"))
     model, report = rewrite(model, rope_mode)
     report["rms_norms_fused"] = fuse_rms_norms(model)
+    report["skip_norms_fused"] = fuse_skip_norms(model)
+    report["qkv_packed"] = pack_qkv(model, src.parent)
     if set(report["layers"]) <= {FUNCTION} and not report["rms_norms_fused"]:
         return None, report
     for location in locations:  # relative to the graph: the export's data files beside the copy, hard-linked

@@ -7,6 +7,8 @@ random slots (any order) and on multi-token steps over a compacted cache."""
 
 import copy
 import json
+import shutil
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -61,10 +63,22 @@ def test_rewrite_is_recorded_and_the_export_keeps_the_op(built):
     engine_graph = onnx.load(str(root / "fused" / "model.onnx"), load_external_data=False)
     ops = {n.op_type for n in engine_graph.graph.node}
     assert KERNELS[mode] <= ops and "LowRankAttention" not in ops and not engine_graph.functions
-    # every RMSNorm (2 per layer + the final one) became ONNX Runtime's fused norm
-    assert runtime["attention_rewrite"]["rms_norms_fused"] == 2 * 3 + 1
+    # every RMSNorm (2 per layer + the final one) became ONNX Runtime's fused norm, all but the
+    # first (on the embedding) with the residual Add before it
+    report = runtime["attention_rewrite"]
+    assert report["rms_norms_fused"] == 2 * 3 + 1 and report["skip_norms_fused"] == 2 * 3
     assert "Pow" not in ops and "Reciprocal" not in ops
-    assert ops & {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"}
+    counts = Counter(n.op_type for n in engine_graph.graph.node)
+    assert counts["SkipSimplifiedLayerNormalization"] == 2 * 3 and counts["SimplifiedLayerNormalization"] == 1
+    if mode == "rotated":  # RoPE inside GQA (position_ids), packed QKV projection, no head splits
+        gqa = [n for n in engine_graph.graph.node if n.op_type == "GroupQueryAttention"]
+        assert report["qkv_packed"] == 3 and counts["MatMul"] == 5 * 3 + 1
+        for n in gqa:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            assert attrs["do_rotary"] == 1 and n.input[1] == n.input[2] == "" and n.input[9] == "position_ids"
+        # slot counts computed once per step for all layers, one Split hands each layer its row
+        assert counts["ReduceMax"] == 1 and counts["Squeeze"] <= 1 and counts["Gather"] == 1  # (the embedding)
+        assert not ops & {"Neg", "GatherND", "Transpose"} and counts["Reshape"] == 1  # (the flat slot counts)
     exported = onnx.load(str(built["graph"]), load_external_data=False)  # TensorRT's copy: unchanged
     assert sum(n.op_type == "LowRankAttention" and n.domain == "eigen" for n in exported.graph.node) == 3
     assert [f.name for f in exported.functions] == ["LowRankAttention"]
@@ -141,6 +155,41 @@ def test_fused_matches_float64_after_keep(built, new):
     assert np.abs(logits - ref_step).max() <= TOL_REF
 
 
+@pytest.mark.parametrize("variant", ["rope-in-graph", "unpacked", "per-layer-slot-counts"])
+def test_gqa_variants_match(built, variant, tmp_path, monkeypatch):
+    """The GQA layers' other forms, which a graph gets when a pattern is not recognised (RoPE left
+    in the graph with do_rotary=0; separate Q, K, V projections; slot counts computed per layer),
+    are exact too: vs the function engine on the same steps (right-padded multi-token prefill,
+    decode), same tolerance."""
+    if built["mode"] != "rotated":
+        pytest.skip("GQA layers: rotated mode")
+    from eigenkv.engines import ort
+    from eigenkv.manifest import read_manifest
+    if variant == "rope-in-graph":
+        monkeypatch.setattr(ort_fused, "_rope_of", lambda g, name: None)
+    elif variant == "unpacked":
+        monkeypatch.setattr(ort_fused, "pack_qkv", lambda model, base_dir=None: 0)
+    else:
+        monkeypatch.setattr(ort_fused, "_lengths_of", lambda g, name: None)
+    fields = ort.build(built["graph"], read_manifest(built["graph"]), tmp_path)
+    assert fields["runtime"]["attention"] == "GroupQueryAttention"
+    graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+    gqa = [n for n in graph.graph.node if n.op_type == "GroupQueryAttention"]
+    rotary = {a.i for n in gqa for a in n.attribute if a.name == "do_rotary"}
+    assert len(gqa) == 3 and rotary == ({0} if variant == "rope-in-graph" else {1})
+    if variant != "per-layer-slot-counts":  # separate Q, K, V (the graph-rotated ones are no MatMul outputs)
+        assert all(n.input[1] for n in gqa)
+    else:  # packed; seqlens_k and total_sequence_length computed by each layer
+        assert not any(n.input[1] for n in gqa)
+        assert sum(n.op_type == "ReduceMax" for n in graph.graph.node) == 3
+    shutil.copyfile(built["root"] / "fused" / "config.json", tmp_path / "config.json")
+    engine = load_engine(tmp_path)
+    rng = np.random.default_rng(5)
+    prompts = [list(rng.integers(0, 256, n)) for n in (5, 13, 9)]
+    got, function = _steps(engine, prompts, 4, 12), _steps(built["function"], prompts, 4, 12)
+    assert np.abs(got - function).max() <= TOL_ENGINES
+
+
 def test_rewrite_plans_and_fallbacks(built):
     """`function` leaves the graph alone; GQA is refused where keys are pre-RoPE or widths differ."""
     from eigenkv.plugins.spec import RopeMode
@@ -178,6 +227,9 @@ def test_build_falls_back_to_the_function_when_a_fused_kernel_fails(built, tmp_p
         return nodes
 
     monkeypatch.setitem(ort_fused._BUILDERS, ort_fused.GQA, broken)
+    # unpacked: with a packed QKV input the session itself refuses the head count (caught too,
+    # `_optimize`), before the engine check this test is about
+    monkeypatch.setattr(ort_fused, "pack_qkv", lambda model, base_dir=None: 0)
     fields = ort.build(built["graph"], read_manifest(built["graph"]), tmp_path)
     assert fields["runtime"]["attention"] == "function"
     reasons = fields["runtime"]["attention_rewrite"]["fell_back"]
@@ -213,6 +265,35 @@ def _rms_norm_graph(exponent: float):
     graph = helper.make_graph(nodes, "rms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 8])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), w
+
+
+def test_skip_norm_fusion_matches_float64_and_keeps_the_residual():
+    """Add(a, b) -> RMSNorm, the sum also read by the next residual Add: one
+    SkipSimplifiedLayerNormalization whose fourth output feeds that Add; a broadcasting Add is left."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=8).astype(np.float32)
+
+    def graph(b_shape):
+        nodes = [helper.make_node("Add", ["a", "b"], ["h"]),
+                 helper.make_node("SimplifiedLayerNormalization", ["h", "w"], ["n"], axis=-1, epsilon=1e-5),
+                 helper.make_node("Add", ["h", "n"], ["y"])]
+        vi = helper.make_tensor_value_info
+        g = helper.make_graph(nodes, "skip", [vi("a", TensorProto.FLOAT, ["B", "S", 8]), vi("b", TensorProto.FLOAT, b_shape)],
+                              [vi("y", TensorProto.FLOAT, ["B", "S", 8])], [numpy_helper.from_array(w, "w")])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+
+    model = graph(["B", "S", 8])
+    assert ort_fused.fuse_skip_norms(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["SkipSimplifiedLayerNormalization", "Add"]
+    a, b = (rng.normal(size=(2, 3, 8)).astype(np.float32) for _ in range(2))
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"a": a, "b": b})[0]
+    h = a.astype(np.float64) + b
+    expected = h + h / np.sqrt((h ** 2).mean(-1, keepdims=True) + 1e-5) * w
+    assert np.abs(got - expected).max() < 1e-5  # float32 round-off
+    broadcast = graph([1, 1, 8])
+    assert ort_fused.fuse_skip_norms(broadcast) == 0 and len(broadcast.graph.node) == 3
 
 
 def test_rms_norm_fusion_matches_float64_and_only_takes_the_exact_pattern():
