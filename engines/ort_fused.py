@@ -12,8 +12,8 @@ Runtime's CPU provider), all exact against the op's reference math:
   inputs are the graph's past inputs, its present outputs the graph's present outputs, which the
   engine binds to the same memory: the kernel sees past == present and appends the step's keys
   and values in place at slot cache_lengths[i]. `seqlens_k` = cache_lengths[i] + S - 1 (int32),
-  `total_sequence_length` = the maximum over all layers and sequences + 1 (with `query_seqlens`
-  GQA takes it as an upper bound only), `query_seqlens` = S for every sequence (every new
+  `total_sequence_length` = the layer's maximum over sequences + 1 (GQA sizes `present` from it:
+  with eviction the layers' buffers differ, so one bound for all layers would not fit), `query_seqlens` = S for every sequence (every new
   token goes to the cache, as TensorScatter wrote them; it also lifts GQA's batch-1 limit on
   multi-token steps with a past), `scale` the op's. These three are computed once per step for
   all layers when the layer's slot count is the exporter's `Cast(cache_lengths[i] + S)`; each
@@ -386,9 +386,6 @@ def _gqa(g: _Graph, layer: _Layer) -> list:
             nodes, "Add", [table, s], _C + "lengths_after")], _C + "lengths_after_i32", to=TensorProto.INT32))
         all_seqlens = _shared(g, nodes, "seqlens", lambda: _node(
             nodes, "Sub", [after, g.const("one_i32", 1, np.int32)], _C + "seqlens_k"))
-        # an upper bound of every layer's seqlens_k + 1 (allowed with query_seqlens; exact when uniform)
-        total = _shared(g, nodes, "total", lambda: _node(nodes, "ReduceMax", [after], _C + "total_sequence_length",
-                                                         keepdims=0))
         n_layers = g.dim(table, 0)
         if n_layers and 0 <= i < n_layers:  # one Split of the flat [L*B] table: row i is output i
             rows = [f"{_C}seqlens_k.{j}" for j in range(n_layers)]
@@ -396,8 +393,17 @@ def _gqa(g: _Graph, layer: _Layer) -> list:
             _shared(g, nodes, "seqlens_rows", lambda: _node(
                 nodes, "Split", [_node(nodes, "Reshape", [all_seqlens, g.const("shape_m1", [-1])], _C + "seqlens_k_flat")],
                 _C + "seqlens_k_rows", outputs=rows, axis=0, num_outputs=n_layers))
+            after_rows = [f"{_C}lengths_after.{j}" for j in range(n_layers)]
+            _shared(g, nodes, "after_rows", lambda: _node(
+                nodes, "Split", [_node(nodes, "Reshape", [after, g.const("shape_m1", [-1])], _C + "lengths_after_flat")],
+                _C + "lengths_after_rows", outputs=after_rows, axis=0, num_outputs=n_layers))
+            after_i = after_rows[i]
         else:
             seqlens = _node(nodes, "Gather", [all_seqlens, g.const(f"layer_{i}", i)], f"{p}seqlens_k", axis=0)
+            after_i = _node(nodes, "Gather", [after, g.const(f"layer_{i}", i)], f"{p}lengths_after", axis=0)
+        # this layer's own bound: GQA sizes `present` from it, and with eviction the layers' buffers
+        # differ (skipped layers hold the whole context), so a maximum over all layers can exceed one
+        total = _node(nodes, "ReduceMax", [after_i], f"{p}total_sequence_length", keepdims=0)
         steps = _shared(g, nodes, "steps", lambda: _node(nodes, "Cast", [s], _C + "q_len_i32", to=TensorProto.INT32))
         batch = _shared(g, nodes, "batch", lambda: _node(nodes, "Shape", [table], _C + "batch", start=1, end=2))
     else:

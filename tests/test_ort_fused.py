@@ -111,6 +111,23 @@ def test_fused_matches_the_function_engine(built):
     assert tokens[0] == tokens[1]
 
 
+def test_fused_matches_the_function_engine_under_eviction(built):
+    """Evicted layers hold budget + headroom slots while the skipped layer holds the whole context:
+    buffers of different sizes in one step (each GQA layer bounds its own present)."""
+    from eigenkv.engines.eviction import EvictionSettings, make_evictor
+    rng = np.random.default_rng(5)
+    prompts = [list(rng.integers(0, 256, n)) for n in (30, 23)]
+    settings = EvictionSettings(budget=8, sink=1, recent=2, skip_layers=(0,), headroom=4)
+    runs = []
+    for k in ("fused", "function"):
+        evictor = make_evictor(settings, built[k])
+        caches = []
+        runs.append(generate(built[k], prompts, 12, prefill_chunk=4, evictor=evictor, on_cache=caches.append))
+        caps = caches[-1].capacities
+        assert caps[0] > caps[1] and evictor.evictions > 0
+    assert runs[0] == runs[1]
+
+
 @torch.no_grad()
 def _reference(model, prompt, kept, tokens, positions):
     """Float64: full prefill of `prompt`; then a cache holding only `kept` (per layer [B, Hkv, k]
