@@ -102,7 +102,9 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-text", default="wiki", metavar="FILE|NAME",
                    help=f"UTF-8 calibration text, or a built-in text: {_texts()} (default wiki)")
     p.add_argument("--calib-samples", type=int, default=16, metavar="N", help="calibration sequences (default 16)")
-    p.add_argument("--calib-seq-len", type=int, default=1024, metavar="S", help="tokens per sequence (default 1024)")
+    p.add_argument("--calib-seq-len", type=int, default=1024, metavar="S", help="tokens per sequence (default 1024); the compressed cache is "
+                   "reliable up to about this context: use the longest context you serve (e.g. 4096 with "
+                   "--calib-samples 4)")
     p.add_argument("--eval-tokens", type=int, default=20480, metavar="T",
                    help="tokens of each held-out text for perplexity, 0 to skip (default: 20480 for compress; "
                         "8192 for export, 0 with --no-compress)")
@@ -220,6 +222,11 @@ def _cmd_export(args) -> int:
           f"{v['decode_steps']} greedy tokens {'identical' if v['decode_tokens_equal'] else 'DIFFER'}")
     for name, p in manifest.report["perplexity"].items():
         print(f"perplexity {name}: {p['original']:.3f} -> {p['folded']:.3f} ({p['increase_pct']:+.1f}%)")
+    calibrated = (manifest.report.get("calibration") or {}).get("seq_len")
+    if not (args.no_compress or args.projections) and calibrated and layout.max_seq_len > calibrated:
+        print(f"note: calibrated on {calibrated}-token sequences; a compressed cache can fail at retrieval past "
+              f"that context (README, long-context results): pass --calib-seq-len up to {layout.max_seq_len} "
+              "to serve longer prompts")
     return 0
 
 
