@@ -70,7 +70,7 @@ def capacities(engine: Engine, context: int, chunk: int, evictor=None) -> list[i
     positions before a step's first token and the step's own (`slide_windows` keeps it there)."""
     caps = [context] * engine.layout.n_layers if evictor is None else \
         evictor.capacities(engine.layout.n_layers, context, chunk)
-    return [min(cap, context, window - 1 + chunk) if (window := engine.layout.window(i)) else cap
+    return [min(cap, window - 1 + chunk) if (window := engine.layout.window(i)) else cap
             for i, cap in enumerate(caps)]
 
 

@@ -41,7 +41,7 @@ class EigenLayer(nn.Module):
 
     def forward(self, x, positions, rope=None, cache=None, layer=0):
         x = x + self.attn_post_norm(self.attn(self.attn_norm(x), positions, rope, cache, layer))
-        return x + self.mlp_post_norm(self.mlp(self.mlp_norm(x)))
+        return self.mlp_block(x)
 
     def mlp_block(self, x: torch.Tensor) -> torch.Tensor:
         """x + mlp_post_norm(mlp(mlp_norm(x))): the second half of `forward`."""
