@@ -8,7 +8,7 @@ description into an `EigenDecoder`; nothing here runs a model.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -168,9 +168,7 @@ register(Family(model_type="phi3", **{**_LLAMA_PATHS, "q": None, "k": None, "v":
 # ---- Gemma 3 text (QK-norm, four norms per layer, local/global layers with their own RoPE) ----
 
 def _gemma3_dims(c) -> Dims:
-    d = _llama_dims(c)
-    return Dims(d.hidden, d.n_layers, d.n_heads, d.n_kv_heads, d.head_dim, d.max_positions,
-                c.query_pre_attn_scalar ** -0.5)
+    return replace(_llama_dims(c), scale=c.query_pre_attn_scalar ** -0.5)
 
 
 def _gemma3_check(c) -> None:
