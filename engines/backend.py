@@ -127,8 +127,33 @@ class HostKVCache(KVCache):
     def __init__(self, layout: KVLayout, batch: int, capacities: list[int], precision: str):
         dtype = numpy_dtype(precision)
         self.itemsize = np.dtype(dtype).itemsize
-        self.slot_positions = self._allocate(layout, batch, capacities,
-                                             lambda shape, pos: np.zeros(shape, np.int32 if pos else dtype))
+        self._allocate(layout, batch, capacities, lambda shape, pos: np.zeros(shape, np.int32 if pos else dtype))
+        # every layer's slot positions are one view into a single int32 arena, so that a step's
+        # positions go to all layers in one scatter (`write_positions`) instead of a loop per layer
+        caps = np.asarray(capacities, np.int64)
+        h = layout.n_kv_heads
+        sizes = batch * h * caps
+        self._offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self._caps = caps
+        self._arena = np.zeros(int(sizes.sum()), np.int32)
+        self.slot_positions = [self._arena[o:o + n].reshape(batch, h, int(c))
+                               for o, n, c in zip(self._offsets, sizes, caps)]
+        # flat index of slot 0 of every (layer, sequence, head): [L, B, H]
+        self._row_starts = (self._offsets[:, None, None] + (np.arange(batch)[None, :, None] * h
+                            + np.arange(h)[None, None, :]) * caps[:, None, None])
+
+    def check_room(self, new_tokens: int) -> None:
+        over = self.lengths.max(axis=1) + new_tokens > self._caps
+        if over.any():
+            super().check_room(new_tokens)  # the loop names the first layer that overflows
+
+    def write_positions(self, positions: np.ndarray) -> None:
+        """See KVCache.write_positions: one vectorised scatter over every layer, sequence and head."""
+        seq = positions.shape[1]
+        self.check_room(seq)
+        # [L, B, H, S] flat slots: row start + the layer's length for the sequence + 0..S-1
+        index = (self._row_starts + self.lengths[:, :, None])[..., None] + np.arange(seq)
+        self._arena[index] = np.asarray(positions, np.int32)[None, :, None, :]
 
     @property
     def nbytes(self) -> int:

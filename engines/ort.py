@@ -11,6 +11,7 @@ next step sees. No cache buffer moves or is rebound during decode.
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -55,7 +56,6 @@ class OrtKVCache(HostKVCache):
         import onnxruntime as ort
         super().__init__(engine.layout, batch, capacities, engine.precision)
         self.binding = engine.session.io_binding()
-        self.binding.bind_output(engine.io.logits, "cpu")  # output 0 (`step` reads it by index), rebound per step
         self._values = [ort.OrtValue.ortvalue_from_numpy(b) for b in self.buffers]  # shares memory
         for name_in, name_out, value in zip(engine.past, engine.present, self._values):
             self.binding.bind_ortvalue_input(name_in, value)
@@ -81,7 +81,7 @@ class OrtEngine(Engine):
         self._key_grams = key_grams or {}
         self.binds = 0  # KV buffer bindings made (a test checks they are per cache, not per token)
 
-    @property
+    @functools.cached_property
     def vocab_size(self) -> int:
         return int(next(o.shape[-1] for o in self.session.get_outputs() if o.name == self.io.logits))
 
@@ -92,14 +92,18 @@ class OrtEngine(Engine):
         return OrtKVCache(self, batch, self.check_capacity(capacity))
 
     def step(self, cache: OrtKVCache, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        import onnxruntime as ort
         cache.write_positions(positions)
         binding = cache.binding
-        binding.bind_output(self.io.logits, "cpu")  # fresh every step: its shape follows S
+        # a fresh host array per step (the caller owns it), bound in place of ORT's own output: reading
+        # ORT-allocated outputs back costs a wrapper per output (61 here), binding one costs one
+        logits = np.empty((*ids.shape, self.vocab_size), np.float32)
+        binding.bind_ortvalue_output(self.io.logits, ort.OrtValue.ortvalue_from_numpy(logits))
         binding.bind_cpu_input(self.io.input_ids, np.ascontiguousarray(ids, dtype=np.int64))
         binding.bind_cpu_input(self.io.position_ids, np.ascontiguousarray(positions, dtype=np.int64))
         binding.bind_cpu_input(self.io.cache_lengths, np.ascontiguousarray(cache.lengths, dtype=np.int64))
         self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()
+        return logits
 
 
 ATTENTION_CHOICES = ("fused", "function")  # `eigenkv build --attention` (ORT backend)

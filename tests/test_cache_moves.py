@@ -98,3 +98,29 @@ def test_keep_refuses_slots_outside_the_valid_ones(mode):
     cache.lengths[0, 0] = 4
     with pytest.raises(EigenError, match="slot indices must be in 0..3"):
         cache.keep(0, 0, np.array([[0, 4], [1, 2]]))
+
+
+def test_host_write_positions_equals_the_per_layer_loop():
+    """HostKVCache writes a step's positions to every layer in one scatter; it must land exactly where
+    the generic per-layer, per-sequence loop (KVCache.write_positions) puts them, with uneven
+    capacities and lengths per layer, and refuse an overflow the same way."""
+    from eigenkv.engines.backend import HostKVCache, KVCache
+    from eigenkv.errors import EigenError
+    from eigenkv.manifest import KVLayout
+    rng = np.random.default_rng(7)
+    layout = KVLayout(n_layers=4, n_kv_heads=3, head_dim=8, key_ranks=(8, 4, 8, 2), value_ranks=(8, 8, 4, 2),
+                      max_seq_len=64)
+    caps = [16, 9, 12, 20]
+    fast, slow = (HostKVCache(layout, 2, caps, "fp32") for _ in range(2))
+    for step, seq in enumerate((5, 1, 3)):
+        lengths = np.stack([rng.integers(0, c - seq + 1, size=2) for c in caps])
+        positions = rng.integers(0, 1000, size=(2, seq))
+        for cache in (fast, slow):
+            cache.lengths[:] = lengths
+        fast.write_positions(positions)
+        KVCache.write_positions(slow, positions)
+        for i in range(layout.n_layers):
+            assert np.array_equal(fast.positions(i), slow.positions(i)), (step, i)
+    fast.lengths[1, 0] = caps[1]
+    with pytest.raises(EigenError, match="layer 1 holds 9 of 9 slots"):
+        fast.write_positions(np.zeros((2, 1), np.int64))
