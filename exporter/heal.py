@@ -27,6 +27,7 @@ class HealSettings:
     batch_size: int = 2
     seq_len: int = 256
     seed: int = 0
+    eval_every: int = 0  # steps between held-out KL measurements (0: none)
 
 
 @dataclass
@@ -37,10 +38,14 @@ class HealReport:
     kl_last: float  # mean KL of the last 10%
     trained_parameters: int
     losses: list[float] = field(default_factory=list)
+    held_out_kl: list[tuple[int, float]] = field(default_factory=list)  # (step, KL nats/token) on held-out text
 
     def summary(self) -> dict:
-        return {"steps": self.steps, "seconds": round(self.seconds, 1), "kl_first": round(self.kl_first, 5),
-                "kl_last": round(self.kl_last, 5), "trained_parameters": self.trained_parameters}
+        out = {"steps": self.steps, "seconds": round(self.seconds, 1), "kl_first": round(self.kl_first, 5),
+               "kl_last": round(self.kl_last, 5), "trained_parameters": self.trained_parameters}
+        if self.held_out_kl:
+            out["held_out_kl"] = [[s, round(k, 5)] for s, k in self.held_out_kl]
+        return out
 
 
 def folded_parameters(folded: EigenDecoder, original: EigenDecoder) -> list[torch.Tensor]:
@@ -75,23 +80,48 @@ def _training(folded: EigenDecoder, params: list[torch.Tensor]):
             layer.attn.differentiable = False
 
 
-def heal(folded: EigenDecoder, original: EigenDecoder, tokens: torch.Tensor, settings: HealSettings,
-         progress: bool = True) -> HealReport:
-    """Train `folded` in place. tokens [T] calibration stream, cut into random windows
-    [batch_size, seq_len] per step; Adam on KL(original ‖ folded)."""
+def heal(folded: EigenDecoder, original: EigenDecoder, tokens, settings: HealSettings,
+         progress: bool = True, weights: dict | None = None, held_out: torch.Tensor | None = None) -> HealReport:
+    """Train `folded` in place on KL(original ‖ folded) with Adam (warm-up, then linear decay).
+
+    tokens: the calibration stream [T] (int64), or {text: [T_i]} streams of a mix, each cut into
+    windows of settings.seq_len tokens; every step draws settings.batch_size windows, each from a
+    text chosen by `weights` ({text: weight}, default equal). held_out [B, S]: token windows never
+    trained on; with settings.eval_every, the KL on them is measured before the first step, every
+    eval_every steps and after the last (`HealReport.held_out_kl`: the curve that says whether more
+    steps would pay). ValueError if a text has fewer than seq_len tokens."""
     params = folded_parameters(folded, original)
     gen = torch.Generator().manual_seed(settings.seed)
-    n_windows = tokens.numel() // settings.seq_len
-    if n_windows < 1:
-        raise ValueError(f"healing needs at least {settings.seq_len} tokens, got {tokens.numel()}")
-    windows = tokens[: n_windows * settings.seq_len].view(n_windows, settings.seq_len)
+    streams = tokens if isinstance(tokens, dict) else {"text": tokens}
+    names = list(streams)
+    pools = []
+    for name in names:
+        n_windows = streams[name].numel() // settings.seq_len
+        if n_windows < 1:
+            raise ValueError(f"healing needs at least {settings.seq_len} tokens of {name}, got {streams[name].numel()}")
+        pools.append(streams[name][: n_windows * settings.seq_len].view(n_windows, settings.seq_len))
+    probs = torch.tensor([float((weights or {}).get(n, 1.0)) for n in names], dtype=torch.float64)
     losses: list[float] = []
+    curve: list[tuple[int, float]] = []
+    reference = None
+    if held_out is not None and settings.eval_every:
+        with torch.no_grad():
+            reference = torch.log_softmax(original(held_out).float(), -1)
+
+    def measure(step: int) -> None:
+        if reference is not None:
+            with torch.no_grad():
+                curve.append((step, float(kl_divergence(reference, folded(held_out)))))
+
     t0 = time.perf_counter()
+    measure(0)
     with _training(folded, params):
         opt = torch.optim.Adam(params, lr=settings.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * (1 - s / max(settings.steps, 1)))
         for _ in tqdm(range(settings.steps), desc="heal", unit="step", disable=not progress):
-            ids = windows[torch.randint(0, n_windows, (settings.batch_size,), generator=gen)]
+            texts = torch.multinomial(probs, settings.batch_size, replacement=True, generator=gen).tolist()
+            ids = torch.stack([pools[t][int(torch.randint(0, pools[t].shape[0], (1,), generator=gen))]
+                               for t in texts])
             with torch.no_grad():
                 ref = torch.log_softmax(original(ids).float(), -1)
             loss = kl_divergence(ref, folded(ids))
@@ -100,7 +130,11 @@ def heal(folded: EigenDecoder, original: EigenDecoder, tokens: torch.Tensor, set
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
+            if settings.eval_every and len(losses) % settings.eval_every == 0 and len(losses) < settings.steps:
+                measure(len(losses))
+    if settings.steps:
+        measure(settings.steps)
     k = max(1, len(losses) // 10)
     return HealReport(settings.steps, time.perf_counter() - t0,
                       sum(losses[:k]) / k if losses else 0.0, sum(losses[-k:]) / k if losses else 0.0,
-                      sum(p.numel() for p in params), losses)
+                      sum(p.numel() for p in params), losses, curve)

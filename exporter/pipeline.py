@@ -26,8 +26,8 @@ from eigenkv.exporter.quality import validation_rise
 from eigenkv.exporter.perplexity import perplexity
 from eigenkv.exporter.families import Dims, family_for, registered
 from eigenkv.exporter.rank_strategies import chosen_strategies, rank_strategy
-from eigenkv.exporter.sources import ModelSource, load_config, load_model, model_hash, resolve_model
-from eigenkv.exporter.texts import Texts, split_texts
+from eigenkv.exporter.sources import BUILTIN_TEXTS, ModelSource, load_config, load_model, model_hash, resolve_model
+from eigenkv.exporter.texts import Texts, parse_mix, split_texts
 from eigenkv.plugins.spec import RopeMode
 
 COMPRESS_ROPE_MODES = (RopeMode.PRE, RopeMode.JOINT)  # what the compress stage folds into
@@ -52,10 +52,10 @@ class CompressConfig:
     validation_tokens: int = 8192  # --max-ppl-increase judges on this many held-out tokens
     projections: str | None = None  # reuse folded attention from a projections.safetensors
     no_compress: bool = False  # the uncompressed baseline through the same code
-    calib_text: str = "wiki"  # built-in name or file
+    calib_text: str | tuple[str, ...] = "mix"  # `NAME_OR_FILE[:WEIGHT]` item(s), or "mix" (texts.DEFAULT_MIX)
     calib_samples: int = 16
     calib_seq_len: int = 1024
-    eval_texts: tuple[str, ...] = ("wiki", "c4")
+    eval_texts: tuple[str, ...] = ("wiki", "c4", "tiny")  # tiny is in no calibration mix by default
     eval_tokens: int = 20480
     eval_window: int = 1024
     progress: bool = True
@@ -113,6 +113,10 @@ class CompressConfig:
         for name in ("calib_samples", "calib_seq_len", "eval_window"):
             if getattr(self, name) < 1:
                 raise EigenError(f"--{name.replace('_', '-')} must be >= 1")
+        for name, _ in parse_mix(self.calib_text):
+            if name not in BUILTIN_TEXTS and not Path(name).is_file():
+                raise EigenError(f"--calib-text {name!r}: no such file (pass UTF-8 files or built-in texts: "
+                                 f"{', '.join(BUILTIN_TEXTS)})")
         if self.eval_tokens < 0:
             raise EigenError("--eval-tokens must be >= 0 (0 skips perplexity)")
         return replace(self, rope_mode=rope_mode, method=method, kv_ratio=kv_ratio)
@@ -215,8 +219,8 @@ def compress(config: CompressConfig, source: ModelSource | None = None) -> Compr
     healed = None
     if config.heal_steps:
         settings = HealSettings(steps=config.heal_steps, lr=config.heal_lr, seq_len=min(256, config.calib_seq_len))
-        healed = heal(folded, decoder, texts.calibration, settings,
-                      progress=config.progress)
+        healed = heal(folded, decoder, texts.calibration, settings, progress=config.progress,
+                      weights=texts.weights)
         if texts.validation is not None:
             details["quality_budget"]["after_healing"] = validation_rise(
                 decoder, folded, texts.validation, config.eval_window, config.progress)
@@ -230,7 +234,8 @@ def compress(config: CompressConfig, source: ModelSource | None = None) -> Compr
         "n_layers": dims.n_layers, "n_heads": dims.n_heads, "n_kv_heads": dims.n_kv_heads, "head_dim": dims.head_dim,
         "rope_mode": (RopeMode.NONE.value if decoder.family.positions != "rope" else
                       RopeMode.ROTATED.value if config.no_compress else details["rope_mode"]),
-        "calibration": {"text": config.calib_text, "samples": config.calib_samples, "seq_len": config.calib_seq_len},
+        "calibration": {"text": texts.label, "samples": config.calib_samples, "seq_len": config.calib_seq_len,
+                        "samples_per_text": texts.samples_per_text},
         "ranks": {"key": key_ranks, "value": value_ranks, **details},
         "kv_ratio": round(rank_sel.kv_ratio(key_ranks, value_ranks, dims.head_dim), 6),
         "kv_bytes_per_token_fp16": {"original": layout.original_bytes_per_token("fp16"),

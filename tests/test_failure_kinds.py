@@ -639,7 +639,8 @@ def test_help_texts(capsys):
         assert default in bench, default
     assert "(default 64)" in _help(["run", "--help"], capsys)
     compress = _help(["compress", "--help"], capsys)
-    assert "built-in text: " + ", ".join(BUILTIN_TEXTS) in compress
+    assert "a built-in text (" + ", ".join(BUILTIN_TEXTS) + ")" in compress
+    assert "default `mix`: wiki 0.3, c4 0.3, code 0.15, technical 0.15, multilingual 0.1" in compress
     top = _help(["--help"], capsys)
     assert "loss-aware" in top and "take the SVD of each layer" not in top
     from eigenkv.exporter.sources import builtin_text_path

@@ -37,11 +37,13 @@ def test_calibration_evaluation_and_validation_tokens_are_disjoint(text_file):
     stream = tokenize(tokenizer, text_file.read_text())
     assert stream.numel() == N_CHARS
     config = CompressConfig(calib_text=str(text_file), eval_texts=(str(text_file),), eval_tokens=500,
-                            max_ppl_increase=0.1, validation_tokens=300, calib_samples=4, calib_seq_len=100)
+                            max_ppl_increase=0.1, validation_tokens=300, eval_window=100, calib_samples=4,
+                            calib_seq_len=100)
     texts = split_texts(config, tokenizer)
     half = N_CHARS // 2
-    spans = {"calibration": _span(stream, texts.calibration), "samples": _span(stream, texts.samples.flatten()),
-             "evaluation": _span(stream, texts.evals[str(text_file)]), "validation": _span(stream, texts.validation)}
+    name = str(text_file)
+    spans = {"calibration": _span(stream, texts.calibration[name]), "samples": _span(stream, texts.samples.flatten()),
+             "evaluation": _span(stream, texts.evals[name]), "validation": _span(stream, texts.validation[name])}
     assert spans == {"calibration": range(0, half), "samples": range(0, 400),
                      "evaluation": range(half, half + 500), "validation": range(N_CHARS - 300, N_CHARS)}
     held_out = set(spans["evaluation"]) | set(spans["validation"])
@@ -49,12 +51,82 @@ def test_calibration_evaluation_and_validation_tokens_are_disjoint(text_file):
     # nothing held out: calibration takes the whole text
     whole = split_texts(CompressConfig(calib_text=str(text_file), eval_tokens=0, calib_samples=4,
                                        calib_seq_len=100), tokenizer)
-    assert _span(stream, whole.calibration) == range(0, N_CHARS) and not whole.evals and whole.validation is None
+    assert _span(stream, whole.calibration[name]) == range(0, N_CHARS) and not whole.evals
+    assert whole.validation is None
+
+
+@pytest.fixture(scope="module")
+def three_texts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mix")
+    paths = []
+    for i, n in enumerate((4000, 3000, 2400)):
+        rng = random.Random(10 + i)
+        path = root / f"text{i}.txt"
+        path.write_text("".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(n)))
+        paths.append(path)
+    return paths
+
+
+def test_a_mix_splits_every_text_into_disjoint_roles(three_texts):
+    """Two texts calibrate (weights 3:1), the third is evaluated only: per text, the samples lie in the
+    calibration half, evaluation and validation in the held-out half and apart; samples follow the
+    weights, interleaved; the text outside the mix is evaluated from its start; the validation slices
+    share validation_tokens by weight in whole windows."""
+    a, b, c = (str(p) for p in three_texts)
+    tokenizer = byte_tokenizer()
+    streams = {p: tokenize(tokenizer, open(p).read()) for p in (a, b, c)}
+    config = CompressConfig(calib_text=(f"{a}:3", f"{b}:1"), eval_texts=(a, b, c), eval_tokens=400,
+                            max_ppl_increase=0.1, validation_tokens=400, eval_window=100, calib_samples=8,
+                            calib_seq_len=50)
+    texts = split_texts(config, tokenizer)
+    assert texts.weights == {a: 0.75, b: 0.25} and texts.samples_per_text == {a: 6, b: 2}
+    assert set(texts.calibration) == {a, b} and set(texts.validation) == {a, b}
+    # round-robin: a, b, a, b, a, a, a, a
+    origin = [next(p for p in (a, b) if (streams[p].unfold(0, 50, 1) == row).all(1).any()) for row in texts.samples]
+    assert origin == [a, b, a, b, a, a, a, a]
+    assert {p: t.numel() for p, t in texts.validation.items()} == {a: 300, b: 100}
+    for p in (a, b):
+        half = streams[p].numel() // 2
+        cal = _span(streams[p], texts.calibration[p])
+        ev, val = _span(streams[p], texts.evals[p]), _span(streams[p], texts.validation[p])
+        assert cal == range(0, half) and ev.start == half and val.stop == streams[p].numel()
+        assert not set(ev) & set(val) and not set(cal) & (set(ev) | set(val))
+        for row, o in zip(texts.samples, origin):
+            if o == p:
+                assert _span(streams[p], row).stop <= half
+    assert _span(streams[c], texts.evals[c]) == range(0, 400)
+
+
+@pytest.mark.parametrize("spec, message", [
+    (("wiki:0",), "the weight must be a positive number"),
+    (("wiki:-1",), "the weight must be a positive number"),
+    (("wiki", "wiki:2"), "names 'wiki' twice"),
+    (("mix", "c4"), "--calib-text mix is the built-in mix"),
+    (("no/such/file.txt:2",), "--calib-text 'no/such/file.txt': no such file"),
+])
+def test_bad_mixes_are_refused_in_one_line(spec, message):
+    with pytest.raises(EigenError) as err:
+        CompressConfig(calib_text=spec).resolved()
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_default_mix_and_its_shares():
+    from eigenkv.exporter.texts import DEFAULT_MIX, parse_mix, share
+    assert CompressConfig().calib_text == "mix" and parse_mix("mix") == DEFAULT_MIX
+    assert abs(sum(w for _, w in DEFAULT_MIX) - 1) < 1e-12 and "tiny" not in dict(DEFAULT_MIX)
+    assert "tiny" in CompressConfig().eval_texts  # one evaluation domain in no calibration set
+    assert share(16, [w for _, w in DEFAULT_MIX]) == [5, 5, 2, 2, 2]
+    assert share(5, [0.9, 0.05, 0.05]) == [3, 1, 1]  # every text gets one
+    with pytest.raises(EigenError, match="cannot give each of 3 texts"):
+        share(2, [0.5, 0.25, 0.25])
+    assert parse_mix(("x.txt:1", "y.txt:3")) == (("x.txt", 0.25), ("y.txt", 0.75))
+    assert parse_mix("C:dir/notes.txt") == (("C:dir/notes.txt", 1.0),)  # a colon without a weight is a path
 
 
 def test_validation_that_would_overlap_evaluation_is_refused(text_file):
     config = CompressConfig(calib_text=str(text_file), eval_texts=(str(text_file),), eval_tokens=1800,
-                            max_ppl_increase=0.1, validation_tokens=300, calib_samples=4, calib_seq_len=100)
+                            max_ppl_increase=0.1, validation_tokens=300, eval_window=100, calib_samples=4,
+                            calib_seq_len=100)
     with pytest.raises(EigenError, match="too short for 300 validation tokens after 1800 evaluation tokens"):
         split_texts(config, byte_tokenizer())
 

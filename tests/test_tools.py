@@ -122,6 +122,34 @@ def test_method_table(workdir):
     assert _table(run.stdout) == table
 
 
+def test_quality_table(workdir):
+    """Two calibrations (one text; a two-text mix), one ratio with a healed row and its held-out KL
+    curve, cloze accuracy on the rows at the cloze ratio."""
+    (workdir / "other.txt").write_text("Pack my box with five dozen liquor jugs! " * 90)
+    run = _tool("quality_table.py", "--model", "llama", "--calibrations", "calib.txt", "calib.txt:1,other.txt:3",
+                "--calib-samples", "2", "--calib-seq-len", "32", "--eval-texts", "calib.txt,other.txt",
+                "--eval-tokens", "64", "--eval-window", "32", "--cloze-texts", "other.txt", "--cloze-items", "5",
+                "--ratios", "0.5", "--heal-ratios", "0.5", "--heal-steps", "2", "--heal-eval-every", "1",
+                *QUIET, "--out", "quality/table", cwd=workdir)
+    meta = json.loads((workdir / "quality" / "table.json").read_text())
+    assert meta["calibrations"] == {"calib.txt": "calib.txt:1", "calib.txt:1,other.txt:3": "calib.txt:0.25,other.txt:0.75"}
+    rows = meta["rows"]
+    assert [(r["calibration"], r["method"], bool(r["healing"])) for r in rows] == [
+        ("-", "original", False), ("calib.txt:1", "eigen (paper), energy", False),
+        ("calib.txt:1", "loss-aware", False), ("calib.txt:1", "loss-aware", True),
+        ("calib.txt:0.25,other.txt:0.75", "loss-aware", False), ("calib.txt:0.25,other.txt:0.75", "loss-aware", True)]
+    assert meta["evaluation"]["tokens_scored"] == {"calib.txt": 62, "other.txt": 62}
+    for r in rows:
+        assert set(r["ppl"]) == {"calib.txt", "other.txt"} and all(v > 1 for v in r["ppl"].values())
+        assert r["cloze"] is not None and 0 <= r["cloze"]["other.txt"] <= 1  # every row here is at the cloze ratio
+    healed = rows[3]["healing"]
+    assert [s for s, _ in healed["held_out_kl"]] == [0, 1, 2] and healed["steps"] == 2
+    text = (workdir / "quality" / "table.md").read_text()
+    tables = [t for t in text.split("\n\n") if t.startswith("|")]
+    assert len(tables) == 3 and len(_table(tables[0])) == 2 + len(rows) and len(_table(tables[2])) == 2 + 2
+    assert _table(run.stdout)[: 2 + len(rows)] == _table(tables[0])
+
+
 def test_ppl_table(workdir):
     run = _tool("ppl_table.py", *SMALL, *QUIET, "--ratios", "0.5", "--out", "ppl/table", cwd=workdir)
     meta = json.loads((workdir / "ppl" / "table.json").read_text())
