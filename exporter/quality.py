@@ -65,8 +65,6 @@ def search_smallest_cache(decoder: EigenDecoder, factors: list, curves, tokens: 
     """Bisection over the KV byte ratio in (0, 1]: the smallest ratio probed whose validation
     perplexity is <= (1 + max_increase) × the original's on every text of `tokens` ({text: [T]}
     validation slices). Ratio 1.0 (no compression) always qualifies."""
-    if isinstance(tokens, torch.Tensor):
-        tokens = {"validation": tokens}
     original = {n: perplexity(decoder, t, window, progress=False).value for n, t in tokens.items()}
     d, n_layers = decoder.dims.head_dim, decoder.dims.n_layers
     best = ([d] * n_layers, [d] * n_layers, 1.0, dict(original))
