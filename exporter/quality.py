@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
 from eigenkv.exporter import ranks as rank_sel
 from eigenkv.exporter.decoder import EigenDecoder
 from eigenkv.exporter.fold import fold
