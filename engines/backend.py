@@ -243,6 +243,10 @@ class Engine(ABC):
     # True when a batch of several sequences must be prefilled in one step (ORT-GenAI): callers
     # that chunk prefill pass the whole prompt at once for B > 1
     batch_prefill_in_one_step: bool = False
+    # True when a multi-token step returns only its last position's logits [B, 1, V] (an
+    # ORT-GenAI model built with a pruned LM head); prefill then needs equal-length prompts and
+    # perplexity cannot be scored through it
+    last_logits_only: bool = False
 
     @property
     @abstractmethod
@@ -266,8 +270,9 @@ class Engine(ABC):
 
     @abstractmethod
     def step(self, cache: KVCache, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """ids, positions int64 [B, S] -> logits [B, S, V] (host array). Writes the step's K/V at
-        each layer's `cache.lengths` and their positions; the caller then calls `cache.advance`."""
+        """ids, positions int64 [B, S] -> logits [B, S, V] (host array; [B, 1, V], the last
+        position's, when `last_logits_only`). Writes the step's K/V at each layer's
+        `cache.lengths` and their positions; the caller then calls `cache.advance`."""
 
     def synchronize(self) -> None:
         """Wait for queued device work (a no-op on synchronous CPU backends)."""

@@ -167,7 +167,7 @@ class GenAIEngine(Engine):
                              f"{e}); {_REBUILD}") from None
         if not (self.dir / filename).is_file():
             raise EigenError(f"{self.dir} lacks {filename}, named by its {CONFIG_FILE}; {_REBUILD}")
-        self.dtype = _cache_dtype(self.dir / filename, past_key % 0)
+        self.dtype, self.last_logits_only = _graph_io(self.dir / filename, past_key % 0, self.logits_name)
         self.precision = precision_of(np.dtype(self.dtype))
         self.layout = KVLayout(n_layers, kv_heads, head_dim, [head_dim] * n_layers, [head_dim] * n_layers,
                                self.context_length, slot_positions=False)
@@ -217,7 +217,8 @@ class GenAIEngine(Engine):
         return GenAICache(self, batch, caps[0])
 
     def step(self, cache: GenAICache, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """ids, positions int64 [B, S] -> logits [B, S, V] (float32 host array, a copy).
+        """ids, positions int64 [B, S] -> logits [B, S, V] (float32 host array, a copy; [B, 1, V],
+        the last position's, for a model built with a pruned LM head: `last_logits_only`).
 
         Positions must be cache.length..cache.length+S-1 for every sequence. EigenError if they are
         not, if ids are outside the vocabulary, if the tokens overflow the capacity, for a second
@@ -271,20 +272,24 @@ class GenAIEngine(Engine):
         return generator.get_logits()  # runs the model on `tokens`
 
 
-def _cache_dtype(model: Path, past_name: str):
-    """numpy dtype of the graph input `past_name` (read from the graph, weights not loaded)."""
+def _graph_io(model: Path, past_name: str, logits_name: str):
+    """(numpy dtype of the graph input `past_name`, whether the output `logits_name` holds one
+    position [B, 1, V]: a model built with `prune_lm_head`), read from the graph, weights not
+    loaded."""
     import onnx
     try:
         graph = onnx.load(str(model), load_external_data=False).graph
     except Exception as e:  # noqa: BLE001 - protobuf decode errors have no common base
         raise EigenError(f"{model} is corrupt ({_first_line(e)}); {_REBUILD}") from None
+    dims = [list(v.type.tensor_type.shape.dim) for v in graph.output if v.name == logits_name]
+    last_only = bool(dims) and len(dims[0]) == 3 and dims[0][1].dim_value == 1
     for value in graph.input:
         if value.name == past_name:
             elem = value.type.tensor_type.elem_type
             if elem == onnx.TensorProto.FLOAT:
-                return np.float32
+                return np.float32, last_only
             if elem == onnx.TensorProto.FLOAT16:
-                return np.float16
+                return np.float16, last_only
             raise EigenError(f"{model}: cache type {onnx.TensorProto.DataType.Name(elem)} is not supported "
                              "(float32 or float16)")
     raise EigenError(f"{model} has no input {past_name}: not the decoder its {CONFIG_FILE} describes; {_REBUILD}")

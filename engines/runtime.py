@@ -112,13 +112,17 @@ def prefill(engine: Engine, cache: KVCache, ids: np.ndarray, lengths: np.ndarray
     for start in range(0, width, chunk):
         stop = min(start + chunk, width)
         _make_room(engine, cache, stop - start, start, evictor)
+        ends = (lengths - 1 >= start) & (lengths - 1 < stop)
+        if engine.last_logits_only and (lengths[ends] != stop).any():
+            raise EigenError(f"{engine.name} scores only each step's last token, so every prompt must end "
+                             "where a prefill step ends (equal lengths, or chunk >= the prompt)")
         positions = np.broadcast_to(np.arange(start, stop), (batch, stop - start))
         logits = engine.step(cache, ids[:, start:stop], positions)
         cache.advance(np.clip(lengths - start, 0, stop - start))
         if last is None:
             last = np.empty((batch, logits.shape[-1]), dtype=logits.dtype)
-        ends = (lengths - 1 >= start) & (lengths - 1 < stop)
-        last[ends] = logits[ends, (lengths - 1 - start)[ends]]
+        # an engine that returns the last position's logits only ([B, 1, V]) ends prompts at stop
+        last[ends] = logits[ends, (lengths - 1 - start)[ends] if logits.shape[1] == stop - start else -1]
     return check_finite(last, engine, "prefill")
 
 
@@ -198,6 +202,9 @@ def stream_perplexity(engine: Engine, tokens: np.ndarray, chunk: int = 1, evicto
     tokens = np.asarray(tokens, dtype=np.int64)
     if tokens.size < 2:
         raise EigenError("perplexity needs at least 2 tokens")
+    if engine.last_logits_only and chunk > 1:
+        raise EigenError(f"{engine.name} returns only the last token's logits of a step: score perplexity "
+                         "with chunk 1 or an engine built without a pruned LM head")
     cache = engine.new_cache(1, capacities(engine, tokens.size, chunk, evictor))
     nll, count = 0.0, 0
     for start in range(0, tokens.size - 1, chunk):

@@ -225,3 +225,33 @@ def _errors_of(folder: Path):
             peer_ortgenai.load(broken)
         out.append(e.value)
     return out
+
+
+@needs_genai
+def test_pruned_lm_head_gives_last_logits_and_prefill_uses_them(tiny, tmp_path):
+    """`--prune-lm-head` (the batch-8 4k bench's build): a multi-token step returns the last
+    position's logits [B, 1, V] (float64 transformers within TOL), prefill in chunks and the
+    batch decode loop give the greedy tokens of transformers, and what needs every position's
+    logits (unequal prompts ending inside a step, chunked perplexity) is refused in one line."""
+    from eigenkv.engines.runtime import stream_perplexity
+    model, _, hf = tiny
+    spec = importlib.util.spec_from_file_location("ortgenai_peer_tool", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["-o", str(tmp_path / "pruned"), "--model", str(hf), "--threads", "1", "--prune-lm-head"]) == 0
+    info = json.loads((tmp_path / "pruned" / "peer.json").read_text())
+    assert info["prune_lm_head"] and info["command"][-2:] == ["--extra_options", "prune_lm_head=true"]
+    assert all(c["prefill_positions_compared"] == 1 for c in info["validation"]["cases"])
+    engine = peer_ortgenai.load(tmp_path / "pruned", threads=1)
+    assert engine.last_logits_only and not peer_ortgenai.load(tiny[1]).last_logits_only
+    ids = np.random.default_rng(1).integers(0, 255, size=(2, 9))
+    logits = engine.step(engine.new_cache(2, 12), ids, np.broadcast_to(np.arange(9), (2, 9)))
+    assert logits.shape == (2, 1, 256) and np.abs(logits[:, 0] - _logits64(model, ids)[:, -1]).max() < TOL
+    expected = _torch_greedy(model, ids, 6)
+    assert (greedy(engine, ids, 6) == expected).all()
+    assert (greedy(engine, ids[:1], 6, chunk=4) == expected[:1]).all()  # chunks 4 + 4 + 1
+    with pytest.raises(EigenError, match="scores only each step's last token"):
+        prefill(engine, engine.new_cache(1, 12), ids[:1], np.array([7]), chunk=9)
+    with pytest.raises(EigenError, match="returns only the last token's logits"):
+        stream_perplexity(engine, ids[0], chunk=4)
+    assert np.isfinite(stream_perplexity(engine, ids[0], chunk=1)["ppl"])

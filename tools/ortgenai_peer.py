@@ -2,6 +2,7 @@
 
     python tools/ortgenai_peer.py -o out/ortgenai-smollm2             # default model
     python tools/ortgenai_peer.py -o DIR --model ./my-llama --force
+    python tools/ortgenai_peer.py -o out/ortgenai-smollm2-pruned --prune-lm-head   # batch-8 4k benches
 
 onnxruntime-genai 0.18.0 needs onnxruntime >= 1.31 and nothing the project lacks, so it lives
 in the project's environment (`pip install onnxruntime-genai==0.18.0`; pip keeps the installed
@@ -65,11 +66,15 @@ def _env() -> dict:
     return env
 
 
-def build(hf: Path, out: Path, log: Path) -> list[str]:
+def build(hf: Path, out: Path, log: Path, prune_lm_head: bool = False) -> list[str]:
     """Run ORT-GenAI's model builder (fp32, CPU) on the HF folder -> out; its output goes to `log`.
-    Returns the command; a failure is a one-line EigenError."""
+    prune_lm_head: the builder's extra option that computes only the last position's logits in
+    prefill (a batch-8 4k prefill otherwise returns 6.4 GB of logits). Returns the command; a
+    failure is a one-line EigenError."""
     cmd = [sys.executable, "-m", BUILDER, "-i", str(hf), "-o", str(out), "-p", "fp32", "-e", "cpu",
            "-c", str(hf.parent / "builder-cache")]
+    if prune_lm_head:
+        cmd += ["--extra_options", "prune_lm_head=true"]
     with open(log, "w") as fh:
         code = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(), cwd=hf.parent)
     if code != 0:
@@ -106,8 +111,11 @@ def check(model, tokenizer, engine, steps: int, seed: int = 0) -> dict:
         ref, ref_tokens = _torch_greedy(model, ids, steps)
         batch, seq = ids.shape
         logits = engine.step(engine.new_cache(batch, seq), ids, np.broadcast_to(np.arange(seq), ids.shape))
+        if engine.last_logits_only:  # a pruned LM head: the last position's logits only
+            ref = ref[:, -1:]
         tokens = greedy(engine, ids, steps).tolist()
         results.append({"case": kind, "batch": batch, "prompt_tokens": seq,
+                        "prefill_positions_compared": int(logits.shape[1]),
                         "prefill_max_abs_logit_diff": float(np.abs(logits - ref).max()),
                         "torch_logit_abs_max": float(np.abs(ref).max()),
                         "greedy_tokens_equal": tokens == ref_tokens,
@@ -124,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check-steps", type=int, default=16, metavar="N", help="greedy tokens compared (default 16)")
     p.add_argument("--threads", type=int, default=0, metavar="N",
                    help="intra-op threads of the checks (default 0: ONNX Runtime's default)")
+    p.add_argument("--prune-lm-head", action="store_true",
+                   help="build with the builder's prune_lm_head (prefill computes the last position's "
+                        "logits only; what a batch-8 4k bench needs to fit in memory)")
     p.add_argument("--force", action="store_true", help="replace DIR")
     args = p.parse_args(argv)
     try:
@@ -158,7 +169,7 @@ def run(args, argv: list[str]) -> None:
         print(f"building with onnxruntime-genai {og.__version__}'s model builder (fp32, cpu)", flush=True)
         t0 = time.perf_counter()
         log = out.parent / f"{out.name}.builder.log"  # kept there if the build fails
-        cmd = build(work / "hf", work / "genai", log)
+        cmd = build(work / "hf", work / "genai", log, args.prune_lm_head)
         build_s = time.perf_counter() - t0
         shutil.move(str(log), work / "genai" / "builder.log")
         engine = load_peer(work / "genai", args.threads)
@@ -171,7 +182,8 @@ def run(args, argv: list[str]) -> None:
         info = {
             "kind": NAME, "version": og.__version__, "dtype": "fp32", "execution_provider": "cpu",
             "source_model": source.label, "source_hash": model_hash(source),
-            "command": ["python", *cmd[1:4], "HF_FOLDER", "-o", "DIR", *cmd[7:11], "-c", "CACHE_DIR"],
+            "command": ["python", *cmd[1:4], "HF_FOLDER", "-o", "DIR", *cmd[7:11], "-c", "CACHE_DIR", *cmd[13:]],
+            "prune_lm_head": bool(args.prune_lm_head),
             "tool": "python tools/ortgenai_peer.py " + " ".join(argv),
             "env": {"onnxruntime-genai": og.__version__, "onnxruntime": onnxruntime.__version__,
                     "transformers": transformers.__version__, "torch": torch.__version__},
@@ -189,7 +201,8 @@ def run(args, argv: list[str]) -> None:
     for c in validation["cases"]:
         print(f"{c['case']} (batch {c['batch']}, {c['prompt_tokens']} tokens): prefill max |logit diff| vs torch fp32 "
               f"{c['prefill_max_abs_logit_diff']:.2e} (logits up to {c['torch_logit_abs_max']:.1f}); "
-              f"{validation['greedy_steps']} greedy tokens identical")
+              f"{validation['greedy_steps']} greedy tokens identical"
+              + (" (last position: pruned LM head)" if c["prefill_positions_compared"] == 1 else ""))
 
 
 if __name__ == "__main__":
