@@ -230,7 +230,7 @@ def _cmd_export(args) -> int:
     for name, p in manifest.report["perplexity"].items():
         print(f"perplexity {name}: {p['original']:.3f} -> {p['folded']:.3f} ({p['increase_pct']:+.1f}%)")
     calibrated = (manifest.report.get("calibration") or {}).get("seq_len")
-    if not (args.no_compress or args.projections) and calibrated and layout.max_seq_len > calibrated:
+    if not args.no_compress and calibrated and layout.max_seq_len > calibrated:
         print(f"note: calibrated on {calibrated}-token sequences; a compressed cache can fail at retrieval past "
               f"that context (README, long-context results): pass --calib-seq-len up to {layout.max_seq_len} "
               "to serve longer prompts")

@@ -167,7 +167,8 @@ def _saved(config: CompressConfig, decoder: EigenDecoder, source_hash: str):
     folded = decoder.with_attention([attention_from_tensors(layer.attn, t, meta["key_mode"])
                                      for layer, t in zip(decoder.layers, layers)])
     details = {"method": meta.get("method", "projections file"), "allocation": "projections file",
-               "projections": str(config.projections), "rope_mode": meta["rope_mode"]}
+               "projections": str(config.projections), "rope_mode": meta["rope_mode"],
+               "calibration": meta.get("calibration")}  # None: a file written before it was recorded
     return folded, details
 
 
@@ -234,8 +235,11 @@ def compress(config: CompressConfig, source: ModelSource | None = None) -> Compr
         "n_layers": dims.n_layers, "n_heads": dims.n_heads, "n_kv_heads": dims.n_kv_heads, "head_dim": dims.head_dim,
         "rope_mode": (RopeMode.NONE.value if decoder.family.positions != "rope" else
                       RopeMode.ROTATED.value if config.no_compress else details["rope_mode"]),
-        "calibration": {"text": texts.label, "samples": config.calib_samples, "seq_len": config.calib_seq_len,
-                        "samples_per_text": texts.samples_per_text},
+        # what the bases saw: the --projections file's own calibration when the fold came from one
+        "calibration": details.get("calibration") if config.projections else (
+            None if config.no_compress else {"text": texts.label, "samples": config.calib_samples,
+                                             "seq_len": config.calib_seq_len,
+                                             "samples_per_text": texts.samples_per_text}),
         "ranks": {"key": key_ranks, "value": value_ranks, **details},
         "kv_ratio": round(rank_sel.kv_ratio(key_ranks, value_ranks, dims.head_dim), 6),
         "kv_bytes_per_token_fp16": {"original": layout.original_bytes_per_token("fp16"),
@@ -269,7 +273,8 @@ def run_compress(config: CompressConfig, out_dir: Path, force: bool = False) -> 
             out_dir.rmdir()  # leave nothing behind for a run that wrote nothing
         raise
     r = result.report
-    meta = {k: r[k] for k in ("model_type", "source_hash", "rope_mode", "n_layers", "n_kv_heads", "head_dim")}
+    meta = {k: r[k] for k in ("model_type", "source_hash", "rope_mode", "n_layers", "n_kv_heads", "head_dim",
+                              "calibration")}
     meta.update(method=r["ranks"]["method"], healing=r["healing"])
     save_projections(out_dir / "projections.safetensors", result.folded, meta)
     write_json(out_dir / "compress.json", r)

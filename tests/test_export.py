@@ -199,13 +199,17 @@ def test_fp16_and_uncompressed_baseline(workdir):
 def test_projections_reuse_and_foreign_projections(workdir, tmp_path, capsys):
     proj_dir = tmp_path / "proj"
     assert main(["compress", "-o", str(proj_dir), "--model", str(workdir / "llama"), "--calib-text",
-                 str(workdir / "calib.txt"), "--calib-samples", "4", "--calib-seq-len", "32", "--eval-tokens", "0",
+                 str(workdir / "calib.txt"), "--calib-samples", "3", "--calib-seq-len", "40", "--eval-tokens", "0",
                  "--key-rank", "5", "--value-rank", "7", "--no-progress"]) == 0
     out = tmp_path / "m.onnx"
     assert _export(workdir, "llama", out, "--projections", str(proj_dir / "projections.safetensors"),
                    "--max-seq-len", "64") == 0
     manifest = json.loads((tmp_path / "m.eigen.json").read_text())
     assert manifest["layout"]["key_ranks"] == [5] * 3 and manifest["layout"]["value_ranks"] == [7] * 3
+    # the report states the calibration the bases came from (the projections file's 3 x 40), not
+    # the export command's own (4 x 32), which calibrated nothing
+    calibration = manifest["report"]["calibration"]
+    assert (calibration["samples"], calibration["seq_len"]) == (3, 40)
     capsys.readouterr()
     other = tmp_path / "other.onnx"
     assert _export(workdir, "qwen2", other, "--projections", str(proj_dir / "projections.safetensors")) == 2

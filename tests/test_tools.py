@@ -338,3 +338,32 @@ def test_engine_agreement(workdir):
     assert vs["fused"]["max_abs_diff"] < 1e-4 and vs["fused"]["greedy_steps_identical"]
     assert vs["base"]["max_abs_diff"] > 1e-3
     assert _table((workdir / "agree" / "check.md").read_text())[0] == ["prompt", "fused", "base"]
+
+
+def test_evict_oracle(workdir):
+    """tools/evict_oracle.py on a tiny kv-ratio 0.5 engine: one row per scorer, evictions made,
+    the oracle's kept slots are its own (overlap exactly 1), the others' a share in [0, 1]."""
+    from eigenkv.cli import main
+    model = save_tiny("llama", workdir / "llama512")  # a pass-key prompt takes >= 295 byte tokens: RoPE to 512
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 512}))
+    out = workdir / "oracle" / "model.onnx"
+    assert main(["export", str(out), "--model", str(model), "--calib-text", str(workdir / "calib.txt"),
+                 "--calib-samples", "4", "--calib-seq-len", "64", "--eval-tokens", "0", "--kv-ratio", "0.5",
+                 "--max-seq-len", "384", "--decode-steps", "4", "--no-progress"]) == 0
+    assert main(["build", str(out), "-o", str(workdir / "oracle" / "engine")]) == 0
+    _tool("evict_oracle.py", "--engine", "oracle/engine", "--model", "llama512", "--keep", "0.5", "--contexts", "320",
+          "--depths", "0.5", "--sink", "2", "--recent", "8", "--skip-layers", "0", "--headroom", "32",
+          "--max-new-tokens", "4", "--threads", "1", "--out", "oracle/result", cwd=workdir)
+    result = json.loads((workdir / "oracle" / "result.json").read_text())
+    rows = {r["scorer"]: r for r in result["rows"]}
+    assert list(rows) == ["key-norm", "plain", "oracle"] and all(r["evictions"] > 0 for r in rows.values())
+    assert rows["oracle"]["kept_also_by_oracle"] == 1.0
+    assert all(0.0 <= r["kept_also_by_oracle"] <= 1.0 for r in rows.values())
+    assert all(list(r["accuracy"]) == ["passkey@320"] and len(r["records"]) == 1 for r in rows.values())
+    table = _table((workdir / "oracle" / "result.md").read_text())
+    assert [row[0] for row in table[2:]] == ["key-norm", "plain", "oracle"] and table[2][-1].endswith("%")
+    bad = subprocess.run([sys.executable, str(TOOLS / "evict_oracle.py"), "--engine", "oracle/engine", "--model",
+                          "llama512", "--scorers", "attention", "--out", "oracle/bad"], capture_output=True, text=True,
+                         cwd=workdir, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--scorers takes" in bad.stderr
