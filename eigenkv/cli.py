@@ -232,8 +232,10 @@ def _cmd_export(args) -> int:
     calibrated = (manifest.report.get("calibration") or {}).get("seq_len")
     if not args.no_compress and calibrated and layout.max_seq_len > calibrated:
         print(f"note: calibrated on {calibrated}-token sequences; a compressed cache can fail at retrieval past "
-              f"that context (README, long-context results): pass --calib-seq-len up to {layout.max_seq_len} "
-              "to serve longer prompts")
+              "that context (README, long-context results): "
+              + (f"rerun `eigenkv compress --calib-seq-len` up to {layout.max_seq_len} and export from its "
+                 "projections file" if args.projections else
+                 f"pass --calib-seq-len up to {layout.max_seq_len}") + " to serve longer prompts")
     return 0
 
 

@@ -198,7 +198,7 @@ def test_fp16_and_uncompressed_baseline(workdir):
 
 def test_projections_reuse_and_foreign_projections(workdir, tmp_path, capsys):
     proj_dir = tmp_path / "proj"
-    assert main(["compress", "-o", str(proj_dir), "--model", str(workdir / "llama"), "--calib-text",
+    assert main(["compress", "-o", str(proj_dir), "--model", str(_ensure_model(workdir, "llama")), "--calib-text",
                  str(workdir / "calib.txt"), "--calib-samples", "3", "--calib-seq-len", "40", "--eval-tokens", "0",
                  "--key-rank", "5", "--value-rank", "7", "--no-progress"]) == 0
     out = tmp_path / "m.onnx"

@@ -361,6 +361,19 @@ def test_evict_oracle(workdir):
     assert rows["oracle"]["kept_also_by_oracle"] == 1.0
     assert all(0.0 <= r["kept_also_by_oracle"] <= 1.0 for r in rows.values())
     assert all(list(r["accuracy"]) == ["passkey@320"] and len(r["records"]) == 1 for r in rows.values())
+    # the tool's key-norm row is the engine's own evictor: same generated text
+    from transformers import AutoTokenizer
+
+    from eigenkv.engines.backend import load_engine
+    from eigenkv.engines.eviction import EvictionSettings, make_evictor
+    from eigenkv.engines.longctx import passkey_task
+    from eigenkv.engines.runtime import generate
+    tok = AutoTokenizer.from_pretrained(model)
+    engine = load_engine(workdir / "oracle" / "engine", threads=1)
+    evictor = make_evictor(EvictionSettings.from_args("key-norm", 0.5, None, 2, 8, "0", 32), engine)
+    new = generate(engine, [passkey_task(tok, 320, 0.5, 0).prompt_ids], 4, stop_tokens={tok.eos_token_id},
+                   evictor=evictor, prefill_chunk=32)[0]
+    assert evictor.evictions > 0 and tok.decode(new, skip_special_tokens=True) == rows["key-norm"]["records"][0]["generated"]
     table = _table((workdir / "oracle" / "result.md").read_text())
     assert [row[0] for row in table[2:]] == ["key-norm", "plain", "oracle"] and table[2][-1].endswith("%")
     bad = subprocess.run([sys.executable, str(TOOLS / "evict_oracle.py"), "--engine", "oracle/engine", "--model",

@@ -65,10 +65,13 @@ def original_key_norms(decoder, ids: list[int]) -> list[np.ndarray]:
 
 def make_evictor_class():
     from eigenkv.engines.eviction import Evictor, key_norms
+    from eigenkv.errors import EigenError
 
     class ScoredEvictor(Evictor):
-        """The engine's evictor with the slot scores chosen by `scorer` (same protection, budget
-        and compaction); records the overlap of each kept set with the oracle's."""
+        """The engine's evictor (`Evictor.make_room`: same layers, protection, budget and
+        compaction) with the slot scores chosen by `scorer`; records the overlap of each kept
+        set with the oracle's. Generated tokens are scored with the last prompt token's norm:
+        they sit in the recent window (run() checks --recent > --max-new-tokens)."""
 
         def __init__(self, settings, scorer: str, oracle: list[np.ndarray]):
             super().__init__(settings)
@@ -82,10 +85,13 @@ def make_evictor_class():
 
         def make_room(self, engine, cache, new_tokens):
             for layer, cap in enumerate(cache.capacities):
-                if layer in self.settings.skip_layers:
+                if layer in self.settings.skip_layers or cache.layout.window(layer):
                     continue
                 for seq in np.flatnonzero(cache.lengths[layer] + new_tokens > cap):
                     n = int(cache.lengths[layer, seq])
+                    if n <= self.budget:
+                        raise EigenError(f"eviction budget {self.budget} + a step of {new_tokens} tokens exceeds "
+                                         f"the layer's {cap} slots; raise --headroom")
                     keys, pos = cache.keys(layer)[seq, :, :n], cache.positions(layer)[seq, :, :n].astype(np.int64)
                     norms = self.oracle[layer]  # generated tokens sit past the prompt, in the recent window
                     oracle = -np.take_along_axis(norms, np.minimum(pos, norms.shape[1] - 1), 1)
@@ -112,6 +118,9 @@ def run(args) -> dict:
     scorers = args.scorers.split(",")
     if not scorers or any(s not in SCORERS for s in scorers):
         raise EigenError(f"--scorers takes {', '.join(SCORERS)}, got {args.scorers!r}")
+    if args.recent <= args.max_new_tokens:
+        raise EigenError(f"--recent ({args.recent}) must exceed --max-new-tokens ({args.max_new_tokens}): the oracle "
+                         "has norms for prompt tokens only, so generated tokens must stay protected")
     engine = load_engine(args.engine, threads=args.threads)
     model, tokenizer = load_model(resolve_model(args.model), torch.float32, progress=False)
     decoder = decoder_from_hf(model).eval()
