@@ -171,13 +171,22 @@ class Evictor:
     def select(self, keys: np.ndarray, positions: np.ndarray, gram: np.ndarray | None) -> np.ndarray:
         """keys [Hkv, n, r], positions [Hkv, n] of one (sequence, layer) -> kept slot indices
         [Hkv, budget] in slot order: protected (sink, recent) first by score, then the policy's best."""
+        return self.keep_best(self.policy.score(keys, positions, gram, self._rng), positions)
+
+    def keep_best(self, scores: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """scores, positions [Hkv, n] -> kept slot indices [Hkv, budget] in slot order: the
+        protected slots (sink, recent), then the highest scores."""
         s = self.settings
-        scores = self.policy.score(keys, positions, gram, self._rng).astype(np.float64)
+        scores = np.asarray(scores, dtype=np.float64)
         newest = positions.max(axis=1, keepdims=True)
         protected = (positions < s.sink) | (positions > newest - s.recent)
         scores = np.where(protected, np.inf, scores)
         top = np.argpartition(-scores, self.budget - 1, axis=1)[:, : self.budget]
         return np.sort(top, axis=1)
+
+    def choose(self, engine, layer: int, keys: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """The slots `make_room` keeps in `layer` of one sequence: `select` with the layer's key Gram."""
+        return self.select(keys, positions, engine.key_gram(layer))
 
     def make_room(self, engine, cache, new_tokens: int) -> None:
         """Before a step of `new_tokens`: in every evicted layer where a sequence would overflow,
@@ -190,8 +199,7 @@ class Evictor:
                 if n <= self.budget:
                     raise EigenError(f"eviction budget {self.budget} + a step of {new_tokens} tokens exceeds the "
                                      f"layer's {cap} slots; raise the headroom or lower the prefill chunk")
-                keys = cache.keys(layer)[seq, :, :n]
-                slots = self.select(keys, cache.positions(layer)[seq, :, :n], engine.key_gram(layer))
+                slots = self.choose(engine, layer, cache.keys(layer)[seq, :, :n], cache.positions(layer)[seq, :, :n])
                 cache.keep(layer, int(seq), slots)
                 self.evictions += 1
 

@@ -65,7 +65,6 @@ def original_key_norms(decoder, ids: list[int]) -> list[np.ndarray]:
 
 def make_evictor_class():
     from eigenkv.engines.eviction import Evictor, key_norms
-    from eigenkv.errors import EigenError
 
     class ScoredEvictor(Evictor):
         """The engine's evictor (`Evictor.make_room`: same layers, protection, budget and
@@ -77,30 +76,14 @@ def make_evictor_class():
             super().__init__(settings)
             self.scorer, self.oracle, self.overlaps = scorer, oracle, []
 
-        def _kept(self, scores, positions):
-            s = self.settings
-            newest = positions.max(axis=1, keepdims=True)
-            scores = np.where((positions < s.sink) | (positions > newest - s.recent), np.inf, scores)
-            return np.sort(np.argpartition(-scores, self.budget - 1, axis=1)[:, : self.budget], axis=1)
-
-        def make_room(self, engine, cache, new_tokens):
-            for layer, cap in enumerate(cache.capacities):
-                if layer in self.settings.skip_layers or cache.layout.window(layer):
-                    continue
-                for seq in np.flatnonzero(cache.lengths[layer] + new_tokens > cap):
-                    n = int(cache.lengths[layer, seq])
-                    if n <= self.budget:
-                        raise EigenError(f"eviction budget {self.budget} + a step of {new_tokens} tokens exceeds "
-                                         f"the layer's {cap} slots; raise --headroom")
-                    keys, pos = cache.keys(layer)[seq, :, :n], cache.positions(layer)[seq, :, :n].astype(np.int64)
-                    norms = self.oracle[layer]  # generated tokens sit past the prompt, in the recent window
-                    oracle = -np.take_along_axis(norms, np.minimum(pos, norms.shape[1] - 1), 1)
-                    scores = {"key-norm": lambda: -key_norms(keys, engine.key_gram(layer)),
-                              "plain": lambda: -key_norms(keys, None), "oracle": lambda: oracle}[self.scorer]()
-                    kept, best = self._kept(scores, pos), self._kept(oracle, pos)
-                    self.overlaps.append(np.mean([np.intersect1d(a, b).size / a.size for a, b in zip(kept, best)]))
-                    cache.keep(layer, int(seq), kept)
-                    self.evictions += 1
+        def choose(self, engine, layer, keys, positions):
+            pos, norms = positions.astype(np.int64), self.oracle[layer]
+            oracle = -np.take_along_axis(norms, np.minimum(pos, norms.shape[1] - 1), 1)
+            scores = {"key-norm": lambda: -key_norms(keys, engine.key_gram(layer)),
+                      "plain": lambda: -key_norms(keys, None), "oracle": lambda: oracle}[self.scorer]()
+            kept, best = self.keep_best(scores, pos), self.keep_best(oracle, pos)
+            self.overlaps.append(np.mean([np.intersect1d(a, b).size / a.size for a, b in zip(kept, best)]))
+            return kept
 
     return ScoredEvictor
 
