@@ -173,11 +173,13 @@ class HostKVCache(KVCache):
 
     def keep(self, layer: int, seq: int, slots: np.ndarray) -> None:
         slots = self.checked_slots(layer, seq, slots)
-        k = slots.shape[1]
+        heads, k = slots.shape
         for buf in (self.keys(layer), self.values(layer), self.positions(layer)):
             row = buf[seq]  # [Hkv, C, (r)]
-            index = slots.reshape(slots.shape + (1,) * (row.ndim - 2))
-            row[:, :k] = np.take_along_axis(row, index, axis=1)  # gathers a copy first: safe in place
+            cap = row.shape[1]
+            # one gather of whole slot rows from the [Hkv * C, r] view (a copy first: safe in place)
+            flat = (slots + np.arange(heads)[:, None] * cap).ravel()
+            row[:, :k] = row.reshape(heads * cap, -1)[flat].reshape((heads, k) + row.shape[2:])
         self.lengths[layer, seq] = k
 
 

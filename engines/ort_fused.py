@@ -393,17 +393,19 @@ def _gqa(g: _Graph, layer: _Layer) -> list:
             _shared(g, nodes, "seqlens_rows", lambda: _node(
                 nodes, "Split", [_node(nodes, "Reshape", [all_seqlens, g.const("shape_m1", [-1])], _C + "seqlens_k_flat")],
                 _C + "seqlens_k_rows", outputs=rows, axis=0, num_outputs=n_layers))
-            after_rows = [f"{_C}lengths_after.{j}" for j in range(n_layers)]
-            _shared(g, nodes, "after_rows", lambda: _node(
-                nodes, "Split", [_node(nodes, "Reshape", [after, g.const("shape_m1", [-1])], _C + "lengths_after_flat")],
-                _C + "lengths_after_rows", outputs=after_rows, axis=0, num_outputs=n_layers))
-            after_i = after_rows[i]
+            # each layer's own bound: GQA sizes `present` from it, and with eviction the layers' buffers
+            # differ (skipped layers hold the whole context), so a maximum over all layers can exceed
+            # one; one ReduceMax over [L, B] and one Split give every layer its row's maximum
+            totals = [f"{_C}total_sequence_length.{j}" for j in range(n_layers)]
+            total = totals[i]
+            _shared(g, nodes, "total_rows", lambda: _node(
+                nodes, "Split", [_node(nodes, "ReduceMax", [after, g.const("axis_1", [1])], _C + "total_sequence_length",
+                                       keepdims=0)],
+                _C + "total_sequence_length_rows", outputs=totals, axis=0, num_outputs=n_layers))
         else:
             seqlens = _node(nodes, "Gather", [all_seqlens, g.const(f"layer_{i}", i)], f"{p}seqlens_k", axis=0)
             after_i = _node(nodes, "Gather", [after, g.const(f"layer_{i}", i)], f"{p}lengths_after", axis=0)
-        # this layer's own bound: GQA sizes `present` from it, and with eviction the layers' buffers
-        # differ (skipped layers hold the whole context), so a maximum over all layers can exceed one
-        total = _node(nodes, "ReduceMax", [after_i], f"{p}total_sequence_length", keepdims=0)
+            total = _node(nodes, "ReduceMax", [after_i], f"{p}total_sequence_length", keepdims=0)
         steps = _shared(g, nodes, "steps", lambda: _node(nodes, "Cast", [s], _C + "q_len_i32", to=TensorProto.INT32))
         batch = _shared(g, nodes, "batch", lambda: _node(nodes, "Shape", [table], _C + "batch", start=1, end=2))
     else:
