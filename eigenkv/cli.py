@@ -338,6 +338,9 @@ def _add_eviction_args(p: argparse.ArgumentParser, target: str) -> None:
                    help="layers never evicted (default 0,1, as in the paper's runs)")
     g.add_argument("--evict-headroom", type=int, default=64, metavar="N",
                    help="slots above the budget before eviction runs; bounds prefill chunks (default 64)")
+    g.add_argument("--pool", type=int, default=3, metavar="N",
+                   help="max-pool the policy's scores over N neighbouring positions (odd; keeps multi-token "
+                        "spans such as numbers whole; default 3; 1: the paper's selection, no pooling)")
 
 
 def _eviction(args):
@@ -348,7 +351,7 @@ def _eviction(args):
             raise EigenError("--keep/--kv-budget need --evict POLICY (e.g. --evict key-norm)")
         return None
     return EvictionSettings.from_args(args.evict, args.keep, args.kv_budget, args.sink, args.recent,
-                                      args.skip_layers, args.evict_headroom)
+                                      args.skip_layers, args.evict_headroom, pool=args.pool)
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -8,9 +8,13 @@ in rank space with the fold's Gram matrix G = UᵀU of the key up-projection U:
 ‖U k_r‖ = √(k_rᵀ G k_r) (RoPE is a rotation, so pre-RoPE and rotated keys have one norm).
 
 A policy is a small registered object with one hook, `score(keys, positions, gram, rng)`:
-it sees arrays, never a backend (the way kvpress writes a press). The `Evictor` protects the
-first `sink` tokens (attention sinks) and the `recent` newest, skips chosen layers (default:
-the first two, as the paper's runs did), and compacts the kept slots in place through
+it sees arrays, never a backend (the way kvpress writes a press). The `Evictor` can max-pool
+the scores over neighbouring positions (`pool`: a token is kept when a token within pool // 2
+positions scores as well, so a span spelled over several tokens, such as a number written
+digit by digit, is kept or dropped whole; SnapKV pools attention scores the same way, Li et
+al. 2024), protects the first `sink` tokens (attention sinks) and the `recent` newest, skips
+chosen layers (default: the first two, as the paper's runs did), and compacts the kept slots
+in place through
 `KVCache.keep`, so each slot keeps its token position (RoPE and the causal mask stay right).
 Memory is bounded by the budget: evicted layers' buffers hold budget + headroom slots, and
 the runtime makes room before every step (prefill chunks and decode tokens alike).
@@ -87,6 +91,51 @@ class RecentPolicy(Policy):
         return positions.astype(np.float64)
 
 
+def pool_scores(scores: np.ndarray, positions: np.ndarray, width: int) -> np.ndarray:
+    """Max pooling over token positions: scores, positions [Hkv, n] (distinct positions per head)
+    -> [Hkv, n] float64, each slot's score replaced by the highest score among the slots whose
+    positions lie within width // 2 of its own (itself included). width 1 returns the scores.
+    Slots of a cache are in position order (appended in order, compacted in order); other orders
+    are sorted first."""
+    scores = np.asarray(scores, dtype=np.float64)
+    half = width // 2
+    if half == 0 or scores.shape[1] < 2:
+        return scores
+    order = None
+    if (np.diff(positions, axis=1) <= 0).any():
+        order = np.argsort(positions, axis=1, kind="stable")
+        scores, positions = np.take_along_axis(scores, order, 1), np.take_along_axis(positions, order, 1)
+    pos = positions.astype(np.int64)
+    out = scores.copy()
+    for d in range(1, min(half, scores.shape[1] - 1) + 1):
+        # slot j and slot j + d (d slots apart, so >= d positions apart) are neighbours when
+        # their positions differ by at most `half`
+        near = pos[:, d:] - pos[:, :-d] <= half
+        np.maximum(out[:, :-d], np.where(near, scores[:, d:], -np.inf), out=out[:, :-d])
+        np.maximum(out[:, d:], np.where(near, scores[:, :-d], -np.inf), out=out[:, d:])
+    if order is not None:
+        restored = np.empty_like(out)
+        np.put_along_axis(restored, order, out, 1)
+        out = restored
+    return out
+
+
+def top_slots(scores: np.ndarray, k: int, tiebreak: np.ndarray) -> np.ndarray:
+    """scores, tiebreak [Hkv, n] -> [Hkv, k] slot indices in slot order: the k highest scores;
+    among slots tied at the cut, the higher tiebreak, then the lower slot (deterministic, so a
+    pooled score that several neighbours share picks the same slots on every backend)."""
+    part = np.argpartition(-scores, k - 1, axis=1)
+    cut = np.take_along_axis(scores, part[:, k - 1:k], 1)
+    above, tied = scores > cut, scores == cut
+    out = np.empty((scores.shape[0], k), dtype=np.int64)
+    for h in range(scores.shape[0]):
+        first = np.flatnonzero(above[h])
+        ties = np.flatnonzero(tied[h])
+        ties = ties[np.argsort(-tiebreak[h, ties], kind="stable")[: k - first.size]]
+        out[h] = np.sort(np.concatenate([first, ties]))
+    return out
+
+
 def _skip_text(text: str) -> tuple[int, ...]:
     if text.strip().lower() in ("", "none"):
         return ()
@@ -100,7 +149,9 @@ def _skip_text(text: str) -> tuple[int, ...]:
 class EvictionSettings:
     """What to keep: `keep` (a fraction of the context, in (0, 1]) or `budget` (tokens per sequence,
     layer and KV head); `sink` first and `recent` newest tokens always kept; `skip_layers` never
-    evicted; `headroom` slots above the budget (at least one prefill chunk) before eviction runs."""
+    evicted; `headroom` slots above the budget (at least one prefill chunk) before eviction runs;
+    `pool` (odd, tokens) the max-pooling width of the policy's scores (1: none, the paper's
+    selection; default 3, measured: pass keys at keep 0.25 on SmolLM2-135M 83% -> 96%)."""
 
     policy: str = "key-norm"
     keep: float | None = None
@@ -110,10 +161,12 @@ class EvictionSettings:
     skip_layers: tuple[int, ...] = (0, 1)
     headroom: int = 64
     seed: int = 0
+    pool: int = 3
 
     @classmethod
-    def from_args(cls, policy, keep, budget, sink, recent, skip_layers: str, headroom, seed=0) -> "EvictionSettings":
-        return cls(policy, keep, budget, sink, recent, _skip_text(skip_layers), headroom, seed)
+    def from_args(cls, policy, keep, budget, sink, recent, skip_layers: str, headroom, seed=0,
+                  pool=3) -> "EvictionSettings":
+        return cls(policy, keep, budget, sink, recent, _skip_text(skip_layers), headroom, seed, pool)
 
     def check(self, n_layers: int, max_seq_len: int) -> None:
         """One-line EigenError for anything out of range."""
@@ -125,6 +178,8 @@ class EvictionSettings:
             raise EigenError(f"--keep must be in (0, 1] (the fraction of tokens kept), got {self.keep}")
         if self.sink < 0 or self.recent < 0 or self.headroom < 1:
             raise EigenError("--sink and --recent must be >= 0 and the headroom >= 1")
+        if self.pool < 1 or self.pool % 2 == 0:
+            raise EigenError(f"--pool must be an odd number of tokens >= 1 (1: no pooling), got {self.pool}")
         if self.budget is not None and not self.sink + self.recent < self.budget <= max_seq_len:
             raise EigenError(f"--kv-budget must be larger than --sink + --recent ({self.sink + self.recent}) and "
                              f"at most the engine's max_seq_len {max_seq_len}, got {self.budget}")
@@ -170,19 +225,19 @@ class Evictor:
 
     def select(self, keys: np.ndarray, positions: np.ndarray, gram: np.ndarray | None) -> np.ndarray:
         """keys [Hkv, n, r], positions [Hkv, n] of one (sequence, layer) -> kept slot indices
-        [Hkv, budget] in slot order: protected (sink, recent) first by score, then the policy's best."""
+        [Hkv, budget] in slot order: protected (sink, recent) first, then the best pooled scores."""
         return self.keep_best(self.policy.score(keys, positions, gram, self._rng), positions)
 
     def keep_best(self, scores: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """scores, positions [Hkv, n] -> kept slot indices [Hkv, budget] in slot order: the
-        protected slots (sink, recent), then the highest scores."""
+        protected slots (sink, recent), then the highest scores after `pool` max pooling (ties at
+        the cut: the higher own score, then the lower slot)."""
         s = self.settings
-        scores = np.asarray(scores, dtype=np.float64)
+        raw = np.asarray(scores, dtype=np.float64)
+        pooled = pool_scores(raw, positions, s.pool)
         newest = positions.max(axis=1, keepdims=True)
         protected = (positions < s.sink) | (positions > newest - s.recent)
-        scores = np.where(protected, np.inf, scores)
-        top = np.argpartition(-scores, self.budget - 1, axis=1)[:, : self.budget]
-        return np.sort(top, axis=1)
+        return top_slots(np.where(protected, np.inf, pooled), self.budget, raw)
 
     def choose(self, engine, layer: int, keys: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """The slots `make_room` keeps in `layer` of one sequence: `select` with the layer's key Gram."""

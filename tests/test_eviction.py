@@ -12,7 +12,7 @@ from tiny_models import export_tiny, folded_for_manifest
 
 from eigenkv.cli import main
 from eigenkv.engines.backend import HostKVCache, load_engine
-from eigenkv.engines.eviction import EvictionSettings, Evictor, key_norms, make_evictor
+from eigenkv.engines.eviction import EvictionSettings, Evictor, key_norms, make_evictor, pool_scores
 from eigenkv.engines.runtime import generate, prefill
 from eigenkv.errors import EigenError
 from eigenkv.manifest import KVLayout
@@ -62,7 +62,7 @@ def test_kept_slots_equal_numpy_reference_with_skipped_layers_and_protected_toke
     for r in layout.key_ranks:
         u = rng.normal(size=(3, 16, r))
         grams.append(np.einsum("hdr,hds->hrs", u, u))  # per KV head, oblique: not the identity
-    settings = EvictionSettings(budget=12, sink=2, recent=3, skip_layers=(1,), headroom=8)
+    settings = EvictionSettings(budget=12, sink=2, recent=3, skip_layers=(1,), headroom=8, pool=1)  # the paper's
     evictor = Evictor(settings)
     caps = evictor.capacities(layout.n_layers, context=200, chunk=8)
     assert caps == [20, 200, 20, 20]
@@ -86,6 +86,62 @@ def test_kept_slots_equal_numpy_reference_with_skipped_layers_and_protected_toke
             assert (kept_pos[:, :1] == 0).all() and (kept_pos[:, -1] == 2 * (n - 1)).all()  # a sink, the newest
         assert (cache.lengths[i] == 12).all()
     assert evictor.evictions == 3 * 2
+
+
+def _reference_pool(scores, positions, width):
+    """Plain loops: each slot's score -> the max over slots whose positions are within width // 2."""
+    out = np.empty_like(scores, dtype=np.float64)
+    for h in range(scores.shape[0]):
+        for i, p in enumerate(positions[h]):
+            out[h, i] = max(s for s, q in zip(scores[h], positions[h]) if abs(int(q) - int(p)) <= width // 2)
+    return out
+
+
+@pytest.mark.parametrize("width", [1, 3, 5, 9])
+def test_pooled_scores_equal_a_plain_loop_reference(width):
+    rng = np.random.default_rng(width)
+    # positions with gaps (slots already compacted once): neighbours are by position, not by slot
+    positions = np.sort(np.stack([rng.choice(60, 25, replace=False) for _ in range(3)]), axis=1).astype(np.int32)
+    scores = rng.normal(size=(3, 25))
+    assert np.array_equal(pool_scores(scores, positions, width), _reference_pool(scores, positions, width))
+    shuffled = rng.permutation(25)  # slots out of position order: same scores per slot
+    assert np.array_equal(pool_scores(scores[:, shuffled], positions[:, shuffled], width),
+                          _reference_pool(scores, positions, width)[:, shuffled])
+
+
+def _reference_keep_pooled(keys, positions, gram, budget, sink, recent, width):
+    """Per head, in plain loops: protected slots, then by descending pooled score (-norm pooled over
+    positions within width // 2), ties by the slot's own score, then the lower slot."""
+    out = []
+    for h in range(keys.shape[0]):
+        g = gram[min(h, len(gram) - 1)]
+        own = [-float(np.sqrt(k @ g @ k)) for k in keys[h].astype(np.float64)]
+        pooled = _reference_pool(np.array([own]), positions[h:h + 1], width)[0]
+        newest = positions[h].max()
+        protected = [i for i, p in enumerate(positions[h]) if p < sink or p > newest - recent]
+        rest = sorted((i for i in range(len(own)) if i not in protected), key=lambda i: (-pooled[i], -own[i], i))
+        out.append(sorted(protected + rest[: budget - len(protected)]))
+    return np.array(out)
+
+
+def test_pooled_kept_slots_equal_numpy_reference_and_keep_spans_whole():
+    rng = np.random.default_rng(3)
+    n, budget = 40, 15
+    keys = rng.normal(size=(3, n, 6))
+    keys[:, 20] *= 1e-3  # one very low-norm key per head: with pool 3 its neighbours stay too
+    u = rng.normal(size=(3, 8, 6))
+    gram = np.einsum("hdr,hds->hrs", u, u)
+    positions = np.tile(np.arange(n, dtype=np.int32) * 3, (3, 1))  # gaps of 3: no neighbours at pool 3...
+    evictor = Evictor(EvictionSettings(budget=budget, sink=2, recent=4, pool=3))
+    evictor.budget = budget
+    kept = evictor.select(keys, positions, gram)
+    assert np.array_equal(kept, _reference_keep_pooled(keys, positions, gram, budget, 2, 4, 3))
+    positions = np.tile(np.arange(n, dtype=np.int32), (3, 1))  # ...contiguous positions: the span 18..22 stays
+    evictor = Evictor(EvictionSettings(budget=budget, sink=2, recent=4, pool=5))
+    evictor.budget = budget
+    kept = evictor.select(keys, positions, gram)
+    assert np.array_equal(kept, _reference_keep_pooled(keys, positions, gram, budget, 2, 4, 5))
+    assert all({18, 19, 20, 21, 22} <= set(row) for row in kept.tolist())
 
 
 @pytest.mark.parametrize("mode", ["pre", "joint", "none"])
@@ -160,6 +216,7 @@ def test_evicted_cache_next_logits_equal_float64_reference_over_kept_tokens(buil
     (["--keep", "0.5", "--skip-layers", "0,7"], "--skip-layers [7] out of range: the engine has layers 0..2"),
     (["--keep", "0.5", "--skip-layers", "x"], "--skip-layers takes comma-separated layer indices"),
     (["--keep", "0.5", "--evict", "oracle"], "--evict must be one of key-norm, random, recent"),
+    (["--keep", "0.5", "--pool", "2"], "--pool must be an odd number of tokens >= 1"),
     ([], "eviction needs exactly one of --keep R or --kv-budget N"),
 ])
 def test_bad_eviction_settings_are_one_line_errors(built, capsys, extra, message):

@@ -47,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--recent", type=int, default=64)
     ap.add_argument("--skip-layers", default="0,1")
     ap.add_argument("--headroom", type=int, default=256, help="slots above the budget; the prefill chunk")
+    ap.add_argument("--pool", type=int, default=1,
+                    help="max-pooling width of the scores (default 1: the paper's selection, as recorded)")
     ap.add_argument("--max-new-tokens", type=int, default=12)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", required=True, metavar="PATH", help="writes PATH.json and PATH.md")
@@ -112,7 +114,7 @@ def run(args) -> dict:
         raise EigenError(f"{args.engine} is not an engine of this model ({lay.n_layers} layers, {lay.n_kv_heads} KV "
                          f"heads vs {d.n_layers}, {d.n_kv_heads}): pass its source checkpoint with --model")
     settings = EvictionSettings.from_args("key-norm", args.keep, None, args.sink, args.recent, args.skip_layers,
-                                          args.headroom)
+                                          args.headroom, pool=args.pool)
     make_evictor(settings, engine)  # the engine's own checks (slot positions, key Gram)
     tasks = [passkey_task(tokenizer, int(c), float(d), int(s)) for c in args.contexts.split(",")
              for d in args.depths.split(",") for s in args.seeds.split(",")]

@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sink", type=int, default=4)
     ap.add_argument("--recent", type=int, default=64, help="newest tokens always kept (covers the question)")
     ap.add_argument("--skip-layers", default="0,1")
+    ap.add_argument("--pool", type=_ints, default=[3], metavar="W,W,...",
+                    help="max-pooling widths of the policy's scores (odd tokens; 1: none; default 3), one row each")
     ap.add_argument("--headroom", type=int, default=256, help="slots above the budget; the prefill chunk")
     ap.add_argument("--max-new-tokens", type=int, default=12)
     ap.add_argument("--ppl-tokens", type=int, default=1024, help="decode-style perplexity tokens (0: skip)")
@@ -52,11 +54,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _settings(args, policy: str, keep: float):
+def _settings(args, policy: str, keep: float, pool: int = 3):
     from eigenkv.engines.eviction import EvictionSettings
     if keep >= 1.0:
         return None
-    return EvictionSettings.from_args(policy, keep, None, args.sink, args.recent, args.skip_layers, args.headroom)
+    return EvictionSettings.from_args(policy, keep, None, args.sink, args.recent, args.skip_layers, args.headroom,
+                                      pool=pool)
 
 
 def _ppl_tokens(tokenizer, args) -> list[int]:
@@ -76,32 +79,33 @@ def run_engine(label: str, engine_dir: Path, args, tokenizer, tasks, ppl_ids) ->
     engine = load_engine(engine_dir, threads=args.threads)
     stops = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     rows = []
-    for policy in args.policies.split(","):
-        for keep in args.keep:
-            if keep >= 1.0 and policy != args.policies.split(",")[0]:
-                continue  # no eviction: one row per engine
-            settings = _settings(args, policy, keep)
-            t0 = time.perf_counter()
+    runs = [(policy, keep, pool) for policy in args.policies.split(",") for keep in args.keep for pool in args.pool]
+    for policy, keep, pool in runs:
+        if keep >= 1.0 and (policy, pool) != (args.policies.split(",")[0], args.pool[0]):
+            continue  # no eviction: one row per engine
+        settings = _settings(args, policy, keep, pool)
+        t0 = time.perf_counter()
 
-            def gen(ids, n):
-                evictor = make_evictor(settings, engine)
-                return generate(engine, [ids], n, stop_tokens=stops, evictor=evictor,
-                                prefill_chunk=args.headroom)[0]
-
-            records = run_tasks(gen, tokenizer, tasks, args.max_new_tokens)
-            longest = max(args.contexts) + args.max_new_tokens
+        def gen(ids, n):
             evictor = make_evictor(settings, engine)
-            caps = capacities(engine, longest, args.headroom, evictor)
-            kv_bytes = engine.new_cache(1, caps).nbytes
-            ppl = None
-            if ppl_ids:
-                # the same keep ratio of the scored stream, evicting while it is scored
-                ppl = stream_perplexity(engine, np.array(ppl_ids), args.ppl_chunk, make_evictor(settings, engine))["ppl"]
-            rows.append({"engine": label, "policy": policy if settings else "none", "keep": keep,
-                         "accuracy": {f"{k}@{c}": round(a, 4) for (k, c), a in summarize(records).items()},
-                         "kv_bytes_longest_context": kv_bytes, "ppl": None if ppl is None else round(ppl, 4),
-                         "seconds": round(time.perf_counter() - t0, 1), "records": records})
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "records"}), flush=True)
+            return generate(engine, [ids], n, stop_tokens=stops, evictor=evictor,
+                            prefill_chunk=args.headroom)[0]
+
+        records = run_tasks(gen, tokenizer, tasks, args.max_new_tokens)
+        longest = max(args.contexts) + args.max_new_tokens
+        evictor = make_evictor(settings, engine)
+        caps = capacities(engine, longest, args.headroom, evictor)
+        kv_bytes = engine.new_cache(1, caps).nbytes
+        ppl = None
+        if ppl_ids:
+            # the same keep ratio of the scored stream, evicting while it is scored
+            ppl = stream_perplexity(engine, np.array(ppl_ids), args.ppl_chunk, make_evictor(settings, engine))["ppl"]
+        rows.append({"engine": label, "policy": policy if settings else "none", "keep": keep,
+                     "pool": pool if settings else 1,
+                     "accuracy": {f"{k}@{c}": round(a, 4) for (k, c), a in summarize(records).items()},
+                     "kv_bytes_longest_context": kv_bytes, "ppl": None if ppl is None else round(ppl, 4),
+                     "seconds": round(time.perf_counter() - t0, 1), "records": records})
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "records"}), flush=True)
     return rows
 
 
@@ -109,12 +113,12 @@ def markdown(result: dict) -> str:
     rows = result["rows"]
     cols = sorted({k for r in rows for k in r["accuracy"]}, key=lambda k: (k.split("@")[0], int(k.split("@")[1])))
     base = max((r["kv_bytes_longest_context"] for r in rows), default=1)
-    head = "| engine | policy | keep | " + " | ".join(cols) + " | ppl (decode-style) | KV MiB (longest) | vs largest |"
-    lines = [head, "|" + "---|" * (len(cols) + 6)]
+    head = "| engine | policy | pool | keep | " + " | ".join(cols) + " | ppl (decode-style) | KV MiB (longest) | vs largest |"
+    lines = [head, "|" + "---|" * (len(cols) + 7)]
     for r in rows:
         acc = " | ".join(f"{100 * r['accuracy'].get(c, float('nan')):.0f}%" for c in cols)
         ppl = "-" if r["ppl"] is None else f"{r['ppl']:.2f}"
-        lines.append(f"| {r['engine']} | {r['policy']} | {r['keep']} | {acc} | {ppl} | "
+        lines.append(f"| {r['engine']} | {r['policy']} | {r.get('pool', 1)} | {r['keep']} | {acc} | {ppl} | "
                      f"{r['kv_bytes_longest_context'] / 2**20:.1f} | {r['kv_bytes_longest_context'] / base:.3f} |")
     return "\n".join(lines)
 
