@@ -340,11 +340,12 @@ def test_engine_agreement(workdir):
     assert _table((workdir / "agree" / "check.md").read_text())[0] == ["prompt", "fused", "base"]
 
 
-def test_evict_oracle(workdir):
-    """tools/evict_oracle.py on a tiny kv-ratio 0.5 engine: one row per scorer, evictions made,
-    the oracle's kept slots are its own (overlap exactly 1), the others' a share in [0, 1]."""
+@pytest.fixture(scope="module")
+def oracle_engine(workdir):
+    """A tiny kv-ratio 0.5 engine (workdir/oracle/engine) of workdir/llama512, RoPE to 512 positions:
+    a pass-key prompt takes >= 295 byte tokens."""
     from eigenkv.cli import main
-    model = save_tiny("llama", workdir / "llama512")  # a pass-key prompt takes >= 295 byte tokens: RoPE to 512
+    model = save_tiny("llama", workdir / "llama512")
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 512}))
     out = workdir / "oracle" / "model.onnx"
@@ -352,6 +353,13 @@ def test_evict_oracle(workdir):
                  "--calib-samples", "4", "--calib-seq-len", "64", "--eval-tokens", "0", "--kv-ratio", "0.5",
                  "--max-seq-len", "384", "--decode-steps", "4", "--no-progress"]) == 0
     assert main(["build", str(out), "-o", str(workdir / "oracle" / "engine")]) == 0
+    return model
+
+
+def test_evict_oracle(workdir, oracle_engine):
+    """tools/evict_oracle.py on a tiny kv-ratio 0.5 engine: one row per scorer, evictions made,
+    the oracle's kept slots are its own (overlap exactly 1), the others' a share in [0, 1]."""
+    model = oracle_engine
     _tool("evict_oracle.py", "--engine", "oracle/engine", "--model", "llama512", "--keep", "0.5", "--contexts", "320",
           "--depths", "0.5", "--sink", "2", "--recent", "8", "--skip-layers", "0", "--headroom", "32",
           "--max-new-tokens", "4", "--threads", "1", "--out", "oracle/result", cwd=workdir)
@@ -370,7 +378,8 @@ def test_evict_oracle(workdir):
     from eigenkv.engines.runtime import generate
     tok = AutoTokenizer.from_pretrained(model)
     engine = load_engine(workdir / "oracle" / "engine", threads=1)
-    evictor = make_evictor(EvictionSettings.from_args("key-norm", 0.5, None, 2, 8, "0", 32), engine)
+    # the tool's default --pool 1 (the paper's selection, as its recorded results used)
+    evictor = make_evictor(EvictionSettings.from_args("key-norm", 0.5, None, 2, 8, "0", 32, pool=1), engine)
     new = generate(engine, [passkey_task(tok, 320, 0.5, 0).prompt_ids], 4, stop_tokens={tok.eos_token_id},
                    evictor=evictor, prefill_chunk=32)[0]
     assert evictor.evictions > 0 and tok.decode(new, skip_special_tokens=True) == rows["key-norm"]["records"][0]["generated"]
@@ -380,3 +389,39 @@ def test_evict_oracle(workdir):
                           "llama512", "--scorers", "attention", "--out", "oracle/bad"], capture_output=True, text=True,
                          cwd=workdir, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--scorers takes" in bad.stderr
+
+
+def test_longctx_table(workdir, oracle_engine):
+    """tools/longctx_table.py: one row per (policy, keep, pool), keep 1 once, KV bytes shrink with
+    eviction, the pool recorded per row and shown in the table."""
+    _tool("longctx_table.py", "--engine", "tiny=oracle/engine", "--keep", "1,0.5", "--pool", "1,3", "--contexts",
+          "320", "--depths", "0.5", "--kinds", "passkey", "--sink", "2", "--recent", "8", "--skip-layers", "0",
+          "--headroom", "32", "--max-new-tokens", "4", "--ppl-tokens", "48", "--ppl-text", "calib.txt",
+          "--threads", "1", "--out", "longctx/result", cwd=workdir)
+    result = json.loads((workdir / "longctx" / "result.json").read_text())
+    rows = [(r["policy"], r["keep"], r["pool"]) for r in result["rows"]]
+    assert rows == [("none", 1.0, 1), ("key-norm", 0.5, 1), ("key-norm", 0.5, 3)]
+    kv = [r["kv_bytes_longest_context"] for r in result["rows"]]
+    assert kv[0] > kv[1] == kv[2] and all(r["ppl"] > 1 for r in result["rows"])
+    assert all(list(r["accuracy"]) == ["passkey@320"] and len(r["records"]) == 1 for r in result["rows"])
+    table = _table((workdir / "longctx" / "result.md").read_text())
+    assert table[0][:4] == ["engine", "policy", "pool", "keep"] and [row[2] for row in table[2:]] == ["1", "1", "3"]
+
+
+def test_peak_memory(workdir, oracle_engine):
+    """tools/peak_memory.py: one `eigenkv run` process per setting, its peak RSS and the KV buffers
+    it allocates (smaller with eviction); a failing run is exit 2 with no table written."""
+    _tool("peak_memory.py", "--engine", "oracle/engine", "--batch", "2", "--context", "200", "--max-new-tokens", "2",
+          "--prefill-chunk", "32", "--setting", "none=", "--setting",
+          "evict=--evict key-norm --keep 0.25 --sink 2 --recent 8 --skip-layers 0 --evict-headroom 32",
+          "--out", "peak/result", cwd=workdir)
+    result = json.loads((workdir / "peak" / "result.json").read_text())
+    none, evict = result["rows"]
+    assert (none["setting"], evict["setting"]) == ("none", "evict")
+    assert none["kv_bytes"] > evict["kv_bytes"] > 0 and none["peak_rss_mib"] > 50 and evict["peak_rss_mib"] > 50
+    assert _table((workdir / "peak" / "result.md").read_text())[0][2] == "peak RSS MiB"
+    bad = subprocess.run([sys.executable, str(TOOLS / "peak_memory.py"), "--engine", "oracle/engine", "--batch", "1",
+                          "--context", "50", "--setting", "x=--evict key-norm --keep 2", "--out", "peak/bad"],
+                         capture_output=True, text=True, cwd=workdir, timeout=300)
+    assert bad.returncode == 2 and "--keep must be in (0, 1]" in bad.stderr
+    assert not (workdir / "peak" / "bad.json").exists()

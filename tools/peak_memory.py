@@ -95,7 +95,7 @@ def main(argv=None) -> int:
             return 2
         kv = kv_bytes(args.engine, extra_args, args.batch, args.context + args.max_new_tokens, args.prefill_chunk)
         rows.append({"setting": label, "args": extra, "peak_rss_mib": round(rss, 1), "seconds": round(wall, 1),
-                     "kv_mib": round(kv / 2**20, 1)})
+                     "kv_bytes": kv, "kv_mib": round(kv / 2**20, 1)})
         print(json.dumps(rows[-1]), flush=True)
     command = "python tools/peak_memory.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     result = {"command": command, "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, "
