@@ -124,6 +124,7 @@ def top_slots(scores: np.ndarray, k: int, tiebreak: np.ndarray) -> np.ndarray:
     """scores, tiebreak [Hkv, n] -> [Hkv, k] slot indices in slot order: the k highest scores;
     among slots tied at the cut, the higher tiebreak, then the lower slot (deterministic, so a
     pooled score that several neighbours share picks the same slots on every backend)."""
+    scores = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-np.inf)  # a NaN score is never kept first
     part = np.argpartition(-scores, k - 1, axis=1)
     cut = np.take_along_axis(scores, part[:, k - 1:k], 1)
     above, tied = scores > cut, scores == cut
@@ -231,7 +232,8 @@ class Evictor:
     def keep_best(self, scores: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """scores, positions [Hkv, n] -> kept slot indices [Hkv, budget] in slot order: the
         protected slots (sink, recent), then the highest scores after `pool` max pooling (ties at
-        the cut: the higher own score, then the lower slot)."""
+        the cut: the higher own score, then the lower slot). Pooling sees every slot's own score,
+        the protected ones' too, so the neighbour of a low-norm sink scores as that sink does."""
         s = self.settings
         raw = np.asarray(scores, dtype=np.float64)
         pooled = pool_scores(raw, positions, s.pool)

@@ -4,12 +4,14 @@
         --setting "none=" --setting "keep 0.25=--evict key-norm --keep 0.25 --recent 64 --evict-headroom 256" \\
         --out docs/results/peak_memory_smollm2
 
-Each setting runs `eigenkv run ENGINE` in its own process on the same `batch` prompts of
-`context` tokens (slices of the built-in wiki text, decoded back to text), with the same
-prefill chunk, and reports that process's peak RSS (os.wait4's ru_maxrss) and wall time, so
-the difference between settings is what the KV buffers and eviction add. The engine's KV bytes
-for the setting (the buffers `generate` allocates) are printed beside it.
-Writes OUT.json and OUT.md (command, machine).
+Each setting runs `eigenkv run ENGINE` (eigenkv.cli.main) in its own fresh Python process on the
+same `batch` prompts of about `context` tokens (slices of the built-in wiki text, decoded back to
+text), with the same prefill chunk, and reports that process's peak RSS: VmHWM from
+/proc/self/status, read by the child itself when the run ends (Linux; a child's getrusage
+ru_maxrss would start at the parent's RSS at fork time). The KV buffers column is what `generate`
+allocates for the setting and the prompts' real token counts (same capacities code, computed
+here, not measured). Writes OUT.json and OUT.md (command, machine); exit 2 and nothing written
+if a run fails.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from eigenkv.errors import EigenError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,23 +42,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def prompts(engine: Path, batch: int, context: int) -> list[str]:
-    """`batch` texts of about `context` tokens each: consecutive slices of the built-in wiki text."""
-    from transformers import AutoTokenizer
-
+def prompts(engine: Path, batch: int, context: int) -> tuple[list[str], int]:
+    """`batch` texts of about `context` tokens each (consecutive slices of the built-in wiki text)
+    -> (texts, the longest one's token count as `eigenkv run` tokenizes it)."""
+    from eigenkv.cli import _encode, _load_tokenizer
     from eigenkv.engines.config import EngineConfig
     from eigenkv.exporter.sources import read_text
-    source = EngineConfig.load(engine).source
-    tok = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
+    tok = _load_tokenizer(EngineConfig.load(engine).source)
     ids = tok(read_text("wiki"), add_special_tokens=False)["input_ids"]
     if len(ids) < batch * context:
         ids = ids * (batch * context // len(ids) + 1)
-    return [tok.decode(ids[b * context:(b + 1) * context]) for b in range(batch)]
+    texts = [tok.decode(ids[b * context:(b + 1) * context]) for b in range(batch)]
+    return texts, max(len(_encode(tok, t, chat=False)) for t in texts)
 
 
-def kv_bytes(engine_dir: Path, extra: list[str], batch: int, context: int, chunk: int) -> int:
-    """The KV buffers `generate` allocates for this setting and `context` tokens (prompt + new),
-    prefilled `chunk` tokens at a time (the same capacities code)."""
+def kv_bytes(engine_dir: Path, extra: list[str], batch: int, width: int, new_tokens: int, chunk: int) -> int:
+    """The KV buffers `generate` allocates for this setting: prompts of `width` tokens (the longest)
+    plus `new_tokens`, prefilled `chunk` tokens at a time (the same capacities code)."""
     from eigenkv.cli import _eviction, build_parser
     from eigenkv.engines.backend import load_engine
     from eigenkv.engines.eviction import make_evictor
@@ -62,53 +66,88 @@ def kv_bytes(engine_dir: Path, extra: list[str], batch: int, context: int, chunk
     args = build_parser().parse_args(["run", str(engine_dir), "--prompt", "x", *extra])
     engine = load_engine(engine_dir)
     evictor = make_evictor(_eviction(args), engine)
+    context = max(width + new_tokens, min(width + 1, engine.max_seq_len))
     return engine.new_cache(batch, capacities(engine, context, chunk, evictor)).nbytes
 
 
-def run_one(cmd: list[str]) -> tuple[int, float, float]:
-    """-> (exit code, peak RSS MiB, wall s) of one child process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        print(proc.stderr.read().decode(errors="replace")[-2000:], file=sys.stderr)
-    return proc.returncode, usage.ru_maxrss / 1024, wall
+# the child: eigenkv's CLI in-process, then its own peak RSS (VmHWM, kB) as the last stderr line
+CHILD = """import sys
+from eigenkv.cli import main
+rc = main(sys.argv[1:])
+hwm = [line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:')]
+print(f'VmHWM_kB {hwm[0] if hwm else -1}', file=sys.stderr)
+sys.exit(rc)
+"""
+
+
+def run_one(argv: list[str]) -> tuple[int, float, float]:
+    """`eigenkv` argv in a fresh process -> (exit code, its peak RSS MiB, wall s)."""
+    import tempfile
+    with tempfile.TemporaryFile() as err:  # a file, not a pipe: a chatty child cannot block on it
+        t0 = time.perf_counter()
+        rc = subprocess.run([sys.executable, "-c", CHILD, *argv], stdout=subprocess.DEVNULL, stderr=err).returncode
+        wall = time.perf_counter() - t0
+        err.seek(0)
+        text = err.read().decode(errors="replace")
+    lines = text.strip().splitlines()
+    if rc or not lines or not lines[-1].startswith("VmHWM_kB ") or lines[-1].split()[1] == "-1":
+        print(text[-2000:], file=sys.stderr)
+        return rc or 1, float("nan"), wall
+    return rc, int(lines[-1].split()[1]) / 1024, wall
+
+
+def check_settings(engine_dir: Path, settings: list[str]) -> None:
+    """EigenError (one line) for a setting whose `eigenkv run` arguments are invalid, before any run."""
+    from eigenkv.cli import _eviction, build_parser
+    from eigenkv.engines.backend import load_engine
+    from eigenkv.engines.eviction import make_evictor
+    engine = load_engine(engine_dir)
+    for setting in settings:
+        label, _, extra = setting.partition("=")
+        try:
+            make_evictor(_eviction(build_parser().parse_args(["run", str(engine_dir), "--prompt", "x",
+                                                              *shlex.split(extra)])), engine)
+        except EigenError as e:
+            raise EigenError(f"setting {label!r}: {e}") from None
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    texts = prompts(args.engine, args.batch, args.context)
+    try:
+        check_settings(args.engine, args.setting)
+    except EigenError as e:
+        print(f"peak_memory: error: {e}", file=sys.stderr)
+        return 2
+    texts, width = prompts(args.engine, args.batch, args.context)
     rows = []
     for setting in args.setting:
         label, _, extra = setting.partition("=")
         extra_args = shlex.split(extra)
-        cmd = [sys.executable, "-m", "eigenkv.cli", "run", str(args.engine), "--max-new-tokens",
-               str(args.max_new_tokens), "--ignore-eos", "--no-stream", "--prefill-chunk", str(args.prefill_chunk),
-               *extra_args]
+        run_argv = ["run", str(args.engine), "--max-new-tokens", str(args.max_new_tokens), "--ignore-eos", "--no-stream",
+                "--prefill-chunk", str(args.prefill_chunk), *extra_args]
         for t in texts:
-            cmd += ["--prompt", t]
-        rc, rss, wall = run_one(cmd)
+            run_argv += ["--prompt", t]
+        rc, rss, wall = run_one(run_argv)
         if rc:
-            print(f"peak_memory: `eigenkv run` failed for {label!r} (exit {rc})", file=sys.stderr)
+            print(f"peak_memory: `eigenkv run` failed for {label!r} (exit {rc}), see above", file=sys.stderr)
             return 2
-        kv = kv_bytes(args.engine, extra_args, args.batch, args.context + args.max_new_tokens, args.prefill_chunk)
+        kv = kv_bytes(args.engine, extra_args, args.batch, width, args.max_new_tokens, args.prefill_chunk)
         rows.append({"setting": label, "args": extra, "peak_rss_mib": round(rss, 1), "seconds": round(wall, 1),
                      "kv_bytes": kv, "kv_mib": round(kv / 2**20, 1)})
         print(json.dumps(rows[-1]), flush=True)
     command = "python tools/peak_memory.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     result = {"command": command, "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, "
-              f"{platform.platform()}", "batch": args.batch, "context": args.context, "rows": rows}
+              f"{platform.platform()}", "batch": args.batch, "context": args.context, "prompt_tokens_max": width,
+              "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     from eigenkv.artifacts import write_json
     write_json(out.with_suffix(".json"), result)
-    lines = ["| setting | `eigenkv run` arguments | peak RSS MiB | KV buffers MiB | wall s |", "|---|---|---|---|---|"]
+    lines = ["| setting | `eigenkv run` arguments | peak RSS MiB | KV buffers MiB (computed) | wall s |", "|---|---|---|---|---|"]
     lines += [f"| {r['setting']} | `{r['args']}` | {r['peak_rss_mib']:.0f} | {r['kv_mib']:.0f} | {r['seconds']:.0f} |"
               for r in rows]
     out.with_suffix(".md").write_text(f"Command: `{command}` on {result['machine']}; batch {args.batch}, "
-                                      f"prompts of about {args.context} tokens.\n\n" + "\n".join(lines) + "\n")
+                                      f"prompts of about {args.context} tokens (longest {width}).\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
