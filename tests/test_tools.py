@@ -425,7 +425,7 @@ def test_peak_memory(workdir, oracle_engine, capsys):
     none, evict = result["rows"]
     assert (none["setting"], evict["setting"]) == ("none", "evict") and 150 <= result["prompt_tokens_max"] <= 250
     assert none["kv_bytes"] > evict["kv_bytes"] > 0
-    assert 50 < none["peak_rss_mib"] < 20_000 and 50 < evict["peak_rss_mib"] < 20_000  # NaN if VmHWM was not read
+    assert 50 < none["peak_rss_mib"] < 20_000 and 50 < evict["peak_rss_mib"] < 20_000  # a plausible process size, read by the child
     assert _table(out.with_suffix(".md").read_text())[0][2] == "peak RSS MiB"
     capsys.readouterr()
     bad = workdir / "peak" / "bad"
@@ -434,3 +434,5 @@ def test_peak_memory(workdir, oracle_engine, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("peak_memory: error: setting 'x': --keep must be in (0, 1]") and "\n" not in err
     assert not bad.with_suffix(".json").exists() and not bad.with_suffix(".md").exists()
+    assert tool.main(["--engine", engine, "--setting", "no-label", "--out", str(bad)]) == 2
+    assert "--setting takes LABEL=ARGS" in capsys.readouterr().err and not bad.with_suffix(".json").exists()

@@ -81,7 +81,8 @@ sys.exit(rc)
 
 
 def run_one(argv: list[str]) -> tuple[int, float, float]:
-    """`eigenkv` argv in a fresh process -> (exit code, its peak RSS MiB, wall s)."""
+    """`eigenkv` argv in a fresh process -> (exit code, its peak RSS MiB, wall s); exit code -1 when
+    the child exited 0 but reported no VmHWM (not Linux)."""
     import tempfile
     with tempfile.TemporaryFile() as err:  # a file, not a pipe: a chatty child cannot block on it
         t0 = time.perf_counter()
@@ -89,11 +90,11 @@ def run_one(argv: list[str]) -> tuple[int, float, float]:
         wall = time.perf_counter() - t0
         err.seek(0)
         text = err.read().decode(errors="replace")
-    lines = text.strip().splitlines()
-    if rc or not lines or not lines[-1].startswith("VmHWM_kB ") or lines[-1].split()[1] == "-1":
+    hwm = [line.split()[1] for line in text.splitlines() if line.startswith("VmHWM_kB ")]
+    if rc or not hwm or hwm[-1] == "-1":
         print(text[-2000:], file=sys.stderr)
-        return rc or 1, float("nan"), wall
-    return rc, int(lines[-1].split()[1]) / 1024, wall
+        return rc or -1, float("nan"), wall
+    return rc, int(hwm[-1]) / 1024, wall
 
 
 def check_settings(engine_dir: Path, settings: list[str]) -> None:
@@ -103,11 +104,13 @@ def check_settings(engine_dir: Path, settings: list[str]) -> None:
     from eigenkv.engines.eviction import make_evictor
     engine = load_engine(engine_dir)
     for setting in settings:
+        if "=" not in setting:
+            raise EigenError(f"--setting takes LABEL=ARGS (ARGS may be empty: 'none='), got {setting!r}")
         label, _, extra = setting.partition("=")
         try:
             make_evictor(_eviction(build_parser().parse_args(["run", str(engine_dir), "--prompt", "x",
                                                               *shlex.split(extra)])), engine)
-        except EigenError as e:
+        except (EigenError, ValueError) as e:  # ValueError: shlex, e.g. an unbalanced quote
             raise EigenError(f"setting {label!r}: {e}") from None
 
 
@@ -129,7 +132,8 @@ def main(argv=None) -> int:
             run_argv += ["--prompt", t]
         rc, rss, wall = run_one(run_argv)
         if rc:
-            print(f"peak_memory: `eigenkv run` failed for {label!r} (exit {rc}), see above", file=sys.stderr)
+            why = "reported no peak RSS (VmHWM needs Linux's /proc)" if rc == -1 else f"failed (exit {rc})"
+            print(f"peak_memory: error: `eigenkv run` {why} for {label!r}, see above", file=sys.stderr)
             return 2
         kv = kv_bytes(args.engine, extra_args, args.batch, width, args.max_new_tokens, args.prefill_chunk)
         rows.append({"setting": label, "args": extra, "peak_rss_mib": round(rss, 1), "seconds": round(wall, 1),
@@ -141,13 +145,15 @@ def main(argv=None) -> int:
               "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from eigenkv.artifacts import write_json
-    write_json(out.with_suffix(".json"), result)
-    lines = ["| setting | `eigenkv run` arguments | peak RSS MiB | KV buffers MiB (computed) | wall s |", "|---|---|---|---|---|"]
+    from eigenkv.artifacts import atomic_path, write_json
+    write_json(Path(f"{out}.json"), result)
+    lines = ["| setting | `eigenkv run` arguments | peak RSS MiB | KV buffers MiB (computed) | wall s |",
+             "|---|---|---|---|---|"]
     lines += [f"| {r['setting']} | `{r['args']}` | {r['peak_rss_mib']:.0f} | {r['kv_mib']:.0f} | {r['seconds']:.0f} |"
               for r in rows]
-    out.with_suffix(".md").write_text(f"Command: `{command}` on {result['machine']}; batch {args.batch}, "
-                                      f"prompts of about {args.context} tokens (longest {width}).\n\n" + "\n".join(lines) + "\n")
+    with atomic_path(Path(f"{out}.md")) as tmp:
+        tmp.write_text(f"Command: `{command}` on {result['machine']}; batch {args.batch}, prompts of about "
+                       f"{args.context} tokens (longest {width}).\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
