@@ -338,9 +338,10 @@ def _add_eviction_args(p: argparse.ArgumentParser, target: str) -> None:
                    help="layers never evicted (default 0,1, as in the paper's runs)")
     g.add_argument("--evict-headroom", type=int, default=64, metavar="N",
                    help="slots above the budget before eviction runs; bounds prefill chunks (default 64)")
-    g.add_argument("--pool", type=int, default=3, metavar="N",
+    from eigenkv.engines.eviction import DEFAULT_POOL
+    g.add_argument("--pool", type=int, default=DEFAULT_POOL, metavar="N",
                    help="max-pool the policy's scores over N neighbouring positions (odd; keeps multi-token "
-                        "spans such as numbers whole; default 3; 1: the paper's selection, no pooling)")
+                        f"spans such as numbers whole; default {DEFAULT_POOL}; 1: the paper's selection, no pooling)")
 
 
 def _eviction(args):

@@ -42,8 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sink", type=int, default=4)
     ap.add_argument("--recent", type=int, default=64, help="newest tokens always kept (covers the question)")
     ap.add_argument("--skip-layers", default="0,1")
-    ap.add_argument("--pool", type=_ints, default=[3], metavar="W,W,...",
-                    help="max-pooling widths of the policy's scores (odd tokens; 1: none; default 3), one row each")
+    ap.add_argument("--pool", type=_ints, default=None, metavar="W,W,...",
+                    help="max-pooling widths of the policy's scores (odd tokens; 1: none; default: the runtime's "
+                         "default), one row each")
     ap.add_argument("--headroom", type=int, default=256, help="slots above the budget; the prefill chunk")
     ap.add_argument("--max-new-tokens", type=int, default=12)
     ap.add_argument("--ppl-tokens", type=int, default=1024, help="decode-style perplexity tokens (0: skip)")
@@ -54,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _settings(args, policy: str, keep: float, pool: int = 3):
+def _settings(args, policy: str, keep: float, pool: int):
     from eigenkv.engines.eviction import EvictionSettings
     if keep >= 1.0:
         return None
@@ -79,9 +80,10 @@ def run_engine(label: str, engine_dir: Path, args, tokenizer, tasks, ppl_ids) ->
     engine = load_engine(engine_dir, threads=args.threads)
     stops = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     rows = []
-    runs = [(policy, keep, pool) for policy in args.policies.split(",") for keep in args.keep for pool in args.pool]
+    policies = args.policies.split(",")
+    runs = [(policy, keep, pool) for policy in policies for keep in args.keep for pool in args.pool]
     for policy, keep, pool in runs:
-        if keep >= 1.0 and (policy, pool) != (args.policies.split(",")[0], args.pool[0]):
+        if keep >= 1.0 and (policy, pool) != (policies[0], args.pool[0]):
             continue  # no eviction: one row per engine
         settings = _settings(args, policy, keep, pool)
         t0 = time.perf_counter()
@@ -126,6 +128,9 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from transformers import AutoTokenizer
+
+    from eigenkv.engines.eviction import DEFAULT_POOL
+    args.pool = args.pool or [DEFAULT_POOL]
 
     from eigenkv.artifacts import write_json
     from eigenkv.engines.config import EngineConfig

@@ -56,16 +56,10 @@ def prompts(engine: Path, batch: int, context: int) -> tuple[list[str], int]:
     return texts, max(len(_encode(tok, t, chat=False)) for t in texts)
 
 
-def kv_bytes(engine_dir: Path, extra: list[str], batch: int, width: int, new_tokens: int, chunk: int) -> int:
-    """The KV buffers `generate` allocates for this setting: prompts of `width` tokens (the longest)
-    plus `new_tokens`, prefilled `chunk` tokens at a time (the same capacities code)."""
-    from eigenkv.cli import _eviction, build_parser
-    from eigenkv.engines.backend import load_engine
-    from eigenkv.engines.eviction import make_evictor
+def kv_bytes(engine, evictor, batch: int, width: int, new_tokens: int, chunk: int) -> int:
+    """The KV buffers `generate` allocates for a setting (its evictor, or None): prompts of `width`
+    tokens (the longest) plus `new_tokens`, prefilled `chunk` tokens at a time (the same capacities code)."""
     from eigenkv.engines.runtime import capacities
-    args = build_parser().parse_args(["run", str(engine_dir), "--prompt", "x", *extra])
-    engine = load_engine(engine_dir)
-    evictor = make_evictor(_eviction(args), engine)
     context = max(width + new_tokens, min(width + 1, engine.max_seq_len))
     return engine.new_cache(batch, capacities(engine, context, chunk, evictor)).nbytes
 
@@ -97,37 +91,39 @@ def run_one(argv: list[str]) -> tuple[int, float, float]:
     return rc, int(hwm[-1]) / 1024, wall
 
 
-def check_settings(engine_dir: Path, settings: list[str]) -> None:
-    """EigenError (one line) for a setting whose `eigenkv run` arguments are invalid, before any run."""
+def check_settings(engine_dir: Path, settings: list[str]):
+    """Parse every setting before any run -> (the loaded engine, [(label, ARGS as text, ARGS split,
+    its evictor or None)]); EigenError (one line) for a setting whose `eigenkv run` arguments are invalid."""
     from eigenkv.cli import _eviction, build_parser
     from eigenkv.engines.backend import load_engine
     from eigenkv.engines.eviction import make_evictor
-    engine = load_engine(engine_dir)
+    engine, parsed = load_engine(engine_dir), []
     for setting in settings:
         if "=" not in setting:
             raise EigenError(f"--setting takes LABEL=ARGS (ARGS may be empty: 'none='), got {setting!r}")
         label, _, extra = setting.partition("=")
         try:
-            make_evictor(_eviction(build_parser().parse_args(["run", str(engine_dir), "--prompt", "x",
-                                                              *shlex.split(extra)])), engine)
+            extra_args = shlex.split(extra)
+            evictor = make_evictor(_eviction(build_parser().parse_args(["run", str(engine_dir), "--prompt", "x",
+                                                                        *extra_args])), engine)
         except (EigenError, ValueError) as e:  # ValueError: shlex, e.g. an unbalanced quote
             raise EigenError(f"setting {label!r}: {e}") from None
+        parsed.append((label, extra, extra_args, evictor))
+    return engine, parsed
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        check_settings(args.engine, args.setting)
+        engine, settings = check_settings(args.engine, args.setting)
     except EigenError as e:
         print(f"peak_memory: error: {e}", file=sys.stderr)
         return 2
     texts, width = prompts(args.engine, args.batch, args.context)
     rows = []
-    for setting in args.setting:
-        label, _, extra = setting.partition("=")
-        extra_args = shlex.split(extra)
-        run_argv = ["run", str(args.engine), "--max-new-tokens", str(args.max_new_tokens), "--ignore-eos", "--no-stream",
-                "--prefill-chunk", str(args.prefill_chunk), *extra_args]
+    for label, extra, extra_args, evictor in settings:
+        run_argv = ["run", str(args.engine), "--max-new-tokens", str(args.max_new_tokens), "--ignore-eos",
+                    "--no-stream", "--prefill-chunk", str(args.prefill_chunk), *extra_args]
         for t in texts:
             run_argv += ["--prompt", t]
         rc, rss, wall = run_one(run_argv)
@@ -135,7 +131,7 @@ def main(argv=None) -> int:
             why = "reported no peak RSS (VmHWM needs Linux's /proc)" if rc == -1 else f"failed (exit {rc})"
             print(f"peak_memory: error: `eigenkv run` {why} for {label!r}, see above", file=sys.stderr)
             return 2
-        kv = kv_bytes(args.engine, extra_args, args.batch, width, args.max_new_tokens, args.prefill_chunk)
+        kv = kv_bytes(engine, evictor, args.batch, width, args.max_new_tokens, args.prefill_chunk)
         rows.append({"setting": label, "args": extra, "peak_rss_mib": round(rss, 1), "seconds": round(wall, 1),
                      "kv_bytes": kv, "kv_mib": round(kv / 2**20, 1)})
         print(json.dumps(rows[-1]), flush=True)
