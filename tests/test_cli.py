@@ -104,3 +104,32 @@ def test_model_paths_resolve_without_guessing(tmp_path, tiny_dir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(EigenError, match="no config.json"):
         resolve_model(str(tmp_path / "empty"))
+
+
+def test_config_is_parsed_once_per_file_version_and_copied(tmp_path, tiny_dir, monkeypatch):
+    """load_config reuses a parsed config (a GGUF's costs a full metadata parse) until the file
+    changes, and hands out copies: a caller's edit never reaches the next caller."""
+    import json
+    import os
+    import shutil
+
+    import transformers
+
+    from eigenkv.exporter.sources import ModelSource, load_config
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    parses = []
+    real = transformers.AutoConfig.from_pretrained.__func__
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: parses.append(a) or real(cls, *a, **k)))
+    source = ModelSource(model, None)
+    first = load_config(source)
+    first.num_hidden_layers = 99
+    second = load_config(source)
+    assert len(parses) == 1 and second.num_hidden_layers != 99 and second is not first
+    raw = json.loads((model / "config.json").read_text())
+    raw["rms_norm_eps"] = 0.125
+    (model / "config.json").write_text(json.dumps(raw))
+    st = (model / "config.json").stat()
+    os.utime(model / "config.json", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert load_config(source).rms_norm_eps == 0.125 and len(parses) == 2
