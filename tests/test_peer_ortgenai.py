@@ -255,3 +255,20 @@ def test_pruned_lm_head_gives_last_logits_and_prefill_uses_them(tiny, tmp_path):
     with pytest.raises(EigenError, match="returns only the last token's logits"):
         stream_perplexity(engine, ids[0], chunk=4)
     assert np.isfinite(stream_perplexity(engine, ids[0], chunk=1)["ppl"])
+
+
+@needs_genai
+def test_session_spread_drives_the_genai_graph_like_ortgenai(tiny):
+    """tools/session_spread.py runs ORT-GenAI's graph in plain ONNX Runtime (shared past/present
+    buffers, all-ones mask): its greedy tokens are the float64 model's."""
+    model, folder, _ = tiny
+    spec = importlib.util.spec_from_file_location("session_spread_tool", TOOL.parent / "session_spread.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    ids = np.random.default_rng(1).integers(0, 255, size=(2, 9))
+    graph = tool.OrtGenaiGraph(folder, ids, steps=6, threads=1)
+    tokens = [graph.tokens]
+    for _ in range(5):
+        graph.step()
+        tokens.append(graph.tokens)
+    assert (np.stack(tokens, 1) == _torch_greedy(model, ids, 6)).all()

@@ -436,3 +436,22 @@ def test_peak_memory(workdir, oracle_engine, capsys):
     assert not bad.with_suffix(".json").exists() and not bad.with_suffix(".md").exists()
     assert tool.main(["--engine", engine, "--setting", "no-label", "--out", str(bad)]) == 2
     assert "--setting takes LABEL=ARGS" in capsys.readouterr().err and not bad.with_suffix(".json").exists()
+
+
+def test_session_spread(workdir, oracle_engine):
+    """tools/session_spread.py: every session times the same number of decode steps, the table
+    lists them in load order; a folder without genai_config.json is a one-line exit 2."""
+    _tool("session_spread.py", "--engine", "oracle/engine", "--sessions", "2", "--contexts", "40", "--batches", "1,2",
+          "--blocks", "2", "--steps", "2", "--threads", "1", "--out", "spread/result", cwd=workdir)
+    result = json.loads((workdir / "spread" / "result.json").read_text())
+    assert [(c["context"], c["batch"], c["order"]) for c in result["cells"]] == [(40, 1, "ours-first"), (40, 2, "ours-first")]
+    for cell in result["cells"]:
+        assert cell["load_order"] == ["ours #1", "ours #2"]
+        assert all(v["steps"] == 4 and 0 < v["p50"] < 10_000 for v in cell["ms"].values())
+    table = _table((workdir / "spread" / "result.md").read_text())
+    assert [row[2] for row in table[2:]] == ["ours #1", "ours #2"] * 2 and "1.000" in {row[-1] for row in table[2:4]}
+    bad = subprocess.run([sys.executable, str(TOOLS / "session_spread.py"), "--engine", "oracle/engine", "--ortgenai",
+                          "oracle", "--contexts", "40", "--blocks", "2", "--steps", "1", "--out", "spread/bad"],
+                         capture_output=True, text=True, cwd=workdir, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "genai_config.json" in bad.stderr
+    assert not (workdir / "spread" / "bad.json").exists()
