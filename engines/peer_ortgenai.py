@@ -30,6 +30,7 @@ is imported only when a model is loaded (EigenError with the install command if 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,55 @@ def accepts(path: Path) -> bool:
     """True for a folder holding genai_config.json (cheap: nothing is read or imported)."""
     path = Path(path)
     return path.is_dir() and (path / CONFIG_FILE).is_file()
+
+
+@dataclass(frozen=True)
+class GenAIFolder:
+    """What genai_config.json and the graph's signature say about an ORT-GenAI decoder folder."""
+
+    model: Path  # the decoder graph (model.onnx)
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    context_length: int  # tokens
+    vocab_size: int
+    input_ids: str
+    attention_mask: str
+    past_key: str  # name patterns with %d for the layer
+    past_value: str
+    present_key: str
+    present_value: str
+    logits: str
+    dtype: type  # numpy dtype of the KV cache (float32 or float16)
+    last_logits_only: bool  # logits [B, 1, V]: built with prune_lm_head
+
+
+def read_folder(path: Path) -> GenAIFolder:
+    """Read an ORT-GenAI folder without onnxruntime-genai (weights not loaded). EigenError (one
+    line) if it has no genai_config.json, the config is not a decoder's, or the graph is missing."""
+    path = Path(path)
+    if not accepts(path):
+        raise EigenError(f"{path} has no {CONFIG_FILE}: not an ORT-GenAI model folder; {_REBUILD}")
+    config = read_json_object(path / CONFIG_FILE, _REBUILD)
+    model_cfg = config.get("model") if isinstance(config.get("model"), dict) else {}
+    decoder = model_cfg.get("decoder") if isinstance(model_cfg.get("decoder"), dict) else {}
+    try:
+        inputs, outputs = decoder["inputs"], decoder["outputs"]
+        fields = dict(n_layers=int(decoder["num_hidden_layers"]), n_kv_heads=int(decoder["num_key_value_heads"]),
+                      head_dim=int(decoder["head_size"]), context_length=int(model_cfg["context_length"]),
+                      vocab_size=int(model_cfg["vocab_size"]), input_ids=str(inputs.get("input_ids", "input_ids")),
+                      attention_mask=str(inputs.get("attention_mask", "attention_mask")),
+                      past_key=str(inputs["past_key_names"]), past_value=str(inputs["past_value_names"]),
+                      present_key=str(outputs["present_key_names"]), present_value=str(outputs["present_value_names"]),
+                      logits=str(outputs.get("logits", "logits")))
+        filename = str(decoder["filename"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise EigenError(f"{path / CONFIG_FILE} is not an ORT-GenAI decoder config (missing or bad "
+                         f"{e}); {_REBUILD}") from None
+    if not (path / filename).is_file():
+        raise EigenError(f"{path} lacks {filename}, named by its {CONFIG_FILE}; {_REBUILD}")
+    dtype, last_only = _graph_io(path / filename, fields["past_key"] % 0, fields["logits"])
+    return GenAIFolder(model=path / filename, dtype=dtype, last_logits_only=last_only, **fields)
 
 
 def load(path: Path, threads: int = 0) -> "GenAIEngine":
@@ -152,25 +202,13 @@ class GenAIEngine(Engine):
         if threads < 0:
             raise EigenError(f"threads must be >= 0 (0 = ONNX Runtime's default), got {threads}")
         self.og = import_genai()
-        config = read_json_object(self.dir / CONFIG_FILE, _REBUILD)
-        model_cfg = config.get("model") if isinstance(config.get("model"), dict) else {}
-        decoder = model_cfg.get("decoder") if isinstance(model_cfg.get("decoder"), dict) else {}
-        try:
-            n_layers, kv_heads = int(decoder["num_hidden_layers"]), int(decoder["num_key_value_heads"])
-            head_dim, self.context_length = int(decoder["head_size"]), int(model_cfg["context_length"])
-            self._vocab, filename = int(model_cfg["vocab_size"]), str(decoder["filename"])
-            self.present_key = str(decoder["outputs"]["present_key_names"])
-            self.logits_name = str(decoder["outputs"].get("logits", "logits"))
-            past_key = str(decoder["inputs"]["past_key_names"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise EigenError(f"{self.dir / CONFIG_FILE} is not an ORT-GenAI decoder config (missing or bad "
-                             f"{e}); {_REBUILD}") from None
-        if not (self.dir / filename).is_file():
-            raise EigenError(f"{self.dir} lacks {filename}, named by its {CONFIG_FILE}; {_REBUILD}")
-        self.dtype, self.last_logits_only = _graph_io(self.dir / filename, past_key % 0, self.logits_name)
+        folder = read_folder(self.dir)
+        self.context_length, self._vocab = folder.context_length, folder.vocab_size
+        self.present_key, self.logits_name = folder.present_key, folder.logits
+        self.dtype, self.last_logits_only = folder.dtype, folder.last_logits_only
         self.precision = precision_of(np.dtype(self.dtype))
-        self.layout = KVLayout(n_layers, kv_heads, head_dim, [head_dim] * n_layers, [head_dim] * n_layers,
-                               self.context_length, slot_positions=False)
+        self.layout = KVLayout(folder.n_layers, folder.n_kv_heads, folder.head_dim, [folder.head_dim] * folder.n_layers,
+                               [folder.head_dim] * folder.n_layers, self.context_length, slot_positions=False)
         self.eos_token = self._vocab - 1  # the end token set for ORT-GenAI's search (see the module doc)
         self.info = read_json_object(self.dir / "peer.json", _REBUILD) if (self.dir / "peer.json").is_file() else {}
         session = {"log_severity_level": 3}

@@ -87,17 +87,18 @@ def _load_error(source: ModelSource, e: Exception) -> EigenError:
 
 
 def _config_key(source: ModelSource) -> tuple:
-    path = source.directory / (source.gguf_file or "config.json")
+    path = Path(source.directory) / (source.gguf_file or "config.json")
     try:
+        path = path.resolve()
         st = path.stat()
     except OSError:
         return (str(path),)  # not cached: from_pretrained reports the problem
-    return (str(path), st.st_size, st.st_mtime_ns)
+    return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def load_config(source: ModelSource):
     """The checkpoint's transformers config, a fresh copy per call. Parsed once per file version
-    (path, size, mtime) in this process: a GGUF's config is read by parsing the whole file's
+    (resolved path, inode, size, mtime and ctime) in this process: a GGUF's config is read by parsing the whole file's
     metadata (~3 s for the default model), which the family check, the model load and the
     generation settings would otherwise repeat. EigenError (one line) if it cannot be read."""
     from transformers import AutoConfig

@@ -133,3 +133,17 @@ def test_config_is_parsed_once_per_file_version_and_copied(tmp_path, tiny_dir, m
     st = (model / "config.json").stat()
     os.utime(model / "config.json", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert load_config(source).rms_norm_eps == 0.125 and len(parses) == 2
+    # the model load takes that config instead of parsing the checkpoint's again
+    from eigenkv.exporter.sources import load_model
+    seen = []
+    real_model = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+    def model_load(cls, *a, **k):
+        before = len(parses)
+        model = real_model(cls, *a, **k)
+        seen.append((k.get("config"), len(parses) - before))
+        return model
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(model_load))
+    model, _ = load_model(source, progress=False)
+    (config, parsed_inside), = seen
+    assert config.rms_norm_eps == 0.125 and parsed_inside == 0 and model.config.rms_norm_eps == 0.125

@@ -258,17 +258,48 @@ def test_pruned_lm_head_gives_last_logits_and_prefill_uses_them(tiny, tmp_path):
 
 
 @needs_genai
-def test_session_spread_drives_the_genai_graph_like_ortgenai(tiny):
+def test_session_spread_drives_the_genai_graph_like_ortgenai(tiny, tmp_path):
     """tools/session_spread.py runs ORT-GenAI's graph in plain ONNX Runtime (shared past/present
-    buffers, all-ones mask): its greedy tokens are the float64 model's."""
-    model, folder, _ = tiny
+    buffers, all-ones mask), pruned lm_head or not: its greedy tokens are the float64 model's; the
+    whole tool runs it beside an eigenkv engine of the same checkpoint and refuses a context the
+    folder cannot hold in one line, exit 2, nothing written."""
+    from eigenkv.cli import main as eigenkv_main
+    model, folder, hf = tiny
     spec = importlib.util.spec_from_file_location("session_spread_tool", TOOL.parent / "session_spread.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    spread = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(spread)
+    spec = importlib.util.spec_from_file_location("ortgenai_peer_tool", TOOL)
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    assert builder.main(["-o", str(tmp_path / "pruned"), "--model", str(hf), "--threads", "1", "--prune-lm-head"]) == 0
     ids = np.random.default_rng(1).integers(0, 255, size=(2, 9))
-    graph = tool.OrtGenaiGraph(folder, ids, steps=6, threads=1)
-    tokens = [graph.tokens]
-    for _ in range(5):
-        graph.step()
-        tokens.append(graph.tokens)
-    assert (np.stack(tokens, 1) == _torch_greedy(model, ids, 6)).all()
+    expected = _torch_greedy(model, ids, 6)
+    for path in (folder, tmp_path / "pruned"):
+        info = peer_ortgenai.read_folder(path)
+        assert info.last_logits_only == (path != folder) and info.vocab_size == 256 and info.dtype == np.float32
+        graph = spread.OrtGenaiGraph(info, ids, steps=6, threads=1)
+        tokens = [graph.tokens]
+        for _ in range(5):
+            graph.step()
+            tokens.append(graph.tokens)
+        assert (np.stack(tokens, 1) == expected).all()
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    assert eigenkv_main(["export", str(tmp_path / "e" / "model.onnx"), "--model", str(hf), "--no-compress",
+                         "--calib-text", str(text), "--calib-seq-len", "64", "--calib-samples", "2", "--eval-tokens", "0",
+                         "--max-seq-len", "96", "--decode-steps", "2", "--no-progress"]) == 0
+    assert eigenkv_main(["build", str(tmp_path / "e" / "model.onnx"), "-o", str(tmp_path / "engine")]) == 0
+    out = tmp_path / "spread.v1"
+    assert spread.main(["--engine", str(tmp_path / "engine"), "--ortgenai", str(tmp_path / "pruned"), "--sessions",
+                        "2", "--contexts", "20", "--blocks", "3", "--steps", "2", "--threads", "1", "--out", str(out)]) == 0
+    cells = json.loads(Path(f"{out}.json").read_text())["cells"]
+    assert [c["order"] for c in cells] == ["ours-first", "peer-first"]
+    assert cells[1]["load_order"] == ["ORT-GenAI graph", "ours #1", "ours #2"]
+    assert cells[1]["blocks"] == [["ORT-GenAI graph", "ours #1", "ours #2"], ["ours #1", "ours #2", "ORT-GenAI graph"],
+                                  ["ours #2", "ORT-GenAI graph", "ours #1"]]
+    assert all(v["steps"] == 6 for c in cells for v in c["ms"].values()) and Path(f"{out}.md").is_file()
+    run = subprocess.run([sys.executable, str(TOOL.parent / "session_spread.py"), "--engine", str(tmp_path / "engine"),
+                          "--ortgenai", str(tmp_path / "pruned"), "--contexts", "90", "--blocks", "2", "--steps", "5",
+                          "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and "max_seq_len 96" in run.stderr
+    assert not list(tmp_path.glob("bad*"))

@@ -3,16 +3,18 @@ several sessions of the same engine, plus ORT-GenAI's graph run through plain ON
 one process, timed step by step in interleaved blocks, in two load orders.
 
     python tools/session_spread.py --engine out/engines/base --ortgenai out/ortgenai-smollm2-pruned \\
-        --contexts 512,2048 --batches 1 --out docs/results/session_spread_smollm2
+        --contexts 512,2048 --batches 1,8 --out docs/results/session_spread_smollm2
 
 Ours runs through `eigenkv.engines.runtime.decode_step` (what `eigenkv run`/`bench` time). The
 ORT-GenAI folder's `model.onnx` (its `genai_config.json` gives layers, KV heads, head size) runs in
 an onnxruntime.InferenceSession driven the way ORT-GenAI drives it: one IOBinding, each layer's
-past and present bound to the same buffer, logits into a preallocated array, an all-ones
+past and present bound to the same buffer, decode logits into one preallocated array, an all-ones
 attention mask of the total length. It measures graph execution, not ORT-GenAI's own C++ loop.
-Blocks of `--steps` decode steps rotate over the sessions (forward, then backward order, so no
-session always follows the same one); every session has decoded the same number of steps when
-a block starts. Per session: p50 and mean ms per decode step over all its timed steps.
+After one untimed warm-up block per session, blocks of `--steps` decode steps rotate over the
+sessions (block b starts with session b mod K); every session has decoded the same number of
+steps when a block starts. Per session: p50 and mean ms per decode step over its timed steps.
+Bad input (engine or folder unreadable, vocabularies differ, context + steps beyond either
+model's length) is a one-line error, exit 2, before anything is timed or written.
 """
 
 from __future__ import annotations
@@ -73,68 +75,70 @@ class Ours:
 class OrtGenaiGraph:
     """ORT-GenAI's exported graph in a plain ONNX Runtime session with shared past/present buffers."""
 
-    def __init__(self, folder: Path, ids: np.ndarray, steps: int, threads: int):
+    def __init__(self, folder, ids: np.ndarray, steps: int, threads: int):
         import onnxruntime as ort
-        from eigenkv.errors import EigenError
-        try:
-            config = json.loads((folder / "genai_config.json").read_text())["model"]
-            dec = config["decoder"]
-        except (OSError, ValueError, KeyError) as e:
-            raise EigenError(f"--ortgenai {folder}: no readable genai_config.json with a decoder ({e}); "
-                             "build the folder with tools/ortgenai_peer.py") from None
+        self.folder = folder  # engines.peer_ortgenai.GenAIFolder
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(folder / dec["filename"]), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(folder.model), options, providers=["CPUExecutionProvider"])
         batch, ctx = ids.shape
-        shape = (batch, dec["num_key_value_heads"], ctx + steps + 1, dec["head_size"])
-        self.buffers = [np.zeros(shape, np.float32) for _ in range(2 * dec["num_hidden_layers"])]
+        shape = (batch, folder.n_kv_heads, ctx + steps + 1, folder.head_dim)
+        self.buffers = [np.zeros(shape, folder.dtype) for _ in range(2 * folder.n_layers)]
         self.values = [ort.OrtValue.ortvalue_from_numpy(b) for b in self.buffers]
         self.binding = self.session.io_binding()
-        names = dec["inputs"], dec["outputs"]
-        for i in range(dec["num_hidden_layers"]):
-            for j, kind in enumerate(("key", "value")):
-                value = self.values[2 * i + j]
-                self.binding.bind_ortvalue_input(names[0][f"past_{kind}_names"] % i, value)
-                self.binding.bind_ortvalue_output(names[1][f"present_{kind}_names"] % i, value)
-        self.vocab, self.logits_name = config["vocab_size"], names[1]["logits"]
-        self.ids_name, self.mask_name = names[0]["input_ids"], names[0]["attention_mask"]
+        for i in range(folder.n_layers):
+            for j, (past, present) in enumerate(((folder.past_key, folder.present_key),
+                                                 (folder.past_value, folder.present_value))):
+                self.binding.bind_ortvalue_input(past % i, self.values[2 * i + j])
+                self.binding.bind_ortvalue_output(present % i, self.values[2 * i + j])
+        self.mask = np.ones((batch, ctx + steps + 1), np.int64)
         self.length = 0
-        self.tokens = self._run(ids)
+        self.tokens = self._run(ids, np.empty((batch, 1 if folder.last_logits_only else ctx, folder.vocab_size),
+                                              np.float32))
+        self.decode_logits = np.empty((batch, 1, folder.vocab_size), np.float32)  # bound once per step, reused
+        self.decode_value = ort.OrtValue.ortvalue_from_numpy(self.decode_logits)
 
-    def _run(self, ids: np.ndarray) -> np.ndarray:
+    def _run(self, ids: np.ndarray, logits: np.ndarray, value=None) -> np.ndarray:
         import onnxruntime as ort
-        batch, n = ids.shape
-        self.length += n
-        pruned = {o.name: o.shape for o in self.session.get_outputs()}[self.logits_name][1] == 1  # prune_lm_head
-        logits = np.empty((batch, 1 if pruned else n, self.vocab), np.float32)
-        self.binding.bind_ortvalue_output(self.logits_name, ort.OrtValue.ortvalue_from_numpy(logits))
-        self.binding.bind_cpu_input(self.ids_name, np.ascontiguousarray(ids, dtype=np.int64))
-        self.binding.bind_cpu_input(self.mask_name, np.ones((batch, self.length), np.int64))
+        self.length += ids.shape[1]
+        self.binding.bind_ortvalue_output(self.folder.logits, value or ort.OrtValue.ortvalue_from_numpy(logits))
+        self.binding.bind_cpu_input(self.folder.input_ids, np.ascontiguousarray(ids, dtype=np.int64))
+        self.binding.bind_cpu_input(self.folder.attention_mask, self.mask[:, :self.length])
         self.session.run_with_iobinding(self.binding)
         return logits[:, -1].argmax(-1)
 
     def step(self) -> None:
-        self.tokens = self._run(self.tokens[:, None])
+        self.tokens = self._run(self.tokens[:, None], self.decode_logits, self.decode_value)
 
 
-def time_cell(args, context: int, batch: int, order: str) -> dict:
-    """Load the sessions in `order` ("ours-first" or "peer-first"), then time interleaved blocks."""
-    total = args.blocks * args.steps
+def time_cell(args, folder, context: int, batch: int, order: str) -> dict:
+    """Load the sessions in `order` ("ours-first" or "peer-first"), decode one untimed warm-up
+    block in each, then time `args.blocks` blocks: block b runs every session for `args.steps`
+    steps, starting with session b mod K in load order (so no session always follows the same
+    one or runs two blocks back to back)."""
+    total = (args.blocks + 1) * args.steps
     ids = np.random.default_rng(0).integers(0, args.vocab, (batch, context))  # the same prompts for every session
     makers = [(f"ours #{i + 1}", lambda: Ours(Path(args.engine), ids, total, args.threads)) for i in range(args.sessions)]
-    if args.ortgenai:
-        peer = ("ORT-GenAI graph", lambda: OrtGenaiGraph(Path(args.ortgenai), ids, total, args.threads))
+    if folder is not None:
+        peer = ("ORT-GenAI graph", lambda: OrtGenaiGraph(folder, ids, total, args.threads))
         makers = [peer] + makers if order == "peer-first" else makers + [peer]
-    runners = {name: make() for name, make in makers}
-    times = {name: [] for name in runners}
+    runners = [(name, make()) for name, make in makers]
+    for _, runner in runners:
+        for _ in range(args.steps):
+            runner.step()
+    times = {name: [] for name, _ in runners}
+    blocks = []
     for block in range(args.blocks):
-        for name, runner in (list(runners.items()) if block % 2 == 0 else list(runners.items())[::-1]):
+        turn = runners[block % len(runners):] + runners[:block % len(runners)]
+        blocks.append([name for name, _ in turn])
+        for name, runner in turn:
             for _ in range(args.steps):
                 t = time.perf_counter()
                 runner.step()
                 times[name].append(1e3 * (time.perf_counter() - t))
-    return {"context": context, "batch": batch, "order": order, "load_order": list(runners),
+    return {"context": context, "batch": batch, "order": order, "load_order": [name for name, _ in runners],
+            "blocks": blocks,
             "ms": {name: {"p50": round(float(np.median(v)), 3), "mean": round(float(np.mean(v)), 3), "steps": len(v)}
                    for name, v in times.items()}}
 
@@ -154,12 +158,26 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from eigenkv.artifacts import atomic_path, write_json
+    from eigenkv.engines.backend import load_engine
+    from eigenkv.engines.peer_ortgenai import read_folder
     from eigenkv.errors import EigenError
     orders = ["ours-first", "peer-first"] if args.ortgenai else ["ours-first"]
-    try:
-        from eigenkv.engines.backend import load_engine
-        args.vocab = load_engine(Path(args.engine), threads=1).vocab_size
-        cells = [time_cell(args, c, b, o) for c in args.contexts for b in args.batches for o in orders]
+    longest = max(args.contexts) + (args.blocks + 1) * args.steps + 1
+    try:  # everything checked before the first session is timed
+        engine = load_engine(Path(args.engine), threads=1)
+        args.vocab = engine.vocab_size
+        if longest > engine.max_seq_len:
+            raise EigenError(f"context + decode steps ({longest} tokens) exceed the engine's max_seq_len {engine.max_seq_len}")
+        del engine
+        folder = read_folder(Path(args.ortgenai)) if args.ortgenai else None
+        if folder is not None:
+            if folder.vocab_size != args.vocab:
+                raise EigenError(f"--ortgenai {args.ortgenai} has vocabulary {folder.vocab_size}, the engine {args.vocab}: "
+                                 "not the same checkpoint")
+            if longest > folder.context_length:
+                raise EigenError(f"context + decode steps ({longest} tokens) exceed --ortgenai's context_length "
+                                 f"{folder.context_length}")
+        cells = [time_cell(args, folder, c, b, o) for c in args.contexts for b in args.batches for o in orders]
     except EigenError as e:
         print(f"session_spread: error: {e}", file=sys.stderr)
         return 2
@@ -168,8 +186,8 @@ def main(argv=None) -> int:
               "settings": vars(args), "cells": cells}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out.with_suffix(".json"), result)
-    with atomic_path(out.with_suffix(".md")) as tmp:
+    write_json(Path(f"{out}.json"), result)
+    with atomic_path(Path(f"{out}.md")) as tmp:
         tmp.write_text(f"Command: `{command}` on {result['machine']}.\n\n{markdown(result)}\n")
     print(markdown(result))
     return 0
