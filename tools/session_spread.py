@@ -20,7 +20,6 @@ model's length) is a one-line error, exit 2, before anything is timed or written
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shlex
 import sys
