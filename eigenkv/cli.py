@@ -94,6 +94,10 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
                    help="after folding, distil to the original model (KL on logits) for N steps on calibration "
                         "text, training only the folded projections (default 0: off; ~100-200 is useful)")
     p.add_argument("--heal-lr", type=float, default=1e-4, metavar="LR", help="healing learning rate (default 1e-4)")
+    p.add_argument("--heal-batch", type=int, default=2, metavar="B",
+                   help="token windows per healing step (default 2)")
+    p.add_argument("--heal-seq-len", type=int, default=None, metavar="S",
+                   help="tokens per healing window (default min(256, --calib-seq-len))")
     p.add_argument("--validation-tokens", type=int, default=8192, metavar="T",
                    help="tokens of validation text for --max-ppl-increase (default 8192)")
     p.add_argument("--rope-mode", choices=("pre", "joint"), default="pre",
@@ -133,7 +137,8 @@ def _config(args):
     from eigenkv.exporter.pipeline import CompressConfig
     return CompressConfig(model=args.model, kv_ratio=args.kv_ratio, error_budget=args.error_budget,
                           max_ppl_increase=args.max_ppl_increase, method=args.method, allocation=args.allocation,
-                          heal_steps=args.heal_steps, heal_lr=args.heal_lr, validation_tokens=args.validation_tokens,
+                          heal_steps=args.heal_steps, heal_lr=args.heal_lr, heal_batch=args.heal_batch,
+                          heal_seq_len=args.heal_seq_len, validation_tokens=args.validation_tokens,
                           rope_mode=args.rope_mode, calib_text=tuple(args.calib_text), calib_samples=args.calib_samples,
                           calib_seq_len=args.calib_seq_len, eval_tokens=args.eval_tokens,
                           eval_window=args.eval_window, key_rank=args.key_rank, value_rank=args.value_rank,

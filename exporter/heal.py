@@ -37,12 +37,16 @@ class HealReport:
     kl_first: float  # mean KL of the first 10% of steps (nats/token)
     kl_last: float  # mean KL of the last 10%
     trained_parameters: int
+    lr: float = 0.0  # the settings the steps ran with
+    batch_size: int = 0  # windows per step
+    seq_len: int = 0  # tokens per window
     losses: list[float] = field(default_factory=list)
     held_out_kl: list[tuple[int, float]] = field(default_factory=list)  # (step, KL nats/token) on held-out text
 
     def summary(self) -> dict:
         out = {"steps": self.steps, "seconds": round(self.seconds, 1), "kl_first": round(self.kl_first, 5),
-               "kl_last": round(self.kl_last, 5), "trained_parameters": self.trained_parameters}
+               "kl_last": round(self.kl_last, 5), "trained_parameters": self.trained_parameters,
+               "lr": self.lr, "batch": self.batch_size, "seq_len": self.seq_len}
         if self.held_out_kl:
             out["held_out_kl"] = [[s, round(k, 5)] for s, k in self.held_out_kl]
         return out
@@ -137,4 +141,4 @@ def heal(folded: EigenDecoder, original: EigenDecoder, tokens, settings: HealSet
     k = max(1, len(losses) // 10)
     return HealReport(settings.steps, time.perf_counter() - t0,
                       sum(losses[:k]) / k if losses else 0.0, sum(losses[-k:]) / k if losses else 0.0,
-                      sum(p.numel() for p in params), losses, curve)
+                      sum(p.numel() for p in params), settings.lr, settings.batch_size, settings.seq_len, losses, curve)

@@ -49,6 +49,8 @@ class CompressConfig:
     rope_mode: str = "pre"  # a RopeMode name; `resolved()` stores the RopeMode member
     heal_steps: int = 0  # distillation steps on calibration text after the fold
     heal_lr: float = 1e-4
+    heal_batch: int = 2  # token windows per healing step
+    heal_seq_len: int | None = None  # tokens per healing window; None: min(256, calib_seq_len)
     validation_tokens: int = 8192  # --max-ppl-increase judges on this many held-out tokens
     projections: str | None = None  # reuse folded attention from a projections.safetensors
     no_compress: bool = False  # the uncompressed baseline through the same code
@@ -98,6 +100,9 @@ class CompressConfig:
             raise EigenError(f"--allocation must be loss or energy, got {self.allocation!r}")
         if self.heal_steps < 0 or not self.heal_lr > 0:
             raise EigenError("--heal-steps must be >= 0 and --heal-lr > 0")
+        if self.heal_batch < 1 or (self.heal_seq_len is not None and self.heal_seq_len < 2):
+            raise EigenError(f"--heal-batch must be >= 1 and --heal-seq-len >= 2 tokens, got {self.heal_batch} and "
+                             f"{self.heal_seq_len}")
         if self.max_ppl_increase is not None and not 0 < self.max_ppl_increase <= 10:
             raise EigenError(f"--max-ppl-increase is a fraction in (0, 10] (0.1 = +10%), got {self.max_ppl_increase}")
         if self.max_ppl_increase is not None and self.validation_tokens < self.eval_window:
@@ -136,6 +141,22 @@ def load_for_tables(config: CompressConfig):
     source = resolve_model(config.model)
     model, tokenizer = load_model(source, progress=config.progress)
     return source, decoder_from_hf(model), split_texts(config, tokenizer)
+
+
+def heal_window(config: CompressConfig) -> int:
+    """Tokens per healing window: --heal-seq-len, else min(256, calib_seq_len)."""
+    return config.heal_seq_len or min(256, config.calib_seq_len)
+
+
+def _check_heal_streams(config: CompressConfig, texts: Texts) -> None:
+    """Every calibration stream holds at least one healing window (checked before calibration)."""
+    if not config.heal_steps:
+        return
+    short = {name: int(t.numel()) for name, t in texts.calibration.items() if t.numel() < heal_window(config)}
+    if short:
+        raise EigenError(f"--heal-seq-len {heal_window(config)} is longer than the calibration text "
+                         + ", ".join(f"{n} ({k} tokens)" for n, k in short.items())
+                         + ": lower --heal-seq-len or give longer texts")
 
 
 def _check_dims(config: CompressConfig, dims: Dims) -> None:
@@ -204,6 +225,7 @@ def compress(config: CompressConfig, source: ModelSource | None = None) -> Compr
     model, tokenizer = load_model(source, progress=config.progress)
     decoder = decoder_from_hf(model)
     texts = split_texts(config, tokenizer)
+    _check_heal_streams(config, texts)
     evals = texts.evals
     t_load = time.perf_counter()
     dims = decoder.dims
@@ -219,7 +241,8 @@ def compress(config: CompressConfig, source: ModelSource | None = None) -> Compr
     t_fold = time.perf_counter()
     healed = None
     if config.heal_steps:
-        settings = HealSettings(steps=config.heal_steps, lr=config.heal_lr, seq_len=min(256, config.calib_seq_len))
+        settings = HealSettings(steps=config.heal_steps, lr=config.heal_lr, batch_size=config.heal_batch,
+                                seq_len=heal_window(config))
         healed = heal(folded, decoder, texts.calibration, settings, progress=config.progress,
                       weights=texts.weights)
         if texts.validation is not None:

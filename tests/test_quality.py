@@ -160,9 +160,12 @@ def test_quality_budget_bounds_the_worst_text_of_a_mix(tiny_dir, tmp_path):
 
 def test_healing_through_the_cli_and_projections_round_trip(tiny_dir, tmp_path):
     out = tmp_path / "h"
-    assert _compress(tiny_dir, out, "--kv-ratio", "0.4", "--heal-steps", "3", "--heal-lr", "1e-3") == 0
+    assert _compress(tiny_dir, out, "--kv-ratio", "0.4", "--heal-steps", "3", "--heal-lr", "1e-3",
+                     "--heal-batch", "3", "--heal-seq-len", "24") == 0
     report = json.loads((out / "compress.json").read_text())
     assert report["healing"]["steps"] == 3 and report["healing"]["trained_parameters"] > 0
+    # the options reach the optimiser: the report records what the steps ran with
+    assert (report["healing"]["lr"], report["healing"]["batch"], report["healing"]["seq_len"]) == (1e-3, 3, 24)
     # the healed weights are what the projections file holds: reloading reproduces the healed perplexity
     from eigenkv.exporter.pipeline import CompressConfig, compress
     from eigenkv.exporter.sources import resolve_model
@@ -180,6 +183,8 @@ def test_healing_through_the_cli_and_projections_round_trip(tiny_dir, tmp_path):
     (["--max-ppl-increase", "0"], "--max-ppl-increase is a fraction in (0, 10]"),
     (["--method", "eigen", "--kv-ratio", "0.5", "--heal-steps", "-1"], "--heal-steps must be >= 0"),
     (["--method", "loss-aware", "--error-budget", "0.02"], "--error-budget is the paper's search"),
+    (["--heal-steps", "2", "--heal-batch", "0"], "--heal-batch must be >= 1 and --heal-seq-len >= 2 tokens"),
+    (["--heal-steps", "2", "--heal-seq-len", "999999"], "--heal-seq-len 999999 is longer than the calibration text"),
     (["--method", "pca"], "unknown --method 'pca'"),
     (["--max-ppl-increase", "0.1", "--validation-tokens", "999999"], "is too short for 999936 validation tokens"),
 ])

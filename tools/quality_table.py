@@ -45,6 +45,8 @@ def main() -> int:
     ap.add_argument("--heal-ratios", default="0.5", help="ratios that also get healed rows ('' for none)")
     ap.add_argument("--heal-steps", type=int, default=300)
     ap.add_argument("--heal-lr", type=float, default=3e-4)
+    ap.add_argument("--heal-batch", type=int, default=2, help="token windows per healing step")
+    ap.add_argument("--heal-seq-len", type=int, default=256, help="tokens per healing window")
     ap.add_argument("--heal-eval-every", type=int, default=25, help="steps between held-out KL points")
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-seq-len", type=int, default=1024)
@@ -119,8 +121,8 @@ def main() -> int:
             add(label, "loss-aware", fold(decoder, factors, kr, vr, "pre"), kr, vr, cloze=ratio == args.cloze_ratio)
             if ratio in heal_ratios and args.heal_steps:
                 folded = fold(decoder, factors, kr, vr, "pre")
-                settings = HealSettings(steps=args.heal_steps, lr=args.heal_lr, seq_len=min(256, args.calib_seq_len),
-                                        eval_every=args.heal_eval_every)
+                settings = HealSettings(steps=args.heal_steps, lr=args.heal_lr, batch_size=args.heal_batch,
+                                        seq_len=args.heal_seq_len, eval_every=args.heal_eval_every)
                 report = heal(folded, decoder, texts.calibration, settings, progress=progress,
                               weights=texts.weights, held_out=held_out)
                 add(label, "loss-aware", folded, kr, vr, report, cloze=ratio == args.cloze_ratio)
@@ -152,7 +154,7 @@ def main() -> int:
             "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, {platform.platform()}",
             "model": source.label, "calibrations": mixes,
             "calibration": f"{args.calib_samples} x {args.calib_seq_len} tokens from the first half of each text "
-                           f"(samples shared by weight); healing draws 2 x 256-token windows per step from the same "
+                           f"(samples shared by weight); healing draws {args.heal_batch} x {args.heal_seq_len}-token windows per step from the same "
                            f"halves by weight, lr {args.heal_lr} with warm-up and linear decay; held-out KL on "
                            f"2 x {min(256, args.calib_seq_len)} tokens from the end of each calibration text",
             "evaluation": {"texts": {n: "second half of the file" for n in eval_names},
