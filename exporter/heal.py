@@ -37,9 +37,9 @@ class HealReport:
     kl_first: float  # mean KL of the first 10% of steps (nats/token)
     kl_last: float  # mean KL of the last 10%
     trained_parameters: int
-    lr: float = 0.0  # the settings the steps ran with
-    batch_size: int = 0  # windows per step
-    seq_len: int = 0  # tokens per window
+    lr: float = 0.0  # the peak learning rate of the steps
+    batch_size: int = 0  # windows per step, as drawn (0: no step ran)
+    seq_len: int = 0  # tokens per window, as drawn
     losses: list[float] = field(default_factory=list)
     held_out_kl: list[tuple[int, float]] = field(default_factory=list)  # (step, KL nats/token) on held-out text
 
@@ -118,6 +118,7 @@ def heal(folded: EigenDecoder, original: EigenDecoder, tokens, settings: HealSet
                 curve.append((step, float(kl_divergence(reference, folded(held_out)))))
 
     t0 = time.perf_counter()
+    drawn = (0, 0)  # [batch, tokens] of the windows the steps trained on
     measure(0)
     with _training(folded, params):
         opt = torch.optim.Adam(params, lr=settings.lr)
@@ -126,6 +127,7 @@ def heal(folded: EigenDecoder, original: EigenDecoder, tokens, settings: HealSet
             texts = torch.multinomial(probs, settings.batch_size, replacement=True, generator=gen).tolist()
             ids = torch.stack([pools[t][int(torch.randint(0, pools[t].shape[0], (1,), generator=gen))]
                                for t in texts])
+            drawn = tuple(ids.shape)
             with torch.no_grad():
                 ref = torch.log_softmax(original(ids).float(), -1)
             loss = kl_divergence(ref, folded(ids))
@@ -141,4 +143,4 @@ def heal(folded: EigenDecoder, original: EigenDecoder, tokens, settings: HealSet
     k = max(1, len(losses) // 10)
     return HealReport(settings.steps, time.perf_counter() - t0,
                       sum(losses[:k]) / k if losses else 0.0, sum(losses[-k:]) / k if losses else 0.0,
-                      sum(p.numel() for p in params), settings.lr, settings.batch_size, settings.seq_len, losses, curve)
+                      sum(p.numel() for p in params), settings.lr, *drawn, losses, curve)

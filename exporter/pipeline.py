@@ -167,7 +167,8 @@ def _check_dims(config: CompressConfig, dims: Dims) -> None:
             raise EigenError(f"--{name.replace('_', '-')} {r} exceeds head_dim {dims.head_dim}: "
                              f"ranks must be in 1..{dims.head_dim}")
     limit = dims.max_positions
-    for name in ("calib_seq_len", "eval_window") if config.eval_tokens else ("calib_seq_len",):
+    names = ("calib_seq_len", "eval_window") if config.eval_tokens else ("calib_seq_len",)
+    for name in names + (("heal_seq_len",) if config.heal_steps and config.heal_seq_len else ()):
         if getattr(config, name) > limit:
             raise EigenError(f"--{name.replace('_', '-')} {getattr(config, name)} exceeds the model's "
                              f"maximum positions ({limit})")

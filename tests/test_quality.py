@@ -69,6 +69,7 @@ def test_healing_lowers_kl_and_trains_only_folded_tensors(llama):
     with torch.no_grad():
         kl_after = float(kl_divergence(ref, folded(train.view(8, 64))))
     assert report.kl_last < report.kl_first and kl_after < 0.8 * kl_before, (kl_before, kl_after, report)
+    assert (report.batch_size, report.seq_len, report.lr) == (4, 64, 1e-4)  # the windows it drew
     assert all(torch.equal(v, decoder.state_dict()[k]) for k, v in before_orig.items())  # the teacher is intact
     assert all(torch.equal(v, folded.state_dict()[k]) for k, v in shared_before.items())
     assert folded.key_ranks == [d // 4] * n and not any(p.requires_grad for p in folded_parameters(folded, decoder))
@@ -164,7 +165,7 @@ def test_healing_through_the_cli_and_projections_round_trip(tiny_dir, tmp_path):
                      "--heal-batch", "3", "--heal-seq-len", "24") == 0
     report = json.loads((out / "compress.json").read_text())
     assert report["healing"]["steps"] == 3 and report["healing"]["trained_parameters"] > 0
-    # the options reach the optimiser: the report records what the steps ran with
+    # the options reach the steps: the report records the shape of the windows heal() drew
     assert (report["healing"]["lr"], report["healing"]["batch"], report["healing"]["seq_len"]) == (1e-3, 3, 24)
     # the healed weights are what the projections file holds: reloading reproduces the healed perplexity
     from eigenkv.exporter.pipeline import CompressConfig, compress
@@ -179,12 +180,32 @@ def test_healing_through_the_cli_and_projections_round_trip(tiny_dir, tmp_path):
     assert again.report["ranks"]["key"] == report["ranks"]["key"]
 
 
+def test_healing_defaults_are_two_windows_of_at_most_256_tokens():
+    from eigenkv.exporter.pipeline import CompressConfig, heal_window
+    assert heal_window(CompressConfig()) == 256 and heal_window(CompressConfig(calib_seq_len=64)) == 64
+    assert heal_window(CompressConfig(calib_seq_len=64, heal_seq_len=512)) == 512
+    assert CompressConfig().heal_batch == 2 and HealSettings().batch_size == 2
+
+
+def test_a_calibration_text_shorter_than_one_healing_window_is_refused_by_name():
+    from types import SimpleNamespace
+
+    from eigenkv.errors import EigenError
+    from eigenkv.exporter.pipeline import CompressConfig, _check_heal_streams
+    texts = SimpleNamespace(calibration={"wiki": torch.zeros(5000), "mine.txt": torch.zeros(100)})
+    _check_heal_streams(CompressConfig(heal_steps=0, heal_seq_len=512), texts)  # no healing: nothing to check
+    _check_heal_streams(CompressConfig(heal_steps=5, heal_seq_len=100), texts)
+    with pytest.raises(EigenError, match=r"^--heal-seq-len 512 is longer than the calibration text mine.txt \(100 tokens\)"):
+        _check_heal_streams(CompressConfig(heal_steps=5, heal_seq_len=512), texts)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--max-ppl-increase", "0"], "--max-ppl-increase is a fraction in (0, 10]"),
     (["--method", "eigen", "--kv-ratio", "0.5", "--heal-steps", "-1"], "--heal-steps must be >= 0"),
     (["--method", "loss-aware", "--error-budget", "0.02"], "--error-budget is the paper's search"),
     (["--heal-steps", "2", "--heal-batch", "0"], "--heal-batch must be >= 1 and --heal-seq-len >= 2 tokens"),
-    (["--heal-steps", "2", "--heal-seq-len", "999999"], "--heal-seq-len 999999 is longer than the calibration text"),
+    (["--heal-steps", "2", "--heal-seq-len", "1"], "--heal-batch must be >= 1 and --heal-seq-len >= 2 tokens"),
+    (["--heal-steps", "2", "--heal-seq-len", "999999"], "--heal-seq-len 999999 exceeds the model's maximum positions (128)"),
     (["--method", "pca"], "unknown --method 'pca'"),
     (["--max-ppl-increase", "0.1", "--validation-tokens", "999999"], "is too short for 999936 validation tokens"),
 ])

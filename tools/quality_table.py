@@ -45,8 +45,9 @@ def main() -> int:
     ap.add_argument("--heal-ratios", default="0.5", help="ratios that also get healed rows ('' for none)")
     ap.add_argument("--heal-steps", type=int, default=300)
     ap.add_argument("--heal-lr", type=float, default=3e-4)
-    ap.add_argument("--heal-batch", type=int, default=2, help="token windows per healing step")
-    ap.add_argument("--heal-seq-len", type=int, default=256, help="tokens per healing window")
+    ap.add_argument("--heal-batch", type=int, default=2, help="token windows per healing step (default 2)")
+    ap.add_argument("--heal-seq-len", type=int, default=None,
+                    help="tokens per healing window (default min(256, --calib-seq-len), as `eigenkv compress`)")
     ap.add_argument("--heal-eval-every", type=int, default=25, help="steps between held-out KL points")
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-seq-len", type=int, default=1024)
@@ -59,6 +60,9 @@ def main() -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", default="docs/results/quality_table_smollm2")
     args = ap.parse_args()
+    if args.heal_batch < 1 or (args.heal_seq_len is not None and args.heal_seq_len < 2):
+        ap.error("--heal-batch must be >= 1 and --heal-seq-len >= 2 tokens")
+    args.heal_seq_len = args.heal_seq_len or min(256, args.calib_seq_len)
     torch.manual_seed(0)
     progress, window = not args.no_progress, args.eval_window
     source = resolve_model(args.model)
