@@ -30,7 +30,7 @@ from eigenkv.exporter.fold import fold
 from eigenkv.exporter.heal import HealSettings, heal
 from eigenkv.exporter.methods import get_method, method_factors
 from eigenkv.exporter.perplexity import perplexity
-from eigenkv.exporter.pipeline import CompressConfig
+from eigenkv.exporter.pipeline import CompressConfig, heal_window
 from eigenkv.exporter.sources import load_model, read_text, resolve_model, tokenize
 from eigenkv.exporter.texts import mix_label, split_texts
 from eigenkv.exporter.zero_shot import cloze_accuracy, cloze_items
@@ -62,7 +62,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.heal_batch < 1 or (args.heal_seq_len is not None and args.heal_seq_len < 2):
         ap.error("--heal-batch must be >= 1 and --heal-seq-len >= 2 tokens")
-    args.heal_seq_len = args.heal_seq_len or min(256, args.calib_seq_len)
+    args.heal_seq_len = heal_window(CompressConfig(calib_seq_len=args.calib_seq_len, heal_seq_len=args.heal_seq_len))
     torch.manual_seed(0)
     progress, window = not args.no_progress, args.eval_window
     source = resolve_model(args.model)
