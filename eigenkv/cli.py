@@ -98,6 +98,9 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
                    help="token windows per healing step (default 2)")
     p.add_argument("--heal-seq-len", type=int, default=None, metavar="S",
                    help="tokens per healing window (default min(256, --calib-seq-len))")
+    p.add_argument("--heal-query", action="store_true",
+                   help="healing also trains every layer's query projection (full width, so the KV cache is "
+                        "unchanged); default: only the tensors the fold created")
     p.add_argument("--validation-tokens", type=int, default=8192, metavar="T",
                    help="tokens of validation text for --max-ppl-increase (default 8192)")
     p.add_argument("--rope-mode", choices=("pre", "joint"), default="pre",
@@ -138,7 +141,8 @@ def _config(args):
     return CompressConfig(model=args.model, kv_ratio=args.kv_ratio, error_budget=args.error_budget,
                           max_ppl_increase=args.max_ppl_increase, method=args.method, allocation=args.allocation,
                           heal_steps=args.heal_steps, heal_lr=args.heal_lr, heal_batch=args.heal_batch,
-                          heal_seq_len=args.heal_seq_len, validation_tokens=args.validation_tokens,
+                          heal_seq_len=args.heal_seq_len, heal_query=args.heal_query,
+                          validation_tokens=args.validation_tokens,
                           rope_mode=args.rope_mode, calib_text=tuple(args.calib_text), calib_samples=args.calib_samples,
                           calib_seq_len=args.calib_seq_len, eval_tokens=args.eval_tokens,
                           eval_window=args.eval_window, key_rank=args.key_rank, value_rank=args.value_rank,

@@ -2,13 +2,16 @@
 calibration text, training only the folded attention projections, so they stay foldable.
 
 Trained: every attention tensor the fold created (k/v/o projections, `key_up`, the joint
-bases, and q_proj where the fold rewrote it); shared modules (embeddings, norms, MLPs and
-unfolded projections, which the original model uses too) stay frozen. The op has no
-backward, so attention runs its reference math while healing.
+bases, and q_proj where the fold rewrote it); with `HealSettings.query`, also every layer's
+query projection (a private copy where the fold left it shared: a full-width W_q stays
+foldable, the cache is unchanged). Shared modules (embeddings, norms, MLPs and unfolded
+projections, which the original model uses too) stay frozen. The op has no backward, so
+attention runs its reference math while healing.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +31,7 @@ class HealSettings:
     seq_len: int = 256
     seed: int = 0
     eval_every: int = 0  # steps between held-out KL measurements (0: none)
+    query: bool = False  # also train every layer's query projection (own_query_projections)
 
 
 @dataclass
@@ -40,13 +44,14 @@ class HealReport:
     lr: float = 0.0  # the peak learning rate of the steps
     batch_size: int = 0  # windows per step, as drawn (0: no step ran)
     seq_len: int = 0  # tokens per window, as drawn
+    query: bool = False  # the query projections were trained too
     losses: list[float] = field(default_factory=list)
     held_out_kl: list[tuple[int, float]] = field(default_factory=list)  # (step, KL nats/token) on held-out text
 
     def summary(self) -> dict:
         out = {"steps": self.steps, "seconds": round(self.seconds, 1), "kl_first": round(self.kl_first, 5),
                "kl_last": round(self.kl_last, 5), "trained_parameters": self.trained_parameters,
-               "lr": self.lr, "batch": self.batch_size, "seq_len": self.seq_len}
+               "lr": self.lr, "batch": self.batch_size, "seq_len": self.seq_len, "query": self.query}
         if self.held_out_kl:
             out["held_out_kl"] = [[s, round(k, 5)] for s, k in self.held_out_kl]
         return out
@@ -62,6 +67,19 @@ def folded_parameters(folded: EigenDecoder, original: EigenDecoder) -> list[torc
             if t is not None and id(t) not in shared and t.is_floating_point():
                 out.append(t)
     return list({id(t): t for t in out}.values())
+
+
+def own_query_projections(folded: EigenDecoder, original: EigenDecoder) -> int:
+    """Give every folded layer whose q_proj is the original's module a private copy of it (so
+    training it leaves the teacher intact); returns how many layers got one. The copy computes
+    the same queries, so the folded model's outputs are unchanged by this call."""
+    shared = {id(p) for p in original.parameters()}
+    copied = 0
+    for layer in folded.layers:
+        if any(id(p) in shared for p in layer.attn.q_proj.parameters()):
+            layer.attn.q_proj = copy.deepcopy(layer.attn.q_proj)
+            copied += 1
+    return copied
 
 
 @contextmanager
@@ -93,7 +111,10 @@ def heal(folded: EigenDecoder, original: EigenDecoder, tokens, settings: HealSet
     text chosen by `weights` ({text: weight}, default equal). held_out [B, S]: token windows never
     trained on; with settings.eval_every, the KL on them is measured before the first step, every
     eval_every steps and after the last (`HealReport.held_out_kl`: the curve that says whether more
-    steps would pay). ValueError if a text has fewer than seq_len tokens."""
+    steps would pay). settings.query: the query projections train too (own_query_projections).
+    ValueError if a text has fewer than seq_len tokens."""
+    if settings.query:
+        own_query_projections(folded, original)
     params = folded_parameters(folded, original)
     gen = torch.Generator().manual_seed(settings.seed)
     streams = tokens if isinstance(tokens, dict) else {"text": tokens}
@@ -143,4 +164,4 @@ def heal(folded: EigenDecoder, original: EigenDecoder, tokens, settings: HealSet
     k = max(1, len(losses) // 10)
     return HealReport(settings.steps, time.perf_counter() - t0,
                       sum(losses[:k]) / k if losses else 0.0, sum(losses[-k:]) / k if losses else 0.0,
-                      sum(p.numel() for p in params), settings.lr, *drawn, losses, curve)
+                      sum(p.numel() for p in params), settings.lr, *drawn, settings.query, losses, curve)

@@ -51,6 +51,7 @@ class CompressConfig:
     heal_lr: float = 1e-4
     heal_batch: int = 2  # token windows per healing step
     heal_seq_len: int | None = None  # tokens per healing window; None: min(256, calib_seq_len)
+    heal_query: bool = False  # healing also trains every layer's query projection
     validation_tokens: int = 8192  # --max-ppl-increase judges on this many held-out tokens
     projections: str | None = None  # reuse folded attention from a projections.safetensors
     no_compress: bool = False  # the uncompressed baseline through the same code
@@ -100,6 +101,8 @@ class CompressConfig:
             raise EigenError(f"--allocation must be loss or energy, got {self.allocation!r}")
         if self.heal_steps < 0 or not self.heal_lr > 0:
             raise EigenError("--heal-steps must be >= 0 and --heal-lr > 0")
+        if self.heal_query and not self.heal_steps:
+            raise EigenError("--heal-query trains the query projections while healing: pass --heal-steps N > 0 with it")
         if self.heal_batch < 1 or (self.heal_seq_len is not None and self.heal_seq_len < 2):
             raise EigenError(f"--heal-batch must be >= 1 and --heal-seq-len >= 2 tokens, got {self.heal_batch} and "
                              f"{self.heal_seq_len}")
@@ -243,7 +246,7 @@ def compress(config: CompressConfig, source: ModelSource | None = None) -> Compr
     healed = None
     if config.heal_steps:
         settings = HealSettings(steps=config.heal_steps, lr=config.heal_lr, batch_size=config.heal_batch,
-                                seq_len=heal_window(config))
+                                seq_len=heal_window(config), query=config.heal_query)
         healed = heal(folded, decoder, texts.calibration, settings, progress=config.progress,
                       weights=texts.weights)
         if texts.validation is not None:

@@ -108,6 +108,31 @@ def test_healing_on_a_mix_draws_by_weight_and_reports_the_held_out_curve(llama):
     assert report.summary()["held_out_kl"][0] == [0, round(untrained, 5)]
 
 
+def test_healing_the_query_side_trains_a_private_copy_of_every_query_projection(llama):
+    """--heal-query: every layer's q_proj becomes the folded model's own (the copy changes no output),
+    trains with the folded tensors, and the teacher's q_proj stays bit-identical."""
+    from eigenkv.exporter.heal import own_query_projections
+    decoder, factors, samples, stream = llama
+    d, n = decoder.dims.head_dim, decoder.dims.n_layers
+    folded = fold(decoder, factors, [d // 4] * n, [d // 4] * n, "pre")
+    assert all(f.attn.q_proj is o.attn.q_proj for f, o in zip(folded.layers, decoder.layers))  # pre: W_q shared
+    q_before = [o.attn.q_proj.weight.clone() for o in decoder.layers]
+    n_plain = sum(p.numel() for p in folded_parameters(folded, decoder))
+    ids = samples[:2, :48]
+    with torch.no_grad():
+        out_shared = folded(ids)
+        assert own_query_projections(folded, decoder) == n and own_query_projections(folded, decoder) == 0
+        assert torch.equal(folded(ids), out_shared)  # a copy: same queries, same logits
+    q_params = sum(o.attn.q_proj.weight.numel() + (o.attn.q_proj.bias.numel() if o.attn.q_proj.bias is not None
+                                                   else 0) for o in decoder.layers)
+    report = heal(folded, decoder, stream[: 8 * 64], HealSettings(steps=5, lr=1e-3, batch_size=2, seq_len=64,
+                                                                    query=True), progress=False)
+    assert report.query and report.summary()["query"] is True
+    assert report.trained_parameters == n_plain + q_params  # the query projections joined the trained set
+    assert all(torch.equal(o.attn.q_proj.weight, w) for o, w in zip(decoder.layers, q_before))  # teacher intact
+    assert all(not torch.equal(f.attn.q_proj.weight, w) for f, w in zip(folded.layers, q_before))  # trained
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("quality")
@@ -180,6 +205,28 @@ def test_healing_through_the_cli_and_projections_round_trip(tiny_dir, tmp_path):
     assert again.report["ranks"]["key"] == report["ranks"]["key"]
 
 
+def test_heal_query_through_the_cli_round_trips_the_trained_query_weights(tiny_dir, tmp_path):
+    out = tmp_path / "hq"
+    assert _compress(tiny_dir, out, "--kv-ratio", "0.4", "--heal-steps", "3", "--heal-lr", "1e-3",
+                     "--heal-seq-len", "32", "--heal-query") == 0
+    report = json.loads((out / "compress.json").read_text())
+    assert report["healing"]["query"] is True
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    saved = load_file(str(out / "projections.safetensors"))
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_dir / "llama"))
+    # the projections file holds the healed W_q (not the original's), so an export uses it
+    assert not torch.equal(saved["layers.0.q_proj.weight"], hf.model.layers[0].self_attn.q_proj.weight.float())
+    from eigenkv.exporter.pipeline import CompressConfig, compress
+    from eigenkv.exporter.sources import resolve_model
+    config = CompressConfig(model=str(tiny_dir / "llama"), projections=str(out / "projections.safetensors"),
+                            calib_text=str(tiny_dir / "text.txt"), calib_samples=4, calib_seq_len=64,
+                            eval_window=64, eval_tokens=1024, progress=False)
+    again = compress(config, source=resolve_model(config.model))
+    for name, p in report["perplexity"].items():
+        assert again.report["perplexity"][name]["folded"] == pytest.approx(p["folded"], rel=1e-5)
+
+
 def test_healing_defaults_are_two_windows_of_at_most_256_tokens():
     from eigenkv.exporter.pipeline import CompressConfig, heal_window
     assert heal_window(CompressConfig()) == 256 and heal_window(CompressConfig(calib_seq_len=64)) == 64
@@ -203,6 +250,7 @@ def test_a_calibration_text_shorter_than_one_healing_window_is_refused_by_name()
     (["--max-ppl-increase", "0"], "--max-ppl-increase is a fraction in (0, 10]"),
     (["--method", "eigen", "--kv-ratio", "0.5", "--heal-steps", "-1"], "--heal-steps must be >= 0"),
     (["--method", "loss-aware", "--error-budget", "0.02"], "--error-budget is the paper's search"),
+    (["--heal-query"], "--heal-query trains the query projections while healing: pass --heal-steps N > 0 with it"),
     (["--heal-steps", "2", "--heal-batch", "0"], "--heal-batch must be >= 1 and --heal-seq-len >= 2 tokens"),
     (["--heal-steps", "2", "--heal-seq-len", "1"], "--heal-batch must be >= 1 and --heal-seq-len >= 2 tokens"),
     (["--heal-steps", "2", "--heal-seq-len", "999999"], "--heal-seq-len 999999 exceeds the model's maximum positions (128)"),

@@ -130,7 +130,7 @@ def test_quality_table(workdir):
                 "--calib-samples", "2", "--calib-seq-len", "32", "--eval-texts", "calib.txt,other.txt",
                 "--eval-tokens", "64", "--eval-window", "32", "--cloze-texts", "other.txt", "--cloze-items", "5",
                 "--ratios", "0.5", "--heal-ratios", "0.5", "--heal-steps", "2", "--heal-eval-every", "1",
-                "--heal-batch", "3", "--heal-seq-len", "16",
+                "--heal-batch", "3", "--heal-seq-len", "16", "--heal-query",
                 *QUIET, "--out", "quality/table", cwd=workdir)
     meta = json.loads((workdir / "quality" / "table.json").read_text())
     assert meta["calibrations"] == {"calib.txt": "calib.txt:1", "calib.txt:1,other.txt:3": "calib.txt:0.25,other.txt:0.75"}
@@ -146,6 +146,7 @@ def test_quality_table(workdir):
     healed = rows[3]["healing"]
     assert [s for s, _ in healed["held_out_kl"]] == [0, 1, 2] and healed["steps"] == 2
     assert (healed["batch"], healed["seq_len"]) == (3, 16) and "3 x 16-token windows" in meta["calibration"]
+    assert healed["query"] is True and "(query projections trained too)" in meta["calibration"]
     text = (workdir / "quality" / "table.md").read_text()
     tables = [t for t in text.split("\n\n") if t.startswith("|")]
     assert len(tables) == 3 and len(_table(tables[0])) == 2 + len(rows) and len(_table(tables[2])) == 2 + 2

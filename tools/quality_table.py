@@ -48,6 +48,7 @@ def main() -> int:
     ap.add_argument("--heal-batch", type=int, default=2, help="token windows per healing step (default 2)")
     ap.add_argument("--heal-seq-len", type=int, default=None,
                     help="tokens per healing window (default min(256, --calib-seq-len), as `eigenkv compress`)")
+    ap.add_argument("--heal-query", action="store_true", help="healing also trains the query projections")
     ap.add_argument("--heal-eval-every", type=int, default=25, help="steps between held-out KL points")
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-seq-len", type=int, default=1024)
@@ -126,7 +127,8 @@ def main() -> int:
             if ratio in heal_ratios and args.heal_steps:
                 folded = fold(decoder, factors, kr, vr, "pre")
                 settings = HealSettings(steps=args.heal_steps, lr=args.heal_lr, batch_size=args.heal_batch,
-                                        seq_len=args.heal_seq_len, eval_every=args.heal_eval_every)
+                                        seq_len=args.heal_seq_len, eval_every=args.heal_eval_every,
+                                        query=args.heal_query)
                 report = heal(folded, decoder, texts.calibration, settings, progress=progress,
                               weights=texts.weights, held_out=held_out)
                 add(label, "loss-aware", folded, kr, vr, report, cloze=ratio == args.cloze_ratio)
@@ -159,7 +161,7 @@ def main() -> int:
             "model": source.label, "calibrations": mixes,
             "calibration": f"{args.calib_samples} x {args.calib_seq_len} tokens from the first half of each text "
                            f"(samples shared by weight); healing draws {args.heal_batch} x {args.heal_seq_len}-token windows per step from the same "
-                           f"halves by weight, lr {args.heal_lr} with warm-up and linear decay; held-out KL on "
+                           f"halves by weight{' (query projections trained too)' if args.heal_query else ''}, lr {args.heal_lr} with warm-up and linear decay; held-out KL on "
                            f"2 x {min(256, args.calib_seq_len)} tokens from the end of each calibration text",
             "evaluation": {"texts": {n: "second half of the file" for n in eval_names},
                            "tokens_scored": {n: (t.numel() // window) * (window - 1) for n, t in evals.items()},
