@@ -139,19 +139,32 @@ def _optimize(src: Path, dst: Path, rope_mode=None, fused_attention: bool = Fals
     return report
 
 
-def build(graph: Path, manifest: Manifest, out_dir: Path, attention: str = "fused") -> dict:
+def build(graph: Path, manifest: Manifest, out_dir: Path, attention: str = "fused", weights: str = "graph") -> dict:
     """Optimise the graph into `out_dir`, its attention rewritten into fused ONNX Runtime kernels
     (`attention="fused"`, `engines/ort_fused.py`) or left as the op's ONNX function
-    (`attention="function"`: `eigenkv build --attention function`); -> the backend's EngineConfig
-    fields. `runtime["attention"]` names the ONNX Runtime op(s) that run attention
-    ("GroupQueryAttention", "Attention", "function"), `runtime["attention_rewrite"]` the report."""
+    (`attention="function"`: `eigenkv build --attention function`), its MatMul weights as exported
+    (`weights="graph"`) or quantized block-wise to "int4" / "int8" (`engines/ort_weights.py`);
+    -> the backend's EngineConfig fields. `runtime["attention"]` names the ONNX Runtime op(s) that
+    run attention ("GroupQueryAttention", "Attention", "function"), `runtime["attention_rewrite"]`
+    the report, `runtime["weights"]` the weights' format (with the quantizer's report)."""
     import onnxruntime as ort
 
+    from eigenkv.engines.ort_weights import WEIGHT_CHOICES
     if attention not in ATTENTION_CHOICES:
         raise EigenError(f"--attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
+    if weights not in WEIGHT_CHOICES:
+        raise EigenError(f"--weights must be one of {', '.join(WEIGHT_CHOICES)}, got {weights!r}")
     fused = attention == "fused"
+    bits = None if weights == "graph" else int(weights[3:])
+    if bits and manifest.precision != "fp32":  # ORT CPU runs fp16 MatMuls through Casts of the weights
+        raise EigenError(f"--weights {weights} quantizes fp32 weights, and {Path(graph).name} is a "
+                         f"{manifest.precision} export: build it from an fp32 export (`export-eigen` without --dtype fp16)")
     model = Path(out_dir) / MODEL_FILE
     report = _optimize(Path(graph), model, manifest.rope_mode, fused)
+    quantized = None
+    if bits:  # after ONNX Runtime's optimisation, so constant-folded weights (the tied lm_head's transpose) count
+        from eigenkv.engines.ort_weights import quantize_in_place
+        quantized = quantize_in_place(model, bits)
     if report["attention"] != "function":  # a fused kernel refusing some shape fails here, not in `run`
         try:
             engine = OrtEngine(model, manifest.layout, manifest.io, manifest.precision)
@@ -165,11 +178,14 @@ def build(graph: Path, manifest: Manifest, out_dir: Path, attention: str = "fuse
                 stale.unlink()
             reason = f"engine check failed: {str(e).splitlines()[0][:200]}"
             report = {**_optimize(Path(graph), model, manifest.rope_mode, False), "fell_back": {reason: 1}}
+            if bits:
+                quantized = quantize_in_place(model, bits)
     extra = {}
     if manifest.files.key_gram:
         shutil.copyfile(Path(graph).parent / manifest.files.key_gram, Path(out_dir) / manifest.files.key_gram)
         extra["key_gram_file"] = manifest.files.key_gram
-    runtime = {"onnxruntime": ort.__version__, "attention": report["attention"], "attention_rewrite": report}
+    runtime = {"onnxruntime": ort.__version__, "attention": report["attention"], "attention_rewrite": report,
+               "weights": quantized or {"weights": "graph"}}
     return dict(model_file=MODEL_FILE, runtime=runtime, session_options=dict(SESSION_OPTIONS), **extra)
 
 
