@@ -424,7 +424,8 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("engine", metavar="ENGINE_DIR", help="the compressed engine")
     p.add_argument("--baseline", required=True, metavar="ENGINE_DIR", help="e.g. built from export-eigen --no-compress")
     p.add_argument("--peer", metavar="PATH", action="append",
-                   help="also time a peer runtime on the same checkpoint (repeat for several): an Optimum export "
+                   help="also time a peer runtime on the same checkpoint (repeat for several): another eigenkv "
+                        "engine directory (e.g. built with --weights int8), an Optimum export "
                         "folder (tools/optimum_baseline.py), an onnxruntime-genai folder (tools/ortgenai_peer.py) "
                         "or a GGUF file run by llama.cpp (tools/llamacpp_peer.py)")
     p.add_argument("--contexts", type=_ints, default=(512, 1024, 2048, 4096), metavar="N,N,...",

@@ -158,13 +158,17 @@ class PeerEngine(Engine):
 # Runtimes are imported by the module's `load`, never at import: a peer needs only its own package.
 
 NAME = "optimum"
-PEER_MODULES = ("eigenkv.engines.peer", "eigenkv.engines.peer_ortgenai", "eigenkv.engines.peer_llamacpp")
-PEER_KINDS = "an Optimum export folder (model.onnx), an onnxruntime-genai folder (genai_config.json) or a GGUF file"
+PEER_MODULES = ("eigenkv.engines.peer_eigenkv", "eigenkv.engines.peer", "eigenkv.engines.peer_ortgenai",
+                "eigenkv.engines.peer_llamacpp")  # eigenkv first: its engine folders hold a model.onnx too
+PEER_KINDS = ("another eigenkv engine directory (config.json), an Optimum export folder (model.onnx), an "
+              "onnxruntime-genai folder (genai_config.json) or a GGUF file")
 
 
 def accepts(path: Path) -> bool:
-    """An Optimum export folder: model.onnx, and not an onnxruntime-genai folder."""
-    return path.is_dir() and (path / "model.onnx").is_file() and not (path / "genai_config.json").exists()
+    """An Optimum export folder: model.onnx, and not an onnxruntime-genai folder or an eigenkv engine."""
+    from eigenkv.engines import peer_eigenkv
+    return (path.is_dir() and (path / "model.onnx").is_file() and not (path / "genai_config.json").exists()
+            and not peer_eigenkv.accepts(path))
 
 
 def load(path: Path, threads: int = 0) -> PeerEngine:

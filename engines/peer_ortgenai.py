@@ -236,8 +236,10 @@ class GenAIEngine(Engine):
 
     @property
     def label(self) -> str:
-        """'onnxruntime-genai <version>' (the runtime that runs the model)."""
-        return f"{NAME} {self.og.__version__}"
+        """'onnxruntime-genai <version>' (the runtime that runs the model), with the weights'
+        precision when peer.json names one other than fp32 (e.g. '... int4')."""
+        dtype = self.info.get("dtype")
+        return f"{NAME} {self.og.__version__}" + (f" {dtype}" if dtype and dtype != "fp32" else "")
 
     @property
     def max_positions(self) -> int | None:

@@ -201,5 +201,31 @@ def test_peer_registry_says_what_it_accepts(tiny, tmp_path):
     with pytest.raises(EigenError, match="no such file or folder"):
         load_peer(tmp_path / "missing")
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(EigenError, match="not an Optimum export folder .*, an onnxruntime-genai folder .* or a GGUF"):
+    with pytest.raises(EigenError, match="not another eigenkv engine directory .*, an Optimum export folder .*, "
+                                         "an onnxruntime-genai folder .* or a GGUF"):
         load_peer(tmp_path / "notes.txt")
+
+
+def test_an_eigenkv_engine_directory_is_a_peer(tmp_path):
+    """`--peer ENGINE_DIR`: another engine of the checkpoint (here the same export with int8 weights)
+    is timed beside the two under test, labelled by folder, backend and weights; the Optimum module
+    does not claim it (its folder holds a model.onnx too)."""
+    from eigenkv.engines import peer as optimum_peer
+    from eigenkv.engines import peer_eigenkv
+    from eigenkv.engines.peer import load_peer
+    (tmp_path / "calib.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    onnx_path = tmp_path / "exp" / "model.onnx"
+    assert export_tiny(tmp_path, "llama", onnx_path, "--no-compress", "--max-seq-len", "64", "--decode-steps", "2") == 0
+    assert main(["build", str(onnx_path), "-o", str(tmp_path / "fp32")]) == 0
+    assert main(["build", str(onnx_path), "-o", str(tmp_path / "w8"), "--weights", "int8"]) == 0
+    assert peer_eigenkv.accepts(tmp_path / "w8") and not optimum_peer.accepts(tmp_path / "w8")
+    assert not peer_eigenkv.accepts(tmp_path / "exp")  # an export folder is no engine
+    engine = load_peer(tmp_path / "w8")
+    assert engine.label == "eigenkv w8 (ort, int8)" and load_peer(tmp_path / "fp32").label == "eigenkv fp32 (ort, fp32)"
+    out = tmp_path / "bench"
+    assert main(["bench", str(tmp_path / "fp32"), "--baseline", str(tmp_path / "fp32"), "--peer", str(tmp_path / "w8"),
+                 "--contexts", "8", "--batches", "1", "--decode-tokens", "2", "--warmup", "0", "--repeats", "1",
+                 "--out", str(out), "--no-progress"]) == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert result["engines"]["eigenkv w8 (ort, int8)"] == str(tmp_path / "w8")
+    assert {p["engine"] for p in result["points"]} == {"compressed", "baseline", "eigenkv w8 (ort, int8)"}

@@ -1,8 +1,9 @@
-"""Peer baseline: the same checkpoint built by ONNX Runtime GenAI's own model builder (fp32, CPU), run by ORT-GenAI.
+"""Peer baseline: the same checkpoint built by ONNX Runtime GenAI's own model builder (fp32 or int4, CPU), run by ORT-GenAI.
 
     python tools/ortgenai_peer.py -o out/ortgenai-smollm2             # default model
     python tools/ortgenai_peer.py -o DIR --model ./my-llama --force
     python tools/ortgenai_peer.py -o out/ortgenai-smollm2-pruned --prune-lm-head   # batch-8 4k benches
+    python tools/ortgenai_peer.py -o out/ortgenai-smollm2-int4 --precision int4 --prune-lm-head
 
 onnxruntime-genai 0.18.0 needs onnxruntime >= 1.31 and nothing the project lacks, so it lives
 in the project's environment (`pip install onnxruntime-genai==0.18.0`; pip keeps the installed
@@ -11,13 +12,14 @@ onnxruntime) and its runtime runs in-process (eigenkv.engines.peer_ortgenai), ne
 1. Load the model as eigenkv does (a GGUF is de-quantized by transformers to float32) and save
    it with its tokenizer as a Hugging Face folder (safetensors) in a temporary directory: the
    builder reads only float16/float32 GGUF files, and takes its config from the hub for them.
-2. `python -m onnxruntime_genai.models.builder -i HF_FOLDER -o DIR -p fp32 -e cpu`, offline
+2. `python -m onnxruntime_genai.models.builder -i HF_FOLDER -o DIR -p fp32|int4 -e cpu`, offline
    (log: DIR/builder.log), plus DIR/peer.json: kind, version, source model and hash, the builder
    command, versions and the checks below.
 3. Checks (ORT-GenAI's runtime via eigenkv.engines.peer_ortgenai vs our float32 torch model, the
    reference): for each text prompt (batch 1) and one batch of two random-token prompts
    (ORT-GenAI's batch decode loop), the prefill logits (max |diff|, stated) and the greedy
-   tokens, which must be identical; otherwise nothing is written.
+   tokens, which must be identical for fp32 (otherwise nothing is written); an int4 build's
+   agreement is reported, not required (its weights are rounded, as llama.cpp's Q4_1 file is)
 """
 
 from __future__ import annotations
@@ -66,12 +68,12 @@ def _env() -> dict:
     return env
 
 
-def build(hf: Path, out: Path, log: Path, prune_lm_head: bool = False) -> list[str]:
-    """Run ORT-GenAI's model builder (fp32, CPU) on the HF folder -> out; its output goes to `log`.
+def build(hf: Path, out: Path, log: Path, prune_lm_head: bool = False, precision: str = "fp32") -> list[str]:
+    """Run ORT-GenAI's model builder (`precision` fp32 or int4, CPU) on the HF folder -> out; its output goes to `log`.
     prune_lm_head: the builder's extra option that computes only the last position's logits in
     prefill (a batch-8 4k prefill otherwise returns 6.4 GB of logits). Returns the command; a
     failure is a one-line EigenError."""
-    cmd = [sys.executable, "-m", BUILDER, "-i", str(hf), "-o", str(out), "-p", "fp32", "-e", "cpu",
+    cmd = [sys.executable, "-m", BUILDER, "-i", str(hf), "-o", str(out), "-p", precision, "-e", "cpu",
            "-c", str(hf.parent / "builder-cache")]
     if prune_lm_head:
         cmd += ["--extra_options", "prune_lm_head=true"]
@@ -135,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prune-lm-head", action="store_true",
                    help="build with the builder's prune_lm_head (prefill computes the last position's "
                         "logits only; what a batch-8 4k bench needs to fit in memory)")
+    p.add_argument("--precision", choices=("fp32", "int4"), default="fp32",
+                   help="the builder's weight precision: fp32 (default; greedy tokens must equal torch's) or "
+                        "int4 (its CPU default: block-wise 4-bit MatMulNBits; agreement reported)")
     p.add_argument("--force", action="store_true", help="replace DIR")
     args = p.parse_args(argv)
     try:
@@ -166,21 +171,21 @@ def run(args, argv: list[str]) -> None:
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_hf_folder(model, tokenizer, load_generation_config(source), work / "hf")
-        print(f"building with onnxruntime-genai {og.__version__}'s model builder (fp32, cpu)", flush=True)
+        print(f"building with onnxruntime-genai {og.__version__}'s model builder ({args.precision}, cpu)", flush=True)
         t0 = time.perf_counter()
         log = out.parent / f"{out.name}.builder.log"  # kept there if the build fails
-        cmd = build(work / "hf", work / "genai", log, args.prune_lm_head)
+        cmd = build(work / "hf", work / "genai", log, args.prune_lm_head, args.precision)
         build_s = time.perf_counter() - t0
         shutil.move(str(log), work / "genai" / "builder.log")
         engine = load_peer(work / "genai", args.threads)
         validation = check(model, tokenizer, engine, args.check_steps)
-        if not validation["greedy_tokens_equal"]:
+        if args.precision == "fp32" and not validation["greedy_tokens_equal"]:
             bad = next(c for c in validation["cases"] if not c["greedy_tokens_equal"])
             raise EigenError(f"greedy tokens differ ({bad['case']}): torch {bad['greedy_tokens_torch']} vs "
                              f"ORT-GenAI {bad['greedy_tokens_ortgenai']}; nothing written")
         layout = engine.layout
         info = {
-            "kind": NAME, "version": og.__version__, "dtype": "fp32", "execution_provider": "cpu",
+            "kind": NAME, "version": og.__version__, "dtype": args.precision, "execution_provider": "cpu",
             "source_model": source.label, "source_hash": model_hash(source),
             "command": ["python", *cmd[1:4], "HF_FOLDER", "-o", "DIR", *cmd[7:11], "-c", "CACHE_DIR", *cmd[13:]],
             "prune_lm_head": bool(args.prune_lm_head),
