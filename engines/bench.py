@@ -154,8 +154,12 @@ def bench(engine_dir: Path, baseline_dir: Path, config: BenchConfig,
                 _run_once(engines[name], prompt, config, results[name] if r >= config.warmup else None,
                           evictors.get(name))
         points += [p.summary() for p in results.values()]
+    from eigenkv.engines import peer_eigenkv
+    weights = {name: ((EngineConfig.load(d).runtime or {}).get("weights") or {}).get("weights", "graph")
+               for name, d in dirs.items() if peer_eigenkv.accepts(d)}  # eigenkv engines: "graph" | "int4" | "int8"
     return {"machine": f"{platform.machine()} CPU, {platform.platform()}",
             "engines": {name: str(d) for name, d in dirs.items()},
+            "weights": weights,
             "config": asdict(config),
             "points": points,
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}

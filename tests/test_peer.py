@@ -229,3 +229,4 @@ def test_an_eigenkv_engine_directory_is_a_peer(tmp_path):
     result = json.loads((out / "bench.json").read_text())
     assert result["engines"]["eigenkv w8 (ort, int8)"] == str(tmp_path / "w8")
     assert {p["engine"] for p in result["points"]} == {"compressed", "baseline", "eigenkv w8 (ort, int8)"}
+    assert result["weights"] == {"compressed": "graph", "baseline": "graph", "eigenkv w8 (ort, int8)": "int8"}
