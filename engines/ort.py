@@ -165,21 +165,36 @@ def build(graph: Path, manifest: Manifest, out_dir: Path, attention: str = "fuse
     if bits:  # after ONNX Runtime's optimisation, so constant-folded weights (the tied lm_head's transpose) count
         from eigenkv.engines.ort_weights import quantize_in_place
         quantized = quantize_in_place(model, bits)
-    if report["attention"] != "function":  # a fused kernel refusing some shape fails here, not in `run`
+
+    def smoke_run() -> None:  # a kernel refusing some shape fails here, not in `run`
+        engine = OrtEngine(model, manifest.layout, manifest.io, manifest.precision)
+        cache = engine.new_cache(2, 4)
+        engine.step(cache, np.zeros((2, 2), np.int64), np.tile(np.arange(2), (2, 1)))
+        cache.advance(np.array([2, 1]))  # uneven lengths, then a multi-token step over them
+        engine.step(cache, np.zeros((2, 2), np.int64), np.array([[2, 3], [1, 2]]))
+
+    def refused(e: Exception) -> EigenError:
+        for stale in Path(out_dir).glob(MODEL_FILE + "*"):
+            stale.unlink()
+        return EigenError(f"ONNX Runtime refused the engine with {weights} weights ({str(e).splitlines()[0][:200]}); "
+                          "build it with --weights graph")
+
+    if report["attention"] != "function" or bits:
         try:
-            engine = OrtEngine(model, manifest.layout, manifest.io, manifest.precision)
-            cache = engine.new_cache(2, 4)
-            engine.step(cache, np.zeros((2, 2), np.int64), np.tile(np.arange(2), (2, 1)))
-            cache.advance(np.array([2, 1]))  # uneven lengths, then a multi-token step over them
-            engine.step(cache, np.zeros((2, 2), np.int64), np.array([[2, 3], [1, 2]]))
-            del engine, cache
+            smoke_run()
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+            if report["attention"] == "function":  # nothing to fall back to: the quantized graph failed
+                raise refused(e) from None
             for stale in Path(out_dir).glob(MODEL_FILE + "*"):
                 stale.unlink()
             reason = f"engine check failed: {str(e).splitlines()[0][:200]}"
             report = {**_optimize(Path(graph), model, manifest.rope_mode, False), "fell_back": {reason: 1}}
             if bits:
                 quantized = quantize_in_place(model, bits)
+                try:
+                    smoke_run()
+                except Exception as e2:  # noqa: BLE001
+                    raise refused(e2) from None
     extra = {}
     if manifest.files.key_gram:
         shutil.copyfile(Path(graph).parent / manifest.files.key_gram, Path(out_dir) / manifest.files.key_gram)

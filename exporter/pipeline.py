@@ -82,11 +82,11 @@ class CompressConfig:
         targets = chosen_strategies(self)
         if len(targets) > 1:
             raise EigenError("pass one of --kv-ratio, --error-budget, --max-ppl-increase or --key-rank/--value-rank")
-        if self.no_compress and (self.projections or targets or self.heal_steps):
-            raise EigenError("--no-compress takes no rank option, no --heal-steps and no --projections")
-        if self.projections and (targets or self.heal_steps):
+        if self.no_compress and (self.projections or targets or self.heal_steps or self.heal_query):
+            raise EigenError("--no-compress takes no rank option, no --heal-steps/--heal-query and no --projections")
+        if self.projections and (targets or self.heal_steps or self.heal_query):
             raise EigenError("--projections holds folded weights at fixed ranks: pass no rank option and no "
-                             "--heal-steps with it (recalibrate instead)")
+                             "--heal-steps/--heal-query with it (recalibrate instead)")
         method = self.method
         if method is None:
             method = ("eigen" if self.error_budget is not None else

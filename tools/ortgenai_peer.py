@@ -206,7 +206,8 @@ def run(args, argv: list[str]) -> None:
     for c in validation["cases"]:
         print(f"{c['case']} (batch {c['batch']}, {c['prompt_tokens']} tokens): prefill max |logit diff| vs torch fp32 "
               f"{c['prefill_max_abs_logit_diff']:.2e} (logits up to {c['torch_logit_abs_max']:.1f}); "
-              f"{validation['greedy_steps']} greedy tokens identical"
+              f"{validation['greedy_steps']} greedy tokens "
+              + ("identical" if c["greedy_tokens_equal"] else "NOT identical (rounded weights)")
               + (" (last position: pruned LM head)" if c["prefill_positions_compared"] == 1 else ""))
 
 

@@ -161,7 +161,7 @@ def main() -> int:
             "model": source.label, "calibrations": mixes,
             "calibration": f"{args.calib_samples} x {args.calib_seq_len} tokens from the first half of each text "
                            f"(samples shared by weight); healing draws {args.heal_batch} x {args.heal_seq_len}-token windows per step from the same "
-                           f"halves by weight{' (query projections trained too)' if args.heal_query else ''}, lr {args.heal_lr} with warm-up and linear decay; held-out KL on "
+                           f"halves by weight{' (query projections trained too)' if args.heal_query and args.heal_steps else ''}, lr {args.heal_lr} with warm-up and linear decay; held-out KL on "
                            f"2 x {min(256, args.calib_seq_len)} tokens from the end of each calibration text",
             "evaluation": {"texts": {n: "second half of the file" for n in eval_names},
                            "tokens_scored": {n: (t.numel() // window) * (window - 1) for n, t in evals.items()},
