@@ -315,7 +315,8 @@ def test_int4_build_is_recorded_labelled_and_close(tiny, tmp_path):
     spec = importlib.util.spec_from_file_location("ortgenai_peer_tool", TOOL)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    assert tool.main(["-o", str(tmp_path / "int4"), "--model", str(hf), "--threads", "1", "--precision", "int4"]) == 0
+    assert tool.main(["-o", str(tmp_path / "int4"), "--model", str(hf), "--threads", "1", "--precision", "int4",
+                      "--check-steps", "2"]) == 0
     info = json.loads((tmp_path / "int4" / "peer.json").read_text())
     assert info["dtype"] == "int4" and {"-p", "int4", "-e", "cpu"} <= set(info["command"])
     import onnx
