@@ -218,11 +218,13 @@ def test_bad_weight_options_are_one_line_and_leave_nothing(built, tmp_path, caps
     assert main(["build", str(built["graph"]), "-o", str(tmp_path / "t"), "--backend", "torch", "--weights", "int4"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--weights quantizes the ort backend's MatMul weights" in err
-    out16 = root / "exp16" / "model.onnx"
-    assert export_tiny(root, "llama", out16, "--no-compress", "--dtype", "fp16", "--max-seq-len", str(MAX_LEN),
-                       "--decode-steps", "4") == 0
+    # an fp16 export: the same graph files with the manifest's precision fp16 (refused before the graph is read)
+    exp16 = tmp_path / "exp16"
+    shutil.copytree(built["graph"].parent, exp16)
+    manifest = json.loads((exp16 / "model.eigen.json").read_text())
+    (exp16 / "model.eigen.json").write_text(json.dumps({**manifest, "precision": "fp16"}))
     capsys.readouterr()
-    assert main(["build", str(out16), "-o", str(tmp_path / "e16"), "--weights", "int4"]) == 2
+    assert main(["build", str(exp16 / "model.onnx"), "-o", str(tmp_path / "e16"), "--weights", "int4"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "quantizes fp32 weights" in err and "without --dtype fp16" in err
     assert not (tmp_path / "e16").exists() and not list(tmp_path.glob(".e16*"))  # no engine, no staging left
