@@ -261,9 +261,8 @@ def _cmd_build(args) -> int:
         options["weights"] = args.weights
     config = build(args.onnx, args.output, backend=args.backend, force=args.force, **options)
     kv = config.kv_layout
-    weights = config.runtime.get("weights", {}).get("weights", "graph")
     print(f"built {args.output}: {config.backend} engine, {config.precision}"
-          + ("" if weights == "graph" else f" ({weights} weights)") + f", {kv.n_layers} layers, "
+          + ("" if config.weights == "graph" else f" ({config.weights} weights)") + f", {kv.n_layers} layers, "
           f"KV ranks key {min(kv.key_ranks)}..{max(kv.key_ranks)} / value {min(kv.value_ranks)}..{max(kv.value_ranks)}, "
           f"max_seq_len {kv.max_seq_len}")
     return 0

@@ -155,8 +155,7 @@ def bench(engine_dir: Path, baseline_dir: Path, config: BenchConfig,
                           evictors.get(name))
         points += [p.summary() for p in results.values()]
     from eigenkv.engines import peer_eigenkv
-    weights = {name: ((EngineConfig.load(d).runtime or {}).get("weights") or {}).get("weights", "graph")
-               for name, d in dirs.items() if peer_eigenkv.accepts(d)}  # eigenkv engines: "graph" | "int4" | "int8"
+    weights = {name: EngineConfig.load(d).weights for name, d in dirs.items() if peer_eigenkv.accepts(d)}
     return {"machine": f"{platform.machine()} CPU, {platform.platform()}",
             "engines": {name: str(d) for name, d in dirs.items()},
             "weights": weights,

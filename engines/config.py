@@ -47,6 +47,12 @@ class EngineConfig:
                    report={"kv_bytes_per_token": manifest.to_json()["kv_bytes_per_token"],
                            "perplexity": manifest.report.get("perplexity", {})}, **extra)
 
+    @property
+    def weights(self) -> str:
+        """The MatMul weights' format: "graph" (as exported) or "int4" / "int8" (`eigenkv build
+        --weights`, recorded in runtime["weights"]; engines built before it read as "graph")."""
+        return ((self.runtime or {}).get("weights") or {}).get("weights", "graph")
+
     def save(self, path: Path) -> None:
         from eigenkv.artifacts import write_json
         data = asdict(self)

@@ -173,9 +173,12 @@ def build(graph: Path, manifest: Manifest, out_dir: Path, attention: str = "fuse
         cache.advance(np.array([2, 1]))  # uneven lengths, then a multi-token step over them
         engine.step(cache, np.zeros((2, 2), np.int64), np.array([[2, 3], [1, 2]]))
 
-    def refused(e: Exception) -> EigenError:
+    def drop_model() -> None:
         for stale in Path(out_dir).glob(MODEL_FILE + "*"):
             stale.unlink()
+
+    def refused(e: Exception) -> EigenError:
+        drop_model()
         return EigenError(f"ONNX Runtime refused the engine with {weights} weights ({str(e).splitlines()[0][:200]}); "
                           "build it with --weights graph")
 
@@ -185,8 +188,7 @@ def build(graph: Path, manifest: Manifest, out_dir: Path, attention: str = "fuse
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             if report["attention"] == "function":  # nothing to fall back to: the quantized graph failed
                 raise refused(e) from None
-            for stale in Path(out_dir).glob(MODEL_FILE + "*"):
-                stale.unlink()
+            drop_model()
             reason = f"engine check failed: {str(e).splitlines()[0][:200]}"
             report = {**_optimize(Path(graph), model, manifest.rope_mode, False), "fell_back": {reason: 1}}
             if bits:

@@ -36,8 +36,7 @@ def load(path: Path, threads: int = 0):
     path = Path(path)
     config = EngineConfig.load(path)
     engine = load_engine(path, threads=threads)
-    runtime = config.runtime or {}
-    weights = (runtime.get("weights") or {}).get("weights", "graph")
-    engine.label = f"{NAME} {path.name} ({config.backend}, {config.precision if weights == 'graph' else weights})"
+    shown = config.precision if config.weights == "graph" else config.weights
+    engine.label = f"{NAME} {path.name} ({config.backend}, {shown})"
     engine.source_hash = config.source.hash
     return engine
