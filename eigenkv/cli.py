@@ -82,6 +82,11 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
                              "recorded in the report")
     target.add_argument("--key-rank", type=int, metavar="R", help="same key rank for every layer (1..head_dim)")
     p.add_argument("--value-rank", type=int, metavar="R", help="same value rank for every layer (1..head_dim)")
+    p.add_argument("--compress-layers", metavar="I,J|I-J",
+                   help="compress only these layers (e.g. 0,1 or 0-3); the others keep their original keys and "
+                        "values at full width, which the ORT backend runs on its fused kernel. --kv-ratio is then "
+                        "the target over these layers' bytes. Pair with eviction that skips them: "
+                        "`--compress-layers 0,1` with `eigenkv run --evict key-norm` (which skips layers 0-1)")
     p.add_argument("--method", default=None, metavar="NAME",
                    help="basis method: " + ", ".join(_method_names()) + " (default loss-aware: query-aware keys "
                         "per KV head + output-aware values, with --kv-ratio 0.5 when no target is given; "
@@ -146,6 +151,7 @@ def _config(args):
                           rope_mode=args.rope_mode, calib_text=tuple(args.calib_text), calib_samples=args.calib_samples,
                           calib_seq_len=args.calib_seq_len, eval_tokens=args.eval_tokens,
                           eval_window=args.eval_window, key_rank=args.key_rank, value_rank=args.value_rank,
+                          compress_layers=args.compress_layers,
                           progress=not args.no_progress)
 
 

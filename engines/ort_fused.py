@@ -26,7 +26,10 @@ Runtime's CPU provider), all exact against the op's reference math:
   The exporter's head split (Reshape + Transpose) before and head merge after the op are
   dropped where recognised (GQA reads and writes [B, S, H*d]), and `pack_qkv` then packs the
   Q, K, V projections into one MatMul (GQA's packed input). A layer whose widths differ, or are
-  not a multiple of 8 (GQA's limit), falls back to `attention`.
+  not a multiple of 8 (GQA's limit), falls back to `attention`. A `pre` layer whose key_up is the
+  identity (keys and values at full width: a layer `--compress-layers` left alone) is a GQA layer
+  too: its cache would hold the un-rotated keys, GQA's holds them rotated at their positions, and
+  the scores and every key's norm (what eviction reads) are the same.
 - `attention` (keys cached ready to score, any widths: rank-space keys with r_v != r_k): the
   cache writes stay `TensorScatter` (in place) and attention is ONNX `Attention` (opset 24) over
   the whole buffers with `nonpad_kv_seqlen` = valid slots after the write and `is_causal=1`
@@ -211,6 +214,11 @@ def _choose(g: _Graph, layer: _Layer, wanted: str) -> tuple[str, str]:
     if layer.pre:
         if layer.inputs.get("key_up") is None or g.dim(layer.inputs["key_up"], 0) not in (1, hkv):
             return FUNCTION, "key_up shape"
+        if rk == rv == dq and rk % 8 == 0 and _identity_keys(g, layer):
+            # full-width keys (a layer left uncompressed, `--compress-layers`): GQA rotates them as it writes them
+            rope = _rope_of(g, q)
+            if rope is not None and _tables_ok(g, rope[1:3], dq):
+                return GQA, ""
         if not _half_tables(g, layer):
             return FUNCTION, "RoPE tables are not repeated halves (or not loaded)"
         if not layer.inputs.get("slot_positions"):
@@ -225,6 +233,17 @@ def _choose(g: _Graph, layer: _Layer, wanted: str) -> tuple[str, str]:
     if wanted == GQA and rk % 8:
         return ATTENTION, "head size not a multiple of 8"  # GroupQueryAttention's CheckInputs
     return wanted, ""
+
+
+def _identity_keys(g: _Graph, layer: _Layer) -> bool:
+    """A pre-mode layer whose key_up is the identity [G, d, d] (G = 1 or Hkv; checked on the data,
+    which `rewrite_file` loads): its cache holds the original pre-RoPE keys at full width, so rotating
+    them as they are written (GQA) and not as they are read (the op) gives the same scores."""
+    init = g.inits.get(layer.inputs.get("key_up", ""))
+    if init is None or init.data_location == TensorProto.EXTERNAL or len(init.dims) != 3 or init.dims[1] != init.dims[2]:
+        return False
+    up = numpy_helper.to_array(init)
+    return bool(np.array_equal(up, np.broadcast_to(np.eye(up.shape[1], dtype=up.dtype), up.shape)))
 
 
 def _attr(node, name, default=None):
@@ -364,6 +383,8 @@ def _gqa(g: _Graph, layer: _Layer) -> list:
     hq, hkv, d = g.dim(q, 1), g.dim(kc, 1), g.dim(q, 3)
     k, v = layer.k_scatter.input[1], layer.v_scatter.input[1]
     rope = [_rope_of(g, q), _rope_of(g, k)]
+    if layer.pre:  # identity keys (`_choose`): the cached keys are the un-rotated keys, rotated at their positions
+        rope[1] = None if rope[0] is None else (k,) + rope[0][1:]
     if None in rope or rope[0][1:] != rope[1][1:] or not _tables_ok(g, rope[0][1:3], d):
         rope = None  # queries and keys rotated in the graph: do_rotary=0
     else:
@@ -799,7 +820,7 @@ def rewrite_file(src: Path, tmp: Path, rope_mode: RopeMode | str, remedy: str = 
     except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
         raise EigenError(f"{src} is corrupt or truncated ({str(e).splitlines()[0][:160]})"
                          + (f"; {remedy}" if remedy else "")) from None
-    rope = _INPUTS.index("rope_cos"), _INPUTS.index("rope_sin")
+    rope = _INPUTS.index("rope_cos"), _INPUTS.index("rope_sin"), _INPUTS.index("key_up")  # key_up: `_identity_keys`
     tables = {n.input[i] for n in model.graph.node if n.domain == spec.DOMAIN for i in rope if i < len(n.input)}
     tables |= {n.input[0] for n in model.graph.node if n.op_type == "GatherND"}  # the graph's RoPE rows (gqa)
     locations = set()

@@ -49,6 +49,14 @@ class LayerFactors:
     output_ridge: float = 1e-9  # relative ridge of that refit
 
 
+def identity_factors(like: LayerFactors) -> LayerFactors:
+    """Factors that keep a layer's keys and values as they are (down = up = I, shapes of `like`,
+    no output refit): folded at full rank, the layer is the original attention exactly."""
+    eye = lambda t: torch.eye(t.shape[-1], dtype=t.dtype).expand_as(t).clone()  # noqa: E731
+    return LayerFactors(eye(like.key_down), eye(like.key_up), torch.zeros_like(like.key_loss),
+                        eye(like.value_down), eye(like.value_up), torch.zeros_like(like.value_loss))
+
+
 def tail_loss(sv: torch.Tensor) -> torch.Tensor:
     """sv [H, d] -> [d + 1]: Σ_h Σ_{i>=r} s_h,i², the energy left out at rank r."""
     e = sv.pow(2).sum(0)

@@ -8,7 +8,8 @@ D = Uᵀ), per KV head h and every query head j of h's group:
   pre      W_k,h <- D_k,h W_k,h; key_up = U_kᵀ [G, r_k, d] (the op reconstructs and rotates)
   joint    after RoPE: keys @ D_kᵀ, queries @ U_k (one pair per layer)
   QK-norm  (pre mode only) W_k stays; key_down = D_k [Hkv, r_k, d] applies after k_norm
-Factors with D U = I at full rank reproduce the original model to round-off.
+Factors with D U = I at full rank reproduce the original model to round-off; at key rank d the
+fold uses D_k = U_k = I (the cached keys are the original keys exactly, whatever the method's basis).
 Every folded layer also keeps key_gram = U_kᵀU_k [G, r_k, r_k] (computed before U_k folds into
 W_q where it does), so a cached key's reconstructed norm is a rank-space product.
 """
@@ -84,6 +85,8 @@ def fold_attention(attn: LowRankAttention, factors: LayerFactors | LayerBases, k
     group = attn.n_heads // attn.n_kv_heads
     d_v, u_v = factors.value_down[:, :value_rank], factors.value_up[:, :, :value_rank]
     d_k, u_k = factors.key_down[:, :key_rank], factors.key_up[:, :, :key_rank]
+    if key_rank == d:  # full width: the identity basis, so the cached keys are the original keys (exact; the ORT
+        d_k = u_k = torch.eye(d, dtype=d_k.dtype).expand_as(d_k)  # backend runs such a layer on its fused kernel)
     v_proj = _project_rows(attn.v_proj, d_v, attn.n_kv_heads, 1)
     if factors.output_gram is not None:
         o_proj = refit_output(attn.o_proj, d_v, factors.output_gram, attn.n_heads, factors.output_ridge)

@@ -7,6 +7,7 @@ directory. Texts are split by role in `texts.py`, ranks chosen by `rank_strategi
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -19,6 +20,7 @@ from eigenkv.manifest import KVLayout
 from eigenkv.exporter import ranks as rank_sel
 from eigenkv.exporter.calibrate import calibrate
 from eigenkv.exporter.decoder import EigenDecoder, decoder_from_hf
+from eigenkv.exporter.decompose import identity_factors
 from eigenkv.exporter.fold import attention_from_tensors, fold
 from eigenkv.exporter.heal import HealSettings, heal
 from eigenkv.exporter.methods import get_method, method_factors
@@ -42,6 +44,8 @@ class CompressConfig:
     error_budget: float | None = None  # the paper's per-layer search (default 0.025)
     key_rank: int | None = None  # or the same ranks for every layer
     value_rank: int | None = None
+    compress_layers: str | tuple[int, ...] | None = None  # "0,1" / "0-3": only these layers get ranks < head_dim;
+    #                   the others keep the original keys and values (identity bases); `resolved()` stores a tuple
     max_ppl_increase: float | None = None  # or the smallest cache within this perplexity rise
     method: str | None = None  # basis method (exporter/methods.py); None: loss-aware, loss-aware-shared
     #                            under rope_mode joint, eigen with error_budget
@@ -114,6 +118,17 @@ class CompressConfig:
         for name in ("key_rank", "value_rank"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise EigenError(f"--{name.replace('_', '-')} must be >= 1")
+        layers = parse_layers(self.compress_layers)
+        if layers is not None:
+            if self.no_compress or self.projections:
+                raise EigenError("--compress-layers chooses which layers a calibration compresses: not with "
+                                 "--no-compress or --projections")
+            if self.error_budget is not None or self.max_ppl_increase is not None or method == "eigen" and not targets:
+                raise EigenError("--compress-layers works with --kv-ratio (the target over those layers) or "
+                                 "--key-rank/--value-rank, not with --error-budget or --max-ppl-increase")
+            if self.heal_steps:
+                raise EigenError("--compress-layers does not heal yet (healing would train the uncompressed "
+                                 "layers' projections too): drop --heal-steps")
         if kv_ratio is not None:
             rank_sel.check_kv_ratio(kv_ratio)
         if self.error_budget is not None and not self.error_budget > 0:
@@ -127,7 +142,23 @@ class CompressConfig:
                                  f"{', '.join(BUILTIN_TEXTS)})")
         if self.eval_tokens < 0:
             raise EigenError("--eval-tokens must be >= 0 (0 skips perplexity)")
-        return replace(self, rope_mode=rope_mode, method=method, kv_ratio=kv_ratio)
+        return replace(self, rope_mode=rope_mode, method=method, kv_ratio=kv_ratio, compress_layers=layers)
+
+
+def parse_layers(spec: str | tuple[int, ...] | list[int] | None) -> tuple[int, ...] | None:
+    """`--compress-layers`: "0,1", "0-3,7" or a sequence of ints -> sorted unique layer indices
+    (None -> None). EigenError (one line) for anything else, an empty list or a negative index;
+    the upper bound is the model's (`_check_dims`)."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        items = [re.fullmatch(r"(\d+)(?:-(\d+))?", item.strip()) for item in spec.split(",")]
+        out = set() if None in items else {i for m in items for i in range(int(m[1]), int(m[2] or m[1]) + 1)}
+    else:
+        out = {int(i) for i in spec}
+    if not out or min(out) < 0:
+        raise EigenError(f"--compress-layers takes layer indices like 0,1 or 0-3, got {spec!r}")
+    return tuple(sorted(out))
 
 
 @dataclass
@@ -169,6 +200,9 @@ def _check_dims(config: CompressConfig, dims: Dims) -> None:
         if r is not None and r > dims.head_dim:
             raise EigenError(f"--{name.replace('_', '-')} {r} exceeds head_dim {dims.head_dim}: "
                              f"ranks must be in 1..{dims.head_dim}")
+    if config.compress_layers and config.compress_layers[-1] >= dims.n_layers:
+        raise EigenError(f"--compress-layers {config.compress_layers[-1]} is out of range: the model has layers "
+                         f"0..{dims.n_layers - 1}")
     limit = dims.max_positions
     names = ("calib_seq_len", "eval_window") if config.eval_tokens else ("calib_seq_len",)
     for name in names + (("heal_seq_len",) if config.heal_steps and config.heal_seq_len else ()):
@@ -210,6 +244,9 @@ def choose_ranks(config: CompressConfig, decoder: EigenDecoder, texts: Texts):
                       progress=config.progress)
     factors = method_factors(method, decoder, stats, config.rope_mode, config.calib_seq_len)
     key_ranks, value_ranks, details = strategy.choose(decoder, factors, texts, config)
+    if config.compress_layers is not None:  # the other layers fold with identity bases: the original attention
+        factors = [f if i in config.compress_layers else identity_factors(f) for i, f in enumerate(factors)]
+        details["compress_layers"] = list(config.compress_layers)
     return factors, key_ranks, value_ranks, {"method": method.name, "rope_mode": config.rope_mode.value, **details}
 
 

@@ -8,6 +8,8 @@ error-budget search) also returns an `on_layer` callback from `search_hook`.
   uniform         --key-rank/--value-rank: the same ranks in every layer
   error-budget    --error-budget (the default of --method eigen): the paper's per-layer search
   kv-ratio        --kv-ratio: a global byte target, dropped where the predicted cost is lowest
+Uniform and kv-ratio honour --compress-layers (only those layers get ranks below head_dim; the
+kv-ratio target is then over those layers' bytes).
   quality-budget  --max-ppl-increase: the smallest KV ratio within a validation perplexity rise
 """
 
@@ -53,7 +55,14 @@ class Uniform(RankStrategy):
 
     def choose(self, decoder, factors, texts, config):
         d, n = decoder.dims.head_dim, decoder.dims.n_layers
-        return [config.key_rank or d] * n, [config.value_rank or d] * n, {"allocation": "uniform"}
+        chosen = _compressed(config, n)
+        return ([config.key_rank or d if i in chosen else d for i in range(n)],
+                [config.value_rank or d if i in chosen else d for i in range(n)], {"allocation": "uniform"})
+
+
+def _compressed(config, n_layers: int) -> tuple[int, ...]:
+    """The layers a run compresses: --compress-layers, else all."""
+    return tuple(range(n_layers)) if config.compress_layers is None else tuple(config.compress_layers)
 
 
 @dataclass
@@ -101,7 +110,12 @@ class KvRatio(RankStrategy):
 
     def choose(self, decoder, factors, texts, config):
         curves, details = _cost_curves(decoder, factors, texts, config, config.allocation)
-        key_ranks, value_ranks = rank_sel.allocate(*curves, config.kv_ratio)
+        d, n = decoder.dims.head_dim, decoder.dims.n_layers
+        chosen = _compressed(config, n)  # the target is over these layers; the others stay full width
+        keys, values = rank_sel.allocate(*([c[i] for i in chosen] for c in curves), config.kv_ratio)
+        key_ranks, value_ranks = [d] * n, [d] * n
+        for i, kr, vr in zip(chosen, keys, values):
+            key_ranks[i], value_ranks[i] = kr, vr
         return key_ranks, value_ranks, {**details, "target": config.kv_ratio}
 
 

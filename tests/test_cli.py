@@ -60,6 +60,11 @@ def test_error_budget_respects_budget(tiny_dir, text_file, tmp_path):
     (["--key-rank", "17"], "exceeds head_dim 16"),
     (["--calib-samples", "500"], "need 16000"),
     (["--calib-seq-len", "4096"], "exceeds the model's maximum positions"),
+    (["--compress-layers", "0,x"], "--compress-layers takes layer indices like 0,1 or 0-3"),
+    (["--compress-layers", "1-3"], "--compress-layers 3 is out of range: the model has layers 0..2"),
+    (["--compress-layers", "0", "--method", "eigen"], "works with --kv-ratio"),
+    (["--compress-layers", "0", "--max-ppl-increase", "0.1"], "works with --kv-ratio"),
+    (["--compress-layers", "0", "--heal-steps", "2"], "does not heal yet"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tiny_dir, text_file, tmp_path, capsys, extra, message):
     out = tmp_path / "out"

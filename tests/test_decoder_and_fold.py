@@ -1,5 +1,7 @@
 """EigenDecoder vs transformers, and folding, on tiny random models of every family."""
 
+import copy
+
 import pytest
 import torch
 from tiny_models import FAMILIES, tiny_model
@@ -49,6 +51,33 @@ def test_full_rank_fold_reproduces_original(family_setup, rope_mode):
     assert (ref - low(ids)).abs().max().item() > 1e-3
 
 
+@torch.no_grad()
+def test_full_key_rank_is_the_identity_and_identity_factors_keep_the_layer(family_setup):
+    """At key rank head_dim the fold caches the original keys (identity bases, whatever the method
+    found); with `identity_factors` (the layers --compress-layers leaves alone) every projection is
+    the original's and the layer's output equals the original layer's in float64 (to 1e-12)."""
+    from eigenkv.exporter.decompose import eigen_factors, identity_factors
+    from eigenkv.exporter.fold import fold_attention
+    _, _, decoder, stats = family_setup
+    rope = decoder.family.positions == "rope"
+    d = decoder.dims.head_dim
+    bases = decompose(stats, rope, "pre")
+    attn0 = decoder.layers[1].attn
+    folded = fold_attention(attn0, bases[1], d, d // 2, "pre")
+    eye = torch.eye(d)
+    assert all(torch.equal(g, eye) for g in folded.key_gram)
+    if folded.key_up is not None:
+        assert all(torch.equal(u, eye) for u in folded.key_up)
+    kept = fold_attention(attn0, identity_factors(eigen_factors(bases[1])), d, d, "pre")
+    x = torch.randn(2, 24, decoder.dims.hidden, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    pos = torch.arange(24).expand(2, -1)
+    rope_tables = None if decoder.rope is None else type(decoder.rope)(decoder.rope.cos.double(),
+                                                                       decoder.rope.sin.double())
+    ref = copy.deepcopy(attn0).double()(x, pos, rope_tables)
+    got = copy.deepcopy(kept).double()(x, pos, rope_tables)
+    assert (ref - got).abs().max().item() <= 1e-12 * (1 + ref.abs().max().item())
+
+
 @pytest.mark.parametrize("rope_mode", ["pre", "joint"])
 @torch.no_grad()
 def test_kv_reconstruction_error_non_increasing_in_rank(family_setup, rope_mode):
@@ -78,6 +107,8 @@ def test_kv_reconstruction_error_non_increasing_in_rank(family_setup, rope_mode)
             k_back = k @ attn.joint_basis.T
         elif rope:
             k_back = k @ attn.key_up[0]
+        elif r == d:  # full width: the fold keeps the original keys (identity bases)
+            k_back = k
         else:
             k_back = torch.einsum("bhsr,hdr->bhsd", k, bases[1].key[:, :, :r].float())
         errors["key"].append(float((k_back - k_full).norm()))

@@ -27,9 +27,14 @@ MAX_LEN = 64
 TOL_ENGINES = 1e-4  # max |logit diff| fused vs function engine (both fp32)
 TOL_REF = 2e-5  # max |logit diff| fp32 engine vs float64 model (tiny models: logits ~1), as test_cache_moves
 MODES = {"rotated": ["--no-compress"], "pre": ["--kv-ratio", "0.5", "--rope-mode", "pre"],
-         "joint": ["--kv-ratio", "0.5", "--rope-mode", "joint"]}
-OPS = {"rotated": "GroupQueryAttention", "pre": "Attention", "joint": "Attention"}  # runtime["attention"]
-KERNELS = {"rotated": {"GroupQueryAttention"}, "pre": {"Scan"}, "joint": {"Attention"}}  # in the saved engine graph
+         "joint": ["--kv-ratio", "0.5", "--rope-mode", "joint"],
+         # layer 0 at rank 4 (pre), layers 1-2 left uncompressed (identity keys): GQA for them, rows for layer 0
+         "mixed": ["--compress-layers", "0", "--key-rank", "4", "--value-rank", "4", "--rope-mode", "pre"]}
+ROPE_MODE = {"rotated": "rotated", "pre": "pre", "joint": "joint", "mixed": "pre"}  # the manifest's
+OPS = {"rotated": "GroupQueryAttention", "pre": "Attention", "joint": "Attention",
+       "mixed": "GroupQueryAttention+Attention"}  # runtime["attention"] (in OP_NAMES order)
+KERNELS = {"rotated": {"GroupQueryAttention"}, "pre": {"Scan"}, "joint": {"Attention"},
+           "mixed": {"Scan", "GroupQueryAttention"}}  # in the saved engine graph
 
 
 @pytest.fixture(scope="module", params=list(MODES))
@@ -42,7 +47,7 @@ def built(request, tmp_path_factory):
     assert main(["build", str(out), "-o", str(root / "fused")]) == 0
     assert main(["build", str(out), "-o", str(root / "function"), "--attention", "function"]) == 0
     manifest = json.loads((out.parent / "model.eigen.json").read_text())
-    assert manifest["rope_mode"] == mode
+    assert manifest["rope_mode"] == ROPE_MODE[mode]
     if mode == "rotated":
         from transformers import AutoModelForCausalLM
 
@@ -80,6 +85,12 @@ def test_rewrite_is_recorded_and_the_export_keeps_the_op(built):
         # layer's total_sequence_length is its own row's maximum (one ReduceMax over [L, B] for all)
         assert counts["ReduceMax"] == 1 and counts["Squeeze"] <= 1 and counts["Gather"] == 1  # (the embedding)
         assert not ops & {"Neg", "GatherND", "Transpose"} and counts["Reshape"] == 1  # (the flat seqlens table)
+    if mode == "mixed":  # the compressed layer 0 by rows; the identity-key layers on GQA, rotating as they write
+        assert report["layers"] == {"attention-rows": 1, "gqa": 2} and "fell_back" not in report
+        gqa = [n for n in engine_graph.graph.node if n.op_type == "GroupQueryAttention"]
+        assert [onnx.helper.get_attribute_value(a) for n in gqa for a in n.attribute if a.name == "do_rotary"] == [1, 1]
+        manifest = json.loads((root / "exp" / "model.eigen.json").read_text())
+        assert manifest["layout"]["key_ranks"] == [4, 16, 16] and manifest["layout"]["value_ranks"] == [4, 16, 16]
     exported = onnx.load(str(built["graph"]), load_external_data=False)  # TensorRT's copy: unchanged
     assert sum(n.op_type == "LowRankAttention" and n.domain == "eigen" for n in exported.graph.node) == 3
     assert [f.name for f in exported.functions] == ["LowRankAttention"]
@@ -211,7 +222,7 @@ def test_gqa_variants_match(built, variant, tmp_path, monkeypatch):
 def test_rewrite_plans_and_fallbacks(built):
     """`function` leaves the graph alone; GQA is refused where keys are pre-RoPE or widths differ."""
     from eigenkv.plugins.spec import RopeMode
-    mode = RopeMode(built["mode"])
+    mode = RopeMode(ROPE_MODE[built["mode"]])
     graph = onnx.load(str(built["graph"]), load_external_data=False)
     same, report = ort_fused.rewrite(copy.deepcopy(graph), mode, {mode: "function"})
     assert report["attention"] == "function" and same.graph.node == graph.graph.node

@@ -86,6 +86,28 @@ def test_only_the_error_budget_watches_calibration_and_uniform_ranks_are_uniform
     assert rank_strategy(config).choose(decoder, None, None, config) == ([4] * 3, [16] * 3, {"allocation": "uniform"})
 
 
+def test_compress_layers_leave_the_other_layers_full_width():
+    """--compress-layers: uniform ranks only on those layers; --kv-ratio is the target over their
+    bytes (here the energy allocation on a tiny model's bases); the parser's forms and errors."""
+    from eigenkv.exporter.calibrate import calibrate
+    from eigenkv.exporter.decompose import decompose, eigen_factors
+    from eigenkv.exporter.pipeline import parse_layers
+    decoder = decoder_from_hf(tiny_model("llama"))  # 3 layers, head_dim 16
+    config = CompressConfig(key_rank=4, compress_layers="1").resolved()
+    assert config.compress_layers == (1,)
+    assert rank_strategy(config).choose(decoder, None, None, config)[:2] == ([16, 4, 16], [16, 16, 16])
+    stats = calibrate(decoder, torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1)),
+                      progress=False)
+    factors = [eigen_factors(b) for b in decompose(stats, True, "pre")]
+    config = CompressConfig(kv_ratio=0.25, allocation="energy", compress_layers="0-1").resolved()
+    keys, values, _ = rank_strategy(config).choose(decoder, factors, None, config)
+    assert keys[2] == values[2] == 16 and keys[0] + values[0] + keys[1] + values[1] == 0.25 * 4 * 16
+    assert parse_layers("0-2,5,1") == (0, 1, 2, 5) and parse_layers([3, 1]) == (1, 3) and parse_layers(None) is None
+    for bad in ("", "a", "1-", "-1", "2,x"):
+        with pytest.raises(EigenError, match="--compress-layers takes layer indices"):
+            parse_layers(bad)
+
+
 def test_bench_compress_runs_end_to_end(tmp_path):
     model = save_tiny("llama", tmp_path / "llama")
     text = tmp_path / "calib.txt"
