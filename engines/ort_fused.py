@@ -217,7 +217,7 @@ def _choose(g: _Graph, layer: _Layer, wanted: str) -> tuple[str, str]:
         if rk == rv == dq and rk % 8 == 0 and _identity_keys(g, layer):
             # full-width keys (a layer left uncompressed, `--compress-layers`): GQA rotates them as it writes them
             rope = _rope_of(g, q)
-            if rope is not None and _tables_ok(g, rope[1:3], dq):
+            if rope is not None and _tables_ok(g, rope[1:3], dq) and _same_tables(g, rope[1:3], layer):
                 return GQA, ""
         if not _half_tables(g, layer):
             return FUNCTION, "RoPE tables are not repeated halves (or not loaded)"
@@ -244,6 +244,18 @@ def _identity_keys(g: _Graph, layer: _Layer) -> bool:
         return False
     up = numpy_helper.to_array(init)
     return bool(np.array_equal(up, np.broadcast_to(np.eye(up.shape[1], dtype=up.dtype), up.shape)))
+
+
+def _same_tables(g: _Graph, tables, layer: _Layer) -> bool:
+    """The query's RoPE tables (which GQA rotates keys with) hold the op's rope_cos/rope_sin data."""
+    for mine, op in zip(tables, (layer.inputs.get("rope_cos"), layer.inputs.get("rope_sin"))):
+        if mine == op:
+            continue
+        a, b = g.inits.get(mine), g.inits.get(op or "")
+        if a is None or b is None or TensorProto.EXTERNAL in (a.data_location, b.data_location) \
+                or not np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b)):
+            return False
+    return True
 
 
 def _attr(node, name, default=None):

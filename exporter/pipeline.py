@@ -153,7 +153,9 @@ def parse_layers(spec: str | tuple[int, ...] | list[int] | None) -> tuple[int, .
         return None
     if isinstance(spec, str):
         items = [re.fullmatch(r"(\d+)(?:-(\d+))?", item.strip()) for item in spec.split(",")]
-        out = set() if None in items else {i for m in items for i in range(int(m[1]), int(m[2] or m[1]) + 1)}
+        spans = [] if None in items else [(int(m[1]), int(m[2] or m[1])) for m in items]
+        ok = all(lo <= hi < 1_000_000 for lo, hi in spans)  # a reversed or absurd range is a typo
+        out = {i for lo, hi in spans for i in range(lo, hi + 1)} if ok else set()
     else:
         out = {int(i) for i in spec}
     if not out or min(out) < 0:

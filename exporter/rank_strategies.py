@@ -62,6 +62,8 @@ class Uniform(RankStrategy):
 
 def _compressed(config, n_layers: int) -> tuple[int, ...]:
     """The layers a run compresses: --compress-layers, else all."""
+    if isinstance(config.compress_layers, str):
+        raise TypeError("compress_layers is parsed by CompressConfig.resolved(): pass a resolved config")
     return tuple(range(n_layers)) if config.compress_layers is None else tuple(config.compress_layers)
 
 

@@ -220,7 +220,8 @@ def test_gqa_variants_match(built, variant, tmp_path, monkeypatch):
 
 
 def test_rewrite_plans_and_fallbacks(built):
-    """`function` leaves the graph alone; GQA is refused where keys are pre-RoPE or widths differ."""
+    """`function` leaves the graph alone; GQA is refused where keys are pre-RoPE (unless their key_up
+    is the identity, which needs the tables loaded) or widths differ."""
     from eigenkv.plugins.spec import RopeMode
     mode = RopeMode(ROPE_MODE[built["mode"]])
     graph = onnx.load(str(built["graph"]), load_external_data=False)

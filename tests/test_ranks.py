@@ -103,7 +103,7 @@ def test_compress_layers_leave_the_other_layers_full_width():
     keys, values, _ = rank_strategy(config).choose(decoder, factors, None, config)
     assert keys[2] == values[2] == 16 and keys[0] + values[0] + keys[1] + values[1] == 0.25 * 4 * 16
     assert parse_layers("0-2,5,1") == (0, 1, 2, 5) and parse_layers([3, 1]) == (1, 3) and parse_layers(None) is None
-    for bad in ("", "a", "1-", "-1", "2,x"):
+    for bad in ("", "a", "1-", "-1", "2,x", "0,3-1", "0-99999999999"):
         with pytest.raises(EigenError, match="--compress-layers takes layer indices"):
             parse_layers(bad)
 
