@@ -8,9 +8,9 @@ error-budget search) also returns an `on_layer` callback from `search_hook`.
   uniform         --key-rank/--value-rank: the same ranks in every layer
   error-budget    --error-budget (the default of --method eigen): the paper's per-layer search
   kv-ratio        --kv-ratio: a global byte target, dropped where the predicted cost is lowest
+  quality-budget  --max-ppl-increase: the smallest KV ratio within a validation perplexity rise
 Uniform and kv-ratio honour --compress-layers (only those layers get ranks below head_dim; the
 kv-ratio target is then over those layers' bytes).
-  quality-budget  --max-ppl-increase: the smallest KV ratio within a validation perplexity rise
 """
 
 from __future__ import annotations
