@@ -95,10 +95,11 @@ def _cost_curves(decoder, factors, texts, config, allocation: str):
     the curves scaled to the KL measured by sensitivity probes on 4 × 256 calibration tokens."""
     if allocation == "energy":
         return rank_sel.energy_curves(factors), {"allocation": allocation}
-    sens = sensitivity.measure(decoder, factors, texts.samples[:4, :256], config.rope_mode, progress=config.progress)
+    sens = sensitivity.measure(decoder, factors, texts.samples[:4, :256], config.rope_mode, progress=config.progress,
+                               layers=_compressed(config, decoder.dims.n_layers))  # (unprobed layers: None)
     details = {"sensitivity": {"probe_rank": sens.probe_rank, "tokens": sens.tokens,
-                               "key_kl": [round(k, 6) for k in sens.key_kl],
-                               "value_kl": [round(v, 6) for v in sens.value_kl]},
+                               "key_kl": [None if k is None else round(k, 6) for k in sens.key_kl],
+                               "value_kl": [None if v is None else round(v, 6) for v in sens.value_kl]},
                "allocation": allocation}
     return sens.predicted(factors), details
 

@@ -21,19 +21,23 @@ from eigenkv.exporter.perplexity import kl_divergence
 
 @dataclass
 class Sensitivity:
-    """KL (nats/token) with one layer's keys (values) at `probe_rank`, the rest uncompressed."""
+    """KL (nats/token) with one layer's keys (values) at `probe_rank`, the rest uncompressed;
+    None for a layer that was not probed."""
 
     probe_rank: int
-    key_kl: list[float]
-    value_kl: list[float]
+    key_kl: list[float | None]
+    value_kl: list[float | None]
     tokens: int
 
-    def predicted(self, factors: list[LayerFactors]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def predicted(self, factors: list[LayerFactors]) -> tuple[list, list]:
         """Predicted KL at every rank r = 0..d per layer: KL_probe · loss(r) / loss(probe_rank),
-        the method's own objective curve scaled to the measured KL."""
+        the method's own objective curve scaled to the measured KL (None for unprobed layers)."""
         out = ([], [])
         for f, kk, vk in zip(factors, self.key_kl, self.value_kl):
             for curves, loss, kl in ((out[0], f.key_loss, kk), (out[1], f.value_loss, vk)):
+                if kl is None:
+                    curves.append(None)
+                    continue
                 scale = max(kl, 0.0) / float(loss[self.probe_rank].clamp_min(1e-300))
                 curves.append(loss.double() * scale)
         return out
@@ -41,8 +45,10 @@ class Sensitivity:
 
 @torch.no_grad()
 def measure(decoder: EigenDecoder, factors: list[LayerFactors], samples: torch.Tensor, rope_mode: str,
-            probe_rank: int | None = None, progress: bool = True) -> Sensitivity:
-    """samples [N, S] token ids (a few short sequences suffice) -> per-layer KL of each probe."""
+            probe_rank: int | None = None, progress: bool = True, layers=None) -> Sensitivity:
+    """samples [N, S] token ids (a few short sequences suffice) -> per-layer KL of each probe.
+    `layers`: the layer indices to probe (default all; the others get None: a run that compresses
+    only some layers, `--compress-layers`, needs no probe of the rest)."""
     d = decoder.dims.head_dim
     probe_rank = probe_rank or d // 2
     positions = torch.arange(samples.shape[1]).expand(samples.shape[0], -1)
@@ -51,8 +57,13 @@ def measure(decoder: EigenDecoder, factors: list[LayerFactors], samples: torch.T
         inputs.append(layer(inputs[-1], positions, decoder.rope))
     ref = torch.log_softmax(decoder.head(inputs[-1]).float(), -1)
     kls = {"key": [], "value": []}
-    bar = tqdm(total=2 * len(decoder.layers), desc="sensitivity", unit="probe", disable=not progress)
+    probed = set(range(len(decoder.layers)) if layers is None else layers)
+    bar = tqdm(total=2 * len(probed), desc="sensitivity", unit="probe", disable=not progress)
     for i, layer in enumerate(decoder.layers):
+        if i not in probed:
+            kls["key"].append(None)
+            kls["value"].append(None)
+            continue
         for kind, ranks in (("key", (probe_rank, d)), ("value", (d, probe_rank))):
             attn = fold_attention(layer.attn, factors[i], *ranks, rope_mode)
             h = layer.with_attn(attn)(inputs[i], positions, decoder.rope)

@@ -51,6 +51,12 @@ def test_sensitivity_probes_and_prediction(llama):
     for ratio in (0.75, 0.5, 0.3):
         kr, vr = rank_sel.allocate(keys, values, ratio)
         assert ratio - 1 / (2 * d * n) < rank_sel.kv_ratio(kr, vr, d) <= ratio + 1e-9
+    # probing only some layers (--compress-layers) gives those layers' KLs exactly, None elsewhere
+    some = sensitivity.measure(decoder, factors, samples[:4, :32], "pre", progress=False, layers=[n - 1])
+    assert some.key_kl[:-1] == some.value_kl[:-1] == [None] * (n - 1)
+    assert (some.key_kl[-1], some.value_kl[-1]) == (sens.key_kl[-1], sens.value_kl[-1])
+    keys, values = some.predicted(factors)
+    assert keys[:-1] == values[:-1] == [None] * (n - 1) and float(keys[-1][d // 2]) == pytest.approx(sens.key_kl[-1])
 
 
 def test_healing_lowers_kl_and_trains_only_folded_tensors(llama):

@@ -102,6 +102,14 @@ def test_compress_layers_leave_the_other_layers_full_width():
     config = CompressConfig(kv_ratio=0.25, allocation="energy", compress_layers="0-1").resolved()
     keys, values, _ = rank_strategy(config).choose(decoder, factors, None, config)
     assert keys[2] == values[2] == 16 and keys[0] + values[0] + keys[1] + values[1] == 0.25 * 4 * 16
+    # the loss allocation probes only the compressed layers (the others' KLs are None in the details)
+    from types import SimpleNamespace
+    texts = SimpleNamespace(samples=torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(2)))
+    config = CompressConfig(kv_ratio=0.25, compress_layers="2", progress=False).resolved()
+    keys, values, details = rank_strategy(config).choose(decoder, factors, texts, config)
+    assert keys[:2] == values[:2] == [16, 16] and keys[2] + values[2] == 0.25 * 2 * 16
+    assert details["sensitivity"]["key_kl"][:2] == details["sensitivity"]["value_kl"][:2] == [None, None]
+    assert details["sensitivity"]["key_kl"][2] >= 0 and details["sensitivity"]["value_kl"][2] > 0  # (keys: ~3e-7, rounded)
     assert parse_layers("0-2,5,1") == (0, 1, 2, 5) and parse_layers([3, 1]) == (1, 3) and parse_layers(None) is None
     for bad in ("", "a", "1-", "-1", "2,x", "0,3-1", "0-99999999999"):
         with pytest.raises(EigenError, match="--compress-layers takes layer indices"):
