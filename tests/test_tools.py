@@ -10,6 +10,7 @@ the --help check here.
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -456,6 +457,14 @@ def test_session_spread(workdir, oracle_engine):
     table = _table((workdir / "spread" / "result.md").read_text())
     assert [(row[0], row[2], float(row[3])) for row in table[2:]] == [
         (f"40 × {c['batch']}", name, round(c["ms"][name]["p50"], 2)) for c in result["cells"] for name in c["load_order"]]
+    # two engines (here two copies of one build): each gets its sessions, labelled by folder, in one rotation
+    shutil.copytree(workdir / "oracle" / "engine", workdir / "spread" / "copy")
+    _tool("session_spread.py", "--engine", "oracle/engine", "--engine", "spread/copy", "--sessions", "1",
+          "--contexts", "40", "--blocks", "2", "--steps", "2", "--threads", "1", "--out", "spread/ab", cwd=workdir)
+    cell, = json.loads((workdir / "spread" / "ab.json").read_text())["cells"]
+    assert cell["load_order"] == ["engine #1", "copy #1"] and cell["blocks"] == [["engine #1", "copy #1"],
+                                                                                ["copy #1", "engine #1"]]
+    assert all(v["steps"] == 4 for v in cell["ms"].values())
     bad = subprocess.run([sys.executable, str(TOOLS / "session_spread.py"), "--engine", "oracle/engine", "--ortgenai",
                           "oracle", "--contexts", "40", "--blocks", "2", "--steps", "1", "--out", "spread/bad"],
                          capture_output=True, text=True, cwd=workdir, timeout=300)

@@ -5,6 +5,10 @@ one process, timed step by step in interleaved blocks, in two load orders.
     python tools/session_spread.py --engine out/engines/base --ortgenai out/ortgenai-smollm2-pruned \\
         --contexts 512,2048 --batches 1,8 --out docs/results/session_spread_smollm2
 
+`--engine` may be given several times (engines of one checkpoint, e.g. two builds of one export):
+each gets `--sessions` sessions, labelled by its folder name, in the same rotation, so an A/B of
+two graphs is measured against the spread of each one's own sessions.
+
 Ours runs through `eigenkv.engines.runtime.decode_step` (what `eigenkv run`/`bench` time). The
 ORT-GenAI folder's `model.onnx` (its `genai_config.json` gives layers, KV heads, head size) runs in
 an onnxruntime.InferenceSession driven the way ORT-GenAI drives it: one IOBinding, each layer's
@@ -35,7 +39,8 @@ def _ints(text: str) -> list[int]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--engine", required=True, help="an `eigenkv build --backend ort` engine directory")
+    ap.add_argument("--engine", required=True, action="append",
+                    help="an `eigenkv build --backend ort` engine directory (repeat to compare engines)")
     ap.add_argument("--ortgenai", help="an ORT-GenAI model folder (tools/ortgenai_peer.py) run as a plain ORT graph")
     ap.add_argument("--sessions", type=int, default=3, help="sessions of --engine loaded side by side (default 3)")
     ap.add_argument("--contexts", type=_ints, default=[512], help="prompt tokens per sequence (default 512)")
@@ -49,7 +54,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("--sessions and --steps must be >= 1, --blocks >= 2, --threads >= 0")
     if min(args.contexts) < 1 or min(args.batches) < 1:
         ap.error("--contexts and --batches must be >= 1")
+    if len({Path(e).resolve().name for e in args.engine}) != len(args.engine):
+        ap.error("each --engine needs its own folder name (the sessions are labelled by it)")
     return args
+
+
+def _labels(engines: list[str], sessions: int) -> list[tuple[str, str]]:
+    """(label, engine) per session in load order: "ours #i" for one engine, "<folder> #i" for several."""
+    if len(engines) == 1:
+        return [(f"ours #{i + 1}", engines[0]) for i in range(sessions)]
+    return [(f"{Path(e).resolve().name} #{i + 1}", e) for e in engines for i in range(sessions)]
 
 
 class Ours:
@@ -118,7 +132,8 @@ def time_cell(args, folder, context: int, batch: int, order: str) -> dict:
     one or runs two blocks back to back)."""
     total = (args.blocks + 1) * args.steps
     ids = np.random.default_rng(0).integers(0, args.vocab, (batch, context))  # the same prompts for every session
-    makers = [(f"ours #{i + 1}", lambda: Ours(Path(args.engine), ids, total, args.threads)) for i in range(args.sessions)]
+    makers = [(name, lambda e=engine: Ours(Path(e), ids, total, args.threads))
+              for name, engine in _labels(args.engine, args.sessions)]
     if folder is not None:
         peer = ("ORT-GenAI graph", lambda: OrtGenaiGraph(folder, ids, total, args.threads))
         makers = [peer] + makers if order == "peer-first" else makers + [peer]
@@ -163,11 +178,16 @@ def main(argv=None) -> int:
     orders = ["ours-first", "peer-first"] if args.ortgenai else ["ours-first"]
     longest = max(args.contexts) + (args.blocks + 1) * args.steps + 1
     try:  # everything checked before the first session is timed
-        engine = load_engine(Path(args.engine), threads=1)
-        args.vocab = engine.vocab_size
-        if longest > engine.max_seq_len:
-            raise EigenError(f"context + decode steps ({longest} tokens) exceed the engine's max_seq_len {engine.max_seq_len}")
-        del engine
+        vocabs = set()
+        for path in args.engine:
+            engine = load_engine(Path(path), threads=1)
+            vocabs.add(engine.vocab_size)
+            if longest > engine.max_seq_len:
+                raise EigenError(f"context + decode steps ({longest} tokens) exceed {path}'s max_seq_len {engine.max_seq_len}")
+            del engine
+        if len(vocabs) != 1:
+            raise EigenError(f"the engines' vocabularies differ ({sorted(vocabs)}): not one checkpoint")
+        args.vocab = vocabs.pop()
         folder = read_folder(Path(args.ortgenai)) if args.ortgenai else None
         if folder is not None:
             if folder.vocab_size != args.vocab:
