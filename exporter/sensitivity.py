@@ -58,6 +58,8 @@ def measure(decoder: EigenDecoder, factors: list[LayerFactors], samples: torch.T
     ref = torch.log_softmax(decoder.head(inputs[-1]).float(), -1)
     kls = {"key": [], "value": []}
     probed = set(range(len(decoder.layers)) if layers is None else layers)
+    if not probed <= set(range(len(decoder.layers))):
+        raise ValueError(f"layers {sorted(probed)} out of range: the decoder has {len(decoder.layers)} layers")
     bar = tqdm(total=2 * len(probed), desc="sensitivity", unit="probe", disable=not progress)
     for i, layer in enumerate(decoder.layers):
         if i not in probed:

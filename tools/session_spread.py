@@ -1,13 +1,15 @@
 """How much of a decode-speed gap between two ONNX Runtime graphs is the sessions themselves:
-several sessions of the same engine, plus ORT-GenAI's graph run through plain ONNX Runtime, in
-one process, timed step by step in interleaved blocks, in two load orders.
+several sessions of the same engine (or of each of several engines), plus ORT-GenAI's graph run
+through plain ONNX Runtime, in one process, timed step by step in interleaved blocks, in two load
+orders.
 
     python tools/session_spread.py --engine out/engines/base --ortgenai out/ortgenai-smollm2-pruned \\
         --contexts 512,2048 --batches 1,8 --out docs/results/session_spread_smollm2
 
 `--engine` may be given several times (engines of one checkpoint, e.g. two builds of one export):
-each gets `--sessions` sessions, labelled by its folder name, in the same rotation, so an A/B of
-two graphs is measured against the spread of each one's own sessions.
+each gets `--sessions` sessions, labelled by its folder name and loaded interleaved (A #1, B #1,
+A #2, ...), in the same rotation, so an A/B of two graphs is measured against the spread of each
+one's own sessions.
 
 Ours runs through `eigenkv.engines.runtime.decode_step` (what `eigenkv run`/`bench` time). The
 ORT-GenAI folder's `model.onnx` (its `genai_config.json` gives layers, KV heads, head size) runs in
@@ -42,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--engine", required=True, action="append",
                     help="an `eigenkv build --backend ort` engine directory (repeat to compare engines)")
     ap.add_argument("--ortgenai", help="an ORT-GenAI model folder (tools/ortgenai_peer.py) run as a plain ORT graph")
-    ap.add_argument("--sessions", type=int, default=3, help="sessions of --engine loaded side by side (default 3)")
+    ap.add_argument("--sessions", type=int, default=3, help="sessions of each --engine loaded side by side (default 3)")
     ap.add_argument("--contexts", type=_ints, default=[512], help="prompt tokens per sequence (default 512)")
     ap.add_argument("--batches", type=_ints, default=[1], help="sequences per step (default 1)")
     ap.add_argument("--blocks", type=int, default=10, help="timed blocks per session (default 10)")
@@ -60,10 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _labels(engines: list[str], sessions: int) -> list[tuple[str, str]]:
-    """(label, engine) per session in load order: "ours #i" for one engine, "<folder> #i" for several."""
+    """(label, engine) per session in load order: "ours #i" for one engine, "<folder> #i" for
+    several, interleaved (A #1, B #1, A #2, B #2, ...) so no engine is always loaded first."""
     if len(engines) == 1:
         return [(f"ours #{i + 1}", engines[0]) for i in range(sessions)]
-    return [(f"{Path(e).resolve().name} #{i + 1}", e) for e in engines for i in range(sessions)]
+    return [(f"{Path(e).resolve().name} #{i + 1}", e) for i in range(sessions) for e in engines]
 
 
 class Ours:
