@@ -43,7 +43,9 @@ Runtime's CPU provider), all exact against the op's reference math:
 - `function`: leave the node (ONNX Runtime inlines the op's function).
 
 Around attention (`rewrite_file`): RMSNorms become SimplifiedLayerNormalization (`fuse_rms_norms`)
-and each with its residual Add SkipSimplifiedLayerNormalization (`fuse_skip_norms`).
+and each with its residual Add SkipSimplifiedLayerNormalization (`fuse_skip_norms`); the MatMuls
+of one input by constant weights (an MLP's gate and up, a non-GQA layer's query, key and value
+projections) become one packed MatMul and a Split (`pack_siblings`).
 
 Why masking by slot index is exact: the op masks slot j for a query when pos(j) > pos(query) or
 j is past the valid slots. Every cached slot holds a token of an earlier step (eviction moves
@@ -667,7 +669,9 @@ def _weight(g: _Graph, name: str, base_dir: Path | None) -> np.ndarray | None:
         return None
     if init.data_location == TensorProto.EXTERNAL and base_dir is None:
         return None
-    return numpy_helper.to_array(init, base_dir=str(base_dir) if base_dir is not None else "")
+    copy = TensorProto()  # (some onnx versions load external data into the tensor they read)
+    copy.CopyFrom(init)
+    return numpy_helper.to_array(copy, base_dir=str(base_dir) if base_dir is not None else "")
 
 
 def pack_qkv(model: onnx.ModelProto, base_dir: Path | None = None) -> int:
@@ -708,6 +712,49 @@ def pack_qkv(model: onnx.ModelProto, base_dir: Path | None = None) -> int:
         del model.graph.node[:]
         model.graph.node.extend(nodes)
         model.graph.initializer.extend(g.new_inits)
+    return sum(1 for v in replace.values() if v)
+
+
+def pack_siblings(model: onnx.ModelProto, base_dir: Path | None = None) -> int:
+    """Each group of two or more MatMul(x, W_i) of one x by constant float32 [D, N_i] weights (an
+    MLP's gate and up projections; a `pre` layer's query, rank-r key and value projections) becomes
+    one MatMul(x, [W_1 | W_2 | ...]) and a Split of its last axis into the original outputs (same
+    names, so every reader is unchanged) -> how many groups. A decode step then launches one GEMV
+    per group instead of one per weight. Exact: every output column is the same dot product over
+    x's row. The packed weights are new (embedded) initializers; `base_dir` is where external
+    weights are read from. Top-level graph only; run after `pack_qkv` (GQA reads its packing
+    without a Split)."""
+    if next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0) < 13:
+        return 0  # Split's sizes as an input: opset 13+
+    g = _Graph(model)
+    groups: dict[str, list] = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and len(node.input) == 2 \
+                and node.input[1] in g.inits and node.input[1] not in g.graph_inputs:  # (not overridable)
+            groups.setdefault(node.input[0], []).append(node)
+    replace: dict[int, list] = {}
+    for x, mms in groups.items():
+        if len(mms) < 2:
+            continue
+        weights = [_weight(g, m.input[1], base_dir) for m in mms]
+        mms = [m for m, w in zip(mms, weights) if w is not None]
+        weights = [w for w in weights if w is not None]
+        if len(mms) < 2 or len({w.shape[0] for w in weights}) != 1:
+            continue
+        name = mms[0].output[0] + "/packed"  # (output names are unique; node names may be empty)
+        packed = g.const(name, np.concatenate(weights, axis=1), np.float32)
+        sizes = g.const(f"split_{'_'.join(str(w.shape[1]) for w in weights)}", [w.shape[1] for w in weights])
+        replace[id(mms[0])] = [helper.make_node("MatMul", [x, packed], [name], name=name),
+                               helper.make_node("Split", [name, sizes], [m.output[0] for m in mms],
+                                                name=name + "/split", axis=-1)]
+        for m in mms[1:]:
+            replace[id(m)] = []
+    if replace:
+        nodes = [new for node in model.graph.node for new in replace.get(id(node), [node])]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        model.graph.initializer.extend(init for init in g.new_inits if init.name not in
+                                       {i.name for i in model.graph.initializer})
     return sum(1 for v in replace.values() if v)
 
 
@@ -821,10 +868,12 @@ def _tidy_imports(model: onnx.ModelProto) -> None:
 
 
 def rewrite_file(src: Path, tmp: Path, rope_mode: RopeMode | str, remedy: str = "") -> tuple[Path | None, dict]:
-    """The graph at `src` rewritten (`rewrite`) and saved in the folder `tmp` -> (its path, or None
-    when no layer changed; the report). The copy's weights stay in the export's data files, hard-linked
-    into `tmp` (copied across file systems); only the RoPE tables the rewrite slices are read."""
-    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+    """The graph at `src` rewritten (`rewrite`, the norm fusions, `pack_qkv`, `pack_siblings`) and
+    saved in the folder `tmp` -> (its path, or None when nothing changed; the report). The copy's
+    weights stay in the export's data files, hard-linked into `tmp` (copied across file systems);
+    read from them are the RoPE tables the rewrite slices and the projection weights it packs, and
+    the packed weights (new) go to `tmp/<src name>.packed.data`."""
+    from onnx.external_data_helper import load_external_data_for_tensor, set_external_data, uses_external_data
 
     from eigenkv.errors import EigenError
     try:
@@ -849,7 +898,8 @@ def rewrite_file(src: Path, tmp: Path, rope_mode: RopeMode | str, remedy: str = 
     report["rms_norms_fused"] = fuse_rms_norms(model)
     report["skip_norms_fused"] = fuse_skip_norms(model)
     report["qkv_packed"] = pack_qkv(model, src.parent)
-    if set(report["layers"]) <= {FUNCTION} and not report["rms_norms_fused"]:
+    report["matmuls_packed"] = pack_siblings(model, src.parent)
+    if set(report["layers"]) <= {FUNCTION} and not (report["rms_norms_fused"] or report["matmuls_packed"]):
         return None, report
     for location in locations:  # relative to the graph: the export's data files beside the copy, hard-linked
         target, data = tmp / location, (src.parent / location).resolve()  # (ORT refuses symlinks out of its folder)
@@ -858,6 +908,12 @@ def rewrite_file(src: Path, tmp: Path, rope_mode: RopeMode | str, remedy: str = 
             os.link(data, target)
         except OSError:  # another file system: copy
             shutil.copyfile(data, target)
+    # the packed weights (new, embedded) go to a data file of their own beside the copy (a model's packed
+    # MLP weights alone can pass protobuf's 2 GB limit); the export's external tensors stay as they are
+    packed_data = src.name + ".packed.data"
+    for init in model.graph.initializer:
+        if init.HasField("raw_data") and len(init.raw_data) >= 1 << 16:
+            set_external_data(init, packed_data)
     path = tmp / src.name
     onnx.save_model(model, str(path))
     return path, report

@@ -73,11 +73,18 @@ def test_rewrite_is_recorded_and_the_export_keeps_the_op(built):
     report = runtime["attention_rewrite"]
     assert report["rms_norms_fused"] == 2 * 3 + 1 and report["skip_norms_fused"] == 2 * 3
     assert "Pow" not in ops and "Reciprocal" not in ops
+    # sibling projections of one input packed (`pack_siblings`): each layer's gate and up, and a
+    # rows (`pre`) or Attention (`joint`) layer's query, key and value (GQA layers pack those as its input)
+    packed = {"rotated": 3, "pre": 6, "joint": 6, "mixed": 4}[mode]
+    assert report["matmuls_packed"] == packed
+    splits = [n for n in engine_graph.graph.node if n.name.endswith("/packed/split")]
+    assert len(splits) == packed
     counts = Counter(n.op_type for n in engine_graph.graph.node)
     assert counts["SkipSimplifiedLayerNormalization"] == 2 * 3 and counts["SimplifiedLayerNormalization"] == 1
     if mode == "rotated":  # RoPE inside GQA (position_ids), packed QKV projection, no head splits
         gqa = [n for n in engine_graph.graph.node if n.op_type == "GroupQueryAttention"]
-        assert report["qkv_packed"] == 3 and counts["MatMul"] == 5 * 3 + 1
+        # per layer: qkv (GQA's packed input), o_proj, gate+up (one MatMul and a Split), down_proj; the LM head
+        assert report["qkv_packed"] == 3 and counts["MatMul"] == 4 * 3 + 1
         for n in gqa:
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
             assert attrs["do_rotary"] == 1 and n.input[1] == n.input[2] == "" and n.input[9] == "position_ids"
@@ -338,3 +345,53 @@ def test_rms_norm_fusion_matches_float64_and_only_takes_the_exact_pattern():
     assert np.abs(got - expected).max() < 1e-5  # float32 round-off
     cubed, _ = _rms_norm_graph(3.0)
     assert ort_fused.fuse_rms_norms(cubed) == 0 and len(cubed.graph.node) == 7
+
+
+def test_sibling_matmuls_pack_into_one_and_match_float64(tmp_path):
+    """MatMuls of one x by constant weights (here of widths 5, 3, 4) become one MatMul and a Split
+    into the same output names; a MatMul by a computed tensor and one of another x are left. Checked against float64 numpy; external weights are read from
+    `base_dir`."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.external_data_helper import convert_model_to_external_data
+    rng = np.random.default_rng(3)
+    w = {n: rng.normal(size=s).astype(np.float32) for n, s in
+         {"w1": (8, 5), "w2": (8, 3), "w3": (8, 4), "w5": (8, 2)}.items()}
+    vi = helper.make_tensor_value_info
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"]), helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("MatMul", ["r", "w5"], ["e"]),  # another x: alone, left
+             helper.make_node("MatMul", ["x", "w2"], ["b"]), helper.make_node("MatMul", ["x", "y"], ["c"]),
+             helper.make_node("MatMul", ["x", "w3"], ["d"])]
+    outputs = [vi(n, TensorProto.FLOAT, None) for n in "abcde"]
+    graph = helper.make_graph(nodes, "siblings", [vi("x", TensorProto.FLOAT, ["B", "S", 8]), vi("y", TensorProto.FLOAT, [8, 7])],
+                              outputs, [numpy_helper.from_array(v, k) for k, v in w.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    convert_model_to_external_data(model, location="w.data", size_threshold=0)
+    onnx.save_model(model, str(tmp_path / "m.onnx"))
+    model = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    assert ort_fused.pack_siblings(model, tmp_path) == 1
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MatMul") == 3 and ops.count("Split") == 1
+    split = next(n for n in model.graph.node if n.op_type == "Split")
+    assert list(split.output) == ["a", "b", "d"]
+    onnx.save_model(model, str(tmp_path / "packed.onnx"))
+    x, y = rng.normal(size=(2, 3, 8)).astype(np.float32), rng.normal(size=(8, 7)).astype(np.float32)
+    got = ort.InferenceSession(str(tmp_path / "packed.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x, "y": y})
+    x64 = x.astype(np.float64)
+    expected = [x64 @ w["w1"], x64 @ w["w2"], x64 @ y, x64 @ w["w3"], np.maximum(x64, 0) @ w["w5"]]
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape and np.abs(g - e).max() < 1e-5  # float32 round-off
+    unread = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    assert ort_fused.pack_siblings(unread) == 0  # external weights and no base_dir: nothing to read, left
+    # two groups sharing a weight, unnamed nodes: each group gets its own packed weight and name
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"]), helper.make_node("MatMul", ["x", "w2"], ["b"]),
+             helper.make_node("Relu", ["x"], ["r"]), helper.make_node("MatMul", ["r", "w1"], ["c"]),
+             helper.make_node("MatMul", ["r", "w3"], ["d"])]
+    graph = helper.make_graph(nodes, "shared", [vi("x", TensorProto.FLOAT, ["B", 8])],
+                              [vi(n, TensorProto.FLOAT, None) for n in "abcd"], [numpy_helper.from_array(w[k], k) for k in ("w1", "w2", "w3")])
+    shared = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert ort_fused.pack_siblings(shared) == 2 and [n.op_type for n in shared.graph.node].count("MatMul") == 2
+    got = ort.InferenceSession(shared.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x[0]})
+    x64, r64 = x[0].astype(np.float64), np.maximum(x[0].astype(np.float64), 0)
+    for g, e in zip(got, [x64 @ w["w1"], x64 @ w["w2"], r64 @ w["w1"], r64 @ w["w3"]]):
+        assert np.abs(g - e).max() < 1e-5
