@@ -19,6 +19,7 @@ from pathlib import Path
 
 from eigenkv import __version__
 from eigenkv.errors import EigenError
+from eigenkv.malloc import tune_malloc
 
 DESCRIPTION = """\
 Shrink a decoder LLM's KV cache: calibrate on text, find low-rank projections of each layer's
@@ -535,6 +536,7 @@ def _run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     except ValueError:  # not the main thread: leave signals alone
         pass
     name = parser.prog.split()[0]  # eigenkv or export-eigen
+    tune_malloc()  # keep freed tensor memory in the heap (eigenkv/malloc.py; EIGENKV_MALLOC=default turns it off)
     try:
         return args.func(args)
     except EigenError as e:

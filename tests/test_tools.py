@@ -101,6 +101,24 @@ def test_bench_op(workdir):
     assert _table(run.stdout) == table
 
 
+def test_bench_malloc(workdir):
+    run = _tool("bench_malloc.py", "--rounds", "1", "--out", "malloc/bench", "--", "compress", "-o", "{tmp}/c",
+                "--kv-ratio", "0.5", "--model", "llama", "--calib-text", "calib.txt", "--calib-samples", "2",
+                "--calib-seq-len", "32", "--eval-tokens", "64", "--eval-window", "32", *QUIET, cwd=workdir)
+    meta = json.loads((workdir / "malloc" / "bench.json").read_text())
+    assert set(meta) == {"command", "eigenkv_command", "machine", "load_average_1min", "runs", "median"}
+    assert meta["eigenkv_command"].startswith("eigenkv compress -o '{tmp}/c' --kv-ratio 0.5 --model llama")
+    assert [r["malloc"] for r in meta["runs"]] == ["default", "tuned"]  # round 1: A B
+    for r in meta["runs"]:
+        assert r["wall_s"] > 0 and r["user_s"] > 0 and r["minor_faults"] > 0 and r["peak_rss_mib"] > 0
+        assert meta["median"][r["malloc"]] == {k: v for k, v in r.items() if k != "malloc"}  # one run each
+    table = _table((workdir / "malloc" / "bench.md").read_text())
+    assert [row[:2] for row in table[2:]] == [["1", "default"], ["2", "tuned"], ["median", "default"],
+                                              ["median", "tuned"]]
+    assert _table(run.stdout) == table
+    assert not list(workdir.glob("c")) and not (workdir / "{tmp}").exists()  # outputs went to the removed temp folders
+
+
 def test_method_table(workdir):
     run = _tool("method_table.py", *SMALL, *QUIET, "--ratios", "0.5", "--methods", "eigen,loss-aware",
                 "--joint-methods", "loss-aware-shared", "--heal-steps", "1", "--heal-methods", "loss-aware",
