@@ -12,15 +12,19 @@ import sys
 
 import pytest
 
-from eigenkv.malloc import tune_malloc
+from eigenkv.malloc import not_tunable, tune_malloc
 
 GLIBC = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
 
 
 def test_opt_out_and_user_settings_win():
-    assert tune_malloc({"EIGENKV_MALLOC": "default"}) == "default (EIGENKV_MALLOC=default)"
-    assert tune_malloc({"MALLOC_TOP_PAD_": "0"}).startswith("default (malloc settings")
+    for value in ("default", "off", "0", "OFF"):
+        assert tune_malloc({"EIGENKV_MALLOC": value}) == f"default (EIGENKV_MALLOC={value})"
+    assert tune_malloc({"MALLOC_TOP_PAD_": "0"}) == "default (malloc settings from the environment)"
     assert tune_malloc({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}).startswith("default (malloc settings")
+    # settings of other knobs do not conflict (meson sets MALLOC_PERTURB_ for its tests)
+    assert not_tunable({"MALLOC_PERTURB_": "1", "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}) in (None, "not glibc")
+    assert not_tunable({"EIGENKV_MALLOC": "tuned"}) in (None, "not glibc")
 
 
 @pytest.mark.skipif(not GLIBC, reason="mallopt(3) settings are glibc's; other C libraries are left alone")
@@ -33,7 +37,7 @@ def test_tuned_on_glibc():
 # keeps it after the free (trim threshold 1 GiB). mallinfo2 (glibc >= 2.33) reports both.
 _BLOCK = """
 import ctypes, sys
-from eigenkv.malloc import tune_malloc
+from eigenkv.malloc import not_tunable, tune_malloc
 assert sys.argv[1] == "default" or tune_malloc({}) == "tuned"
 libc = ctypes.CDLL("libc.so.6")
 class Info(ctypes.Structure):
@@ -51,7 +55,8 @@ print(mapped, libc.mallinfo2().arena)
                     reason="needs glibc's mallopt(3) and mallinfo2 (glibc >= 2.33)")
 def test_settings_take_effect_in_a_fresh_process():
     def run(mode: str) -> tuple[int, int]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "EIGENKV_MALLOC"}
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("MALLOC_") and k not in ("EIGENKV_MALLOC", "GLIBC_TUNABLES", "PYTHONMALLOC")}
         out = subprocess.run([sys.executable, "-c", _BLOCK, mode], capture_output=True, text=True, check=True, env=env)
         mapped, heap = map(int, out.stdout.split())
         return mapped, heap

@@ -447,6 +447,9 @@ def test_peak_memory(workdir, oracle_engine, capsys):
     none, evict = result["rows"]
     assert (none["setting"], evict["setting"]) == ("none", "evict") and 150 <= result["prompt_tokens_max"] <= 250
     assert none["kv_bytes"] > evict["kv_bytes"] > 0
+    from eigenkv.malloc import not_tunable
+    reason = not_tunable()
+    assert result["malloc"] == ("tuned by eigenkv/malloc.py" if reason is None else f"glibc default ({reason})")
     assert 50 < none["peak_rss_mib"] < 20_000 and 50 < evict["peak_rss_mib"] < 20_000  # a plausible process size, read by the child
     assert _table(out.with_suffix(".md").read_text())[0][2] == "peak RSS MiB"
     capsys.readouterr()

@@ -1,12 +1,14 @@
 """What eigenkv/malloc.py's glibc settings buy: one eigenkv command run in fresh processes with
 glibc's default malloc (EIGENKV_MALLOC=default) and with the tuned one, alternated (A B B A ...),
 each timed with its own rusage (os.wait4): wall, user and kernel CPU seconds, minor page faults,
-peak RSS. Prints a markdown table and writes JSON + md.
+peak RSS (ru_maxrss: the child's, which on Linux starts at this small parent's RSS). The children
+get an environment without MALLOC_*, GLIBC_TUNABLES or PYTHONMALLOC, so "tuned" runs are tuned
+(checked before the first run). Prints a markdown table and writes JSON + md.
 
     python tools/bench_malloc.py --rounds 2 --out docs/results/bench_malloc_compress
     python tools/bench_malloc.py -- compress -o {tmp}/c --kv-ratio 0.5 --eval-tokens 0 --heal-steps 10
 
-`{tmp}` in the command is replaced by a fresh temporary folder per run (removed afterwards).
+`{tmp}` in the command is replaced by a fresh, empty temporary folder per run (removed afterwards).
 """
 
 from __future__ import annotations
@@ -23,26 +25,32 @@ import tempfile
 import time
 from pathlib import Path
 
+from eigenkv.malloc import not_tunable
+
 DEFAULT = ["compress", "-o", "{tmp}/c", "--kv-ratio", "0.5", "--eval-tokens", "0", "--no-progress"]
+
+
+def child_env(tuned: bool) -> dict:
+    """The environment of one run: ours without anything that sets malloc, plus the opt-out for A."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MALLOC_") and k not in ("EIGENKV_MALLOC", "GLIBC_TUNABLES", "PYTHONMALLOC")}
+    if not tuned:
+        env["EIGENKV_MALLOC"] = "default"
+    return env
 
 
 def run_once(argv: list[str], tuned: bool) -> dict:
     """One `python -m eigenkv.cli ARGV` in a fresh process; its own rusage via os.wait4."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "EIGENKV_MALLOC"}
-    if not tuned:
-        env["EIGENKV_MALLOC"] = "default"
-    with tempfile.TemporaryDirectory(prefix="bench_malloc_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench_malloc_") as tmp, tempfile.TemporaryFile("w+") as log:
         cmd = [sys.executable, "-m", "eigenkv.cli"] + [a.replace("{tmp}", tmp) for a in argv]
-        with open(Path(tmp) / "log", "w+") as log:
-            t0 = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-            _, status, ru = os.wait4(proc.pid, 0)
-            wall = time.perf_counter() - t0
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            if proc.returncode != 0:
-                log.seek(0)
-                tail = log.read()[-2000:]
-                raise SystemExit(f"bench_malloc: `{shlex.join(cmd)}` exited {proc.returncode}:\n{tail}")
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(tuned))
+        _, status, ru = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            log.seek(0)
+            raise SystemExit(f"bench_malloc: `{shlex.join(cmd)}` exited {proc.returncode}:\n{log.read()[-2000:]}")
     return {"malloc": "tuned" if tuned else "default", "wall_s": round(wall, 2), "user_s": round(ru.ru_utime, 2),
             "sys_s": round(ru.ru_stime, 2), "minor_faults": ru.ru_minflt, "peak_rss_mib": ru.ru_maxrss // 1024}
 
@@ -56,7 +64,12 @@ def main() -> int:
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
-    argv = [a for a in args.command if a != "--"] or DEFAULT
+    argv = (args.command[1:] if args.command[:1] == ["--"] else args.command) or DEFAULT
+    for tuned in (False, True):  # what eigenkv/malloc.py will decide in the children
+        reason = not_tunable(child_env(tuned))
+        if (reason is None) != tuned:
+            ap.error(f"cannot compare: glibc malloc would be left alone in the tuned runs ({reason})" if tuned
+                     else "cannot compare: EIGENKV_MALLOC=default is not honoured")
     load0 = os.getloadavg()
     runs = []
     for i in range(args.rounds):

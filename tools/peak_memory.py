@@ -136,9 +136,12 @@ def main(argv=None) -> int:
                      "kv_bytes": kv, "kv_mib": round(kv / 2**20, 1)})
         print(json.dumps(rows[-1]), flush=True)
     command = "python tools/peak_memory.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    from eigenkv.malloc import not_tunable
+    reason = not_tunable()  # what the children's CLI did with glibc malloc (eigenkv/malloc.py)
+    malloc = "tuned by eigenkv/malloc.py" if reason is None else f"glibc default ({reason})"
     result = {"command": command, "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, "
               f"{platform.platform()}", "batch": args.batch, "context": args.context, "prompt_tokens_max": width,
-              "rows": rows}
+              "malloc": malloc, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     from eigenkv.artifacts import atomic_path, write_json
@@ -149,7 +152,7 @@ def main(argv=None) -> int:
               for r in rows]
     with atomic_path(Path(f"{out}.md")) as tmp:
         tmp.write_text(f"Command: `{command}` on {result['machine']}; batch {args.batch}, prompts of about "
-                       f"{args.context} tokens (longest {width}).\n\n" + "\n".join(lines) + "\n")
+                       f"{args.context} tokens (longest {width}); malloc: {malloc}.\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
