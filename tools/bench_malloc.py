@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from eigenkv.artifacts import atomic_path, write_json
 from eigenkv.malloc import not_tunable
 
 DEFAULT = ["compress", "-o", "{tmp}/c", "--kv-ratio", "0.5", "--eval-tokens", "0", "--no-progress"]
@@ -94,9 +95,10 @@ def main() -> int:
                 "load_average_1min": [load0[0], load1[0]], "runs": runs, "median": med}
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
-        out.with_suffix(".md").write_text(f"Command: `{meta['command']}` on {meta['machine']}.\n"
-                                          f"Each run: `{meta['eigenkv_command']}` in a fresh process.\n\n{table}\n")
+        write_json(out.with_suffix(".json"), meta)
+        with atomic_path(out.with_suffix(".md")) as tmp:
+            tmp.write_text(f"Command: `{meta['command']}` on {meta['machine']}.\n"
+                           f"Each run: `{meta['eigenkv_command']}` in a fresh process.\n\n{table}\n")
     return 0
 
 
