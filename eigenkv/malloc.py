@@ -18,8 +18,8 @@ cost: freed memory stays with the process, up to the trim threshold per malloc a
 one and one per thread that allocates), plus whatever fragmentation keeps below live blocks;
 heaps grow in steps of at least the top pad (address space; pages count once touched). PyTorch's
 CPU performance guide makes the same diagnosis and suggests jemalloc or tcmalloc through
-LD_PRELOAD; these settings need nothing installed. Only the `eigenkv` and `export-eigen`
-commands call it; EIGENKV_MALLOC=default (or off, 0) turns it off.
+LD_PRELOAD; these settings need nothing installed. The `eigenkv` and `export-eigen` commands and
+the quality tools under tools/ call it; EIGENKV_MALLOC=default (or off, 0) turns it off.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ OPT_OUT = "EIGENKV_MALLOC"  # EIGENKV_MALLOC=default (or off, 0) leaves glibc's 
 USER_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 USER_TUNABLES = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold", "glibc.malloc.top_pad",
                  "glibc.malloc.mmap_max")
+_MODE: str | None = None  # what tune_malloc did in this process (None: not called)
 
 
 def not_tunable(environ=None) -> str | None:
@@ -62,6 +63,18 @@ def tune_malloc(environ=None) -> str:
     mallopt unavailable or refusing the mmap threshold, in which case nothing else is set). Never
     raises.
     """
+    global _MODE
+    _MODE = _tune(environ)
+    return _MODE
+
+
+def malloc_mode() -> str:
+    """What this process's malloc runs with, for result files: the answer of the last
+    `tune_malloc` call, or "default (not tuned in this process)"."""
+    return _MODE or "default (not tuned in this process)"
+
+
+def _tune(environ) -> str:
     reason = not_tunable(environ)
     if reason:
         return f"default ({reason})"

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from eigenkv.malloc import not_tunable, tune_malloc
+from eigenkv.malloc import malloc_mode, not_tunable, tune_malloc
 
 GLIBC = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
 
@@ -30,6 +30,15 @@ def test_opt_out_and_user_settings_win():
 @pytest.mark.skipif(not GLIBC, reason="mallopt(3) settings are glibc's; other C libraries are left alone")
 def test_tuned_on_glibc():
     assert tune_malloc({}) == "tuned"
+    assert malloc_mode() == "tuned"
+
+
+def test_malloc_mode_records_what_this_process_did():
+    # what the tools write beside the machine in their result files
+    code = ("from eigenkv.malloc import malloc_mode, tune_malloc; print(malloc_mode()); "
+            "tune_malloc({'EIGENKV_MALLOC': 'off'}); print(malloc_mode())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["default (not tuned in this process)", "default (EIGENKV_MALLOC=off)"]
 
 
 # A fresh interpreter allocates and frees one 8 MiB block. glibc's defaults map it (the dynamic mmap

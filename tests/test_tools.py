@@ -120,6 +120,13 @@ def test_bench_malloc(workdir):
     assert failed.returncode == 1 and "exited 2" in failed.stderr and "--kv-ratio" in failed.stderr  # the child's error
 
 
+def _assert_malloc_recorded(machine: str):
+    """The quality tools tune malloc as the CLI does and say so beside the machine (eigenkv/malloc.py)."""
+    from eigenkv.malloc import not_tunable
+    reason = not_tunable()  # the tools' environment is this process's
+    assert machine.endswith(", malloc tuned" if reason is None else f", malloc default ({reason})"), machine
+
+
 def test_method_table(workdir):
     run = _tool("method_table.py", *SMALL, *QUIET, "--ratios", "0.5", "--methods", "eigen,loss-aware",
                 "--joint-methods", "loss-aware-shared", "--heal-steps", "1", "--heal-methods", "loss-aware",
@@ -128,6 +135,7 @@ def test_method_table(workdir):
     assert set(meta) == {"command", "machine", "model", "calibration", "evaluation", "seconds", "rows"}
     assert meta["evaluation"]["tokens_scored"] == SCORED and meta["evaluation"]["window"] == 32
     assert meta["calibration"].startswith("calib.txt (first half of the file), 2 x 32 tokens")
+    _assert_malloc_recorded(meta["machine"])
     rows = meta["rows"]
     assert [(r["method"], r["allocation"], r["healing_steps"]) for r in rows] == [
         ("original", "-", 0), ("eigen", "loss", 0), ("eigen", "energy", 0), ("loss-aware", "loss", 0),
@@ -160,6 +168,7 @@ def test_quality_table(workdir):
         ("calib.txt:1", "loss-aware", False), ("calib.txt:1", "loss-aware", True),
         ("calib.txt:0.25,other.txt:0.75", "loss-aware", False), ("calib.txt:0.25,other.txt:0.75", "loss-aware", True)]
     assert meta["evaluation"]["tokens_scored"] == {"calib.txt": 62, "other.txt": 62}
+    _assert_malloc_recorded(meta["machine"])
     for r in rows:
         assert set(r["ppl"]) == {"calib.txt", "other.txt"} and all(v > 1 for v in r["ppl"].values())
         assert r["cloze"] is not None and 0 <= r["cloze"]["other.txt"] <= 1  # every row here is at the cloze ratio
@@ -423,6 +432,7 @@ def test_longctx_table(workdir, oracle_engine):
           "--threads", "1", "--out", "longctx/result", cwd=workdir)
     result = json.loads((workdir / "longctx" / "result.json").read_text())
     rows = [(r["policy"], r["keep"], r["pool"]) for r in result["rows"]]
+    _assert_malloc_recorded(result["machine"])
     assert rows == [("none", 1.0, 1), ("key-norm", 0.5, 1), ("key-norm", 0.5, 3)]
     kv = [r["kv_bytes_longest_context"] for r in result["rows"]]
     assert kv[0] > kv[1] == kv[2] and all(r["ppl"] > 1 for r in result["rows"])

@@ -94,6 +94,19 @@ def ensure_model(workdir, family):
 
 
 _EXPORTS: dict = {}  # (family, graph name, options, calibration text) -> folder of a successful export
+_EXPORT_CACHE = None  # tempfile.TemporaryDirectory holding those folders; removed at interpreter exit
+
+
+def _export_cache_dir():
+    """A fresh folder for one cached export, inside one temporary directory per test session
+    that is deleted when the interpreter exits (a plain mkdtemp per export left ~1 MB per export
+    in the system temp folder after every run of the suite)."""
+    import tempfile
+    from pathlib import Path
+    global _EXPORT_CACHE
+    if _EXPORT_CACHE is None:
+        _EXPORT_CACHE = tempfile.TemporaryDirectory(prefix="eigenkv-tiny-exports-")
+    return Path(tempfile.mkdtemp(dir=_EXPORT_CACHE.name))
 
 
 def export_tiny(workdir, family, out, *extra):
@@ -101,7 +114,6 @@ def export_tiny(workdir, family, out, *extra):
     (same family, graph name, options and calibration text; tiny models are seeded) are made once
     per test session and copied: the suite exports the same engine for several test modules."""
     import shutil
-    import tempfile
     from pathlib import Path
     model = ensure_model(workdir, family)
     out = Path(out)
@@ -115,7 +127,7 @@ def export_tiny(workdir, family, out, *extra):
     code = main(["export", str(out), "--model", str(model), "--calib-text", str(workdir / "calib.txt"),
                  "--calib-samples", "4", "--calib-seq-len", "32", "--eval-tokens", "0", "--no-progress", *extra])
     if code == 0 and not any(a in ("--force", "--projections") for a in extra):
-        keep = Path(tempfile.mkdtemp(prefix="eigenkv-tiny-export-"))
+        keep = _export_cache_dir()
         for f in out.parent.glob(out.stem + ".*"):
             shutil.copyfile(f, keep / f.name)
         _EXPORTS[key] = keep

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from eigenkv.malloc import malloc_mode, tune_malloc
+
 SCORERS = ("key-norm", "plain", "oracle")
 
 
@@ -136,7 +138,7 @@ def run(args) -> dict:
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "records"}), flush=True)
     return {"command": "python tools/evict_oracle.py " + shlex.join(sys.argv[1:]), "engine": str(args.engine),
             "key_ranks": list(engine.layout.key_ranks), "value_ranks": list(engine.layout.value_ranks),
-            "eviction": settings.to_json(), "machine": f"{platform.machine()} CPU, {platform.platform()}",
+            "eviction": settings.to_json(), "machine": f"{platform.machine()} CPU, {platform.platform()}, malloc {malloc_mode()}",
             "rows": rows}
 
 
@@ -157,6 +159,7 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     from eigenkv.errors import EigenError
     args = parse_args(argv)
+    tune_malloc()  # as the eigenkv commands do (eigenkv/malloc.py); recorded with the machine
     try:
         result = run(args)
     except EigenError as e:

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from eigenkv.malloc import malloc_mode, tune_malloc
+
 
 def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",")]
@@ -127,6 +129,7 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    tune_malloc()  # as the eigenkv commands do (eigenkv/malloc.py); recorded with the machine
     from transformers import AutoTokenizer
 
     from eigenkv.engines.eviction import DEFAULT_POOL
@@ -148,7 +151,7 @@ def main(argv=None) -> int:
         print(f"longctx_table: error: {e}", file=sys.stderr)
         return 2
     command = "python tools/longctx_table.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    result = {"command": command, "machine": f"{platform.machine()} CPU, {platform.platform()}",
+    result = {"command": command, "machine": f"{platform.machine()} CPU, {platform.platform()}, malloc {malloc_mode()}",
               "settings": {k: v for k, v in vars(args).items() if k != "engine"}, "engines": dict(engines),
               "tasks": len(tasks), "rows": rows}
     out = Path(args.out)

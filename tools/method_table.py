@@ -28,6 +28,7 @@ from eigenkv.exporter.heal import HealSettings, heal
 from eigenkv.exporter.methods import get_method, method_factors
 from eigenkv.exporter.perplexity import perplexity
 from eigenkv.exporter.pipeline import CompressConfig, load_for_tables
+from eigenkv.malloc import malloc_mode, tune_malloc
 
 METHODS = "eigen,query-aware-keys,output-aware-values,loss-aware-shared,loss-aware"
 
@@ -51,6 +52,7 @@ def main() -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", default="docs/results/method_table_smollm2")
     args = ap.parse_args()
+    tune_malloc()  # as the eigenkv commands do (eigenkv/malloc.py); recorded with the machine
     torch.manual_seed(0)
     config = CompressConfig(model=args.model, calib_text=args.calib_text, calib_samples=args.calib_samples,
                             calib_seq_len=args.calib_seq_len, eval_texts=tuple(args.eval_texts.split(",")),
@@ -115,7 +117,7 @@ def main() -> int:
     print(table)
     tokens = {n: base[n].tokens for n in names}
     meta = {"command": "python " + " ".join(sys.argv),
-            "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads",
+            "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, malloc {malloc_mode()}",
             "model": source.label,
             "calibration": f"{config.calib_text} (first half of the file), {args.calib_samples} x "
                            f"{config.calib_seq_len} tokens; healing draws 2 x {min(256, config.calib_seq_len)}-token "

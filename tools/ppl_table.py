@@ -24,6 +24,7 @@ from eigenkv.exporter.decompose import decompose
 from eigenkv.exporter.fold import fold
 from eigenkv.exporter.perplexity import perplexity
 from eigenkv.exporter.pipeline import CompressConfig, load_for_tables
+from eigenkv.malloc import malloc_mode, tune_malloc
 
 
 class _Both:
@@ -57,6 +58,7 @@ def main() -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", default="docs/results/ppl_table_smollm2")
     args = ap.parse_args()
+    tune_malloc()  # as the eigenkv commands do (eigenkv/malloc.py); recorded with the machine
     torch.manual_seed(0)
     config = CompressConfig(model=args.model, calib_text=args.calib_text, calib_samples=args.calib_samples,
                             calib_seq_len=args.calib_seq_len, eval_texts=tuple(args.eval_texts.split(",")),
@@ -109,7 +111,7 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     tokens = {n: base_ppl[n].tokens for n in names}
-    meta = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads",
+    meta = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, malloc {malloc_mode()}",
             "model": source.label, "calibration": f"{config.calib_text} (first half of the file), "
                                                   f"{args.calib_samples} x {config.calib_seq_len} tokens",
             "evaluation": {"texts": eval_sources(config), "tokens_scored": tokens, "window": window},

@@ -34,6 +34,7 @@ from eigenkv.exporter.pipeline import CompressConfig, heal_window
 from eigenkv.exporter.sources import load_model, read_text, resolve_model, tokenize
 from eigenkv.exporter.texts import mix_label, split_texts
 from eigenkv.exporter.zero_shot import cloze_accuracy, cloze_items
+from eigenkv.malloc import malloc_mode, tune_malloc
 
 
 def main() -> int:
@@ -61,6 +62,7 @@ def main() -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", default="docs/results/quality_table_smollm2")
     args = ap.parse_args()
+    tune_malloc()  # as the eigenkv commands do (eigenkv/malloc.py); recorded with the machine
     if args.heal_batch < 1 or (args.heal_seq_len is not None and args.heal_seq_len < 2):
         ap.error("--heal-batch must be >= 1 and --heal-seq-len >= 2 tokens")
     args.heal_seq_len = heal_window(CompressConfig(calib_seq_len=args.calib_seq_len, heal_seq_len=args.heal_seq_len))
@@ -157,7 +159,7 @@ def main() -> int:
     tables = "\n".join(lines) + "\n\n" + "\n".join(cl) + "\n\n" + "\n".join(curves)
     print(tables)
     meta = {"command": "python " + " ".join(sys.argv),
-            "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, {platform.platform()}",
+            "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, {platform.platform()}, malloc {malloc_mode()}",
             "model": source.label, "calibrations": mixes,
             "calibration": f"{args.calib_samples} x {args.calib_seq_len} tokens from the first half of each text "
                            f"(samples shared by weight); healing draws {args.heal_batch} x {args.heal_seq_len}-token windows per step from the same "

@@ -29,6 +29,7 @@ from eigenkv.exporter.perplexity import perplexity
 from eigenkv.exporter.pipeline import CompressConfig
 from eigenkv.exporter.sources import load_model, resolve_model
 from eigenkv.exporter.texts import split_texts
+from eigenkv.malloc import malloc_mode, tune_malloc
 from eigenkv.plugins.reference import apply_rope
 
 N0_TOLERANCE = 1e-4  # relative perplexity difference allowed between n = 0 and the folded model
@@ -81,6 +82,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--out", metavar="PATH", help="also write PATH.json and PATH.md")
     args = ap.parse_args()
+    tune_malloc()  # as the eigenkv commands do (eigenkv/malloc.py); recorded with the machine
     torch.set_num_threads(args.threads)
     window = args.eval_window
     src = resolve_model(args.model)
@@ -129,7 +131,7 @@ def main() -> int:
         table = "\n".join(lines)
         tokens = {n: (t.numel() // window) * (window - 1) for n, t in tx.evals.items()}
         meta = {"command": "python " + " ".join(sys.argv),
-                "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads",
+                "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, malloc {malloc_mode()}",
                 "model": src.label, "method": "loss-aware", "rope_mode": "pre",
                 "original_ppl": {n: round(v, 4) for n, v in base.items()},
                 "evaluation": {"tokens_scored": tokens, "window": window}, "rows": rows}
