@@ -10,6 +10,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests' own helpers (tiny_models)
 
+# The tests run the library in-process the way the `eigenkv` commands run it: with glibc malloc
+# tuned (eigenkv/malloc.py; EIGENKV_MALLOC=default in the environment turns it off here too).
+from eigenkv.malloc import tune_malloc  # noqa: E402
+
+tune_malloc()
+
 
 @pytest.fixture(scope="session")
 def default_model_available() -> bool:
