@@ -1,7 +1,8 @@
 """`LowRankAttention`: one decoder layer's attention, original or folded, in torch.
 
-The attention math is `eigenkv.plugins.reference.low_rank_attention` (the op's reference);
-this module only projects, rotates and caches around it. How keys are cached is a
+The attention math is the op's (`eigenkv.plugins.reference.low_rank_attention` defines it; the
+torch op and healing's differentiable path compute it with PyTorch's fused attention,
+`plugins/sdpa_attention.py`); this module only projects, rotates and caches around it. How keys are cached is a
 `RopeMode` (plugins/spec.py):
   NONE     no RoPE: keys cached as the op scores them (rank r_k when folded with the queries)
   ROTATED  RoPE, uncompressed: rotated full-width keys
@@ -23,7 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from eigenkv.plugins.reference import apply_rope, low_rank_attention
+from eigenkv.plugins.reference import apply_rope
+from eigenkv.plugins.sdpa_attention import sdpa_low_rank_attention
 from eigenkv.plugins.spec import RopeMode
 from eigenkv.plugins.torch_op import low_rank_attention_op
 
@@ -107,7 +109,7 @@ class LowRankAttention(nn.Module):
         self.register_buffer("key_gram", key_gram)
         self.register_buffer("joint_basis", joint_basis)
         self.register_buffer("joint_query_basis", joint_query_basis)
-        self.differentiable = False  # True: call the reference math (has autograd) instead of the op
+        self.differentiable = False  # True: call the op's math directly (has autograd) instead of the op
         self.register_buffer("alibi_slopes", alibi_slopes)
         self.q_norm, self.k_norm = q_norm, k_norm  # QK-norm (shared with the source model) or None
         self.register_buffer("key_down", key_down)  # [Hkv, r_k, head_dim] after k_norm, or None
@@ -188,7 +190,7 @@ class LowRankAttention(nn.Module):
         else:
             k, v, lengths, slots = cache.write(layer, k, v, positions)
         pre = self.rope_mode is RopeMode.PRE
-        attention = low_rank_attention if self.differentiable else low_rank_attention_op
+        attention = sdpa_low_rank_attention if self.differentiable else low_rank_attention_op
         out = attention(
             q, k, v, lengths, positions, scale=self.scale, rope_mode=self.rope_mode.op_code,
             slot_positions=slots, key_up=self.key_up if pre else None,

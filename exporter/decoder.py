@@ -91,6 +91,12 @@ class EigenDecoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
+        return self.head(self.hidden_states(input_ids, position_ids, cache))
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                      cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids [B, S] -> the last layer's output [B, S, hidden], before `head` (the final
+        norm, projection and lm_head): `forward` is head(hidden_states(...))."""
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1]).expand_as(input_ids)
         h = self.embed_inputs(input_ids, position_ids)
@@ -98,7 +104,7 @@ class EigenDecoder(nn.Module):
             h = layer(h, position_ids, self.rope, cache, i)
         if cache is not None:
             cache.advance(input_ids.shape[1])
-        return self.head(h)
+        return h
 
     def new_cache(self, batch: int, max_len: int, dtype=torch.float32) -> KVCache:
         return KVCache(batch, max_len, self.dims.n_kv_heads, self.key_ranks, self.value_ranks, dtype)

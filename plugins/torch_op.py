@@ -1,7 +1,8 @@
 """The op in torch: a `torch.library` custom op for eager use and one ONNX node at export.
 
 `low_rank_attention_op(...)` is what models call. Eagerly it runs the custom op
-`eigen::low_rank_attention` (the reference math, with a fake kernel for tracing); inside
+`eigen::low_rank_attention` (the reference's result through PyTorch's fused attention,
+`sdpa_attention.py`, parity-tested against the float64 reference; a fake kernel for tracing); inside
 `torch.onnx.export(..., dynamo=True)` it emits exactly one `eigen::LowRankAttention` node
 carrying the spec's attributes plus the TensorRT parser's `plugin_namespace` and `aot`.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from eigenkv.plugins import spec
-from eigenkv.plugins.reference import low_rank_attention
+from eigenkv.plugins.sdpa_attention import sdpa_low_rank_attention
 
 _Opt = torch.Tensor | None
 
@@ -21,10 +22,10 @@ def _eager_op(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
               cache_lengths: torch.Tensor, query_positions: torch.Tensor, slot_positions: _Opt,
               key_up: _Opt, rope_cos: _Opt, rope_sin: _Opt, alibi_slopes: _Opt,
               scale: float, rope_mode: int, causal: int, window: int = 0) -> torch.Tensor:
-    return low_rank_attention(query, key_cache, value_cache, cache_lengths, query_positions, scale=scale,
-                              rope_mode=rope_mode, causal=bool(causal), slot_positions=slot_positions,
-                              key_up=key_up, rope_cos=rope_cos, rope_sin=rope_sin, alibi_slopes=alibi_slopes,
-                              window=window)
+    return sdpa_low_rank_attention(query, key_cache, value_cache, cache_lengths, query_positions, scale=scale,
+                                   rope_mode=rope_mode, causal=bool(causal), slot_positions=slot_positions,
+                                   key_up=key_up, rope_cos=rope_cos, rope_sin=rope_sin,
+                                   alibi_slopes=alibi_slopes, window=window)
 
 
 @_eager_op.register_fake

@@ -1,7 +1,8 @@
 """One parity matrix over every implementation of `eigen::LowRankAttention` present here, on the
 same freshly generated inputs, against the float64 reference (`plugins/reference.py`).
 
-Implementations: the reference itself in float32, the torch custom op (eager), the model-local
+Implementations: the reference itself in float32, the torch custom op (eager), PyTorch's fused
+attention formulation it runs (`plugins/sdpa_attention.py`, float32 and float64), the model-local
 ONNX function in onnxruntime, the Triton kernel (under TRITON_INTERPRET=1 on a CPU), and the
 TensorRT plugin (only where tensorrt imports). A missing one is skipped with its reason. The op
 inside a built ORT engine (TensorScatter writes, slot positions, per-layer lengths) is checked
@@ -43,6 +44,15 @@ def _torch_op(x, rope_mode, window):
                                  c["query_positions"], **kw)
 
 
+def _sdpa(dtype):
+    def run(x, rope_mode, window):
+        from eigenkv.plugins.sdpa_attention import sdpa_low_rank_attention
+        c, kw = _kwargs(x, rope_mode, dtype, window)
+        return sdpa_low_rank_attention(c["query"], c["key_cache"], c["value_cache"], c["cache_lengths"],
+                                       c["query_positions"], **kw)
+    return run
+
+
 def _onnx_function(x, rope_mode, window):
     model = _model(set(x), rope_mode, "alibi_slopes" in x, "slot_positions" in x, np.float32, window=window)
     return torch.from_numpy(_run_ort(model, x, np.float32))
@@ -74,6 +84,8 @@ def _tensorrt_missing() -> str | None:
 IMPLEMENTATIONS = {
     "reference-fp32": (_reference32, lambda: None),
     "torch-op": (_torch_op, lambda: None),
+    "sdpa-fp32": (_sdpa(torch.float32), lambda: None),
+    "sdpa-fp64": (_sdpa(torch.float64), lambda: None),
     "onnx-function-onnxruntime": (_onnx_function, lambda: None),
     "triton-kernel": (_triton, _triton_missing),
     "tensorrt-plugin": (None, _tensorrt_missing),
