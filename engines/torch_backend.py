@@ -17,7 +17,8 @@ Run: `TorchEngine.step` runs the decoder's own modules (embedding, norms, projec
 MLP, head) and, per layer, writes the step's K/V and slot positions into the cache's static
 buffers at `cache.lengths`, then calls one attention implementation with the op's signature
 (`plugins/reference.py`):
-  reference  the op as the model calls it (`low_rank_attention_op`, the reference math): CPU default
+  reference  the op as the model calls it (`low_rank_attention_op`: the reference's result through
+             PyTorch's fused attention, `plugins/sdpa_attention.py`): CPU default
   triton     the fused kernel (`plugins/triton_attention.py`): CUDA default for compressed caches
   sdpa       torch scaled_dot_product_attention over keys ready to score (uncompressed or rank-space
              caches) with a slot-position mask: CUDA default for `--no-compress` exports
@@ -566,4 +567,4 @@ def load(engine_dir: Path, config: EngineConfig, device: str | None = None, atte
 
 
 BACKEND = Backend("torch", build, check_host, load,
-                  "PyTorch: the folded decoder; Triton kernel + CUDA graphs on CUDA, reference math on the CPU")
+                  "PyTorch: the folded decoder; Triton kernel + CUDA graphs on CUDA, the torch op on the CPU")

@@ -80,6 +80,27 @@ def test_bench_export(workdir):
     assert "peak RSS" in run.stdout
 
 
+def test_bench_torch_op(workdir):
+    """tools/bench_torch_op.py on small shapes: one row per (mode, batch, tokens, pass), the fused
+    result within float32 round-off of the float64 reference, JSON and table agree."""
+    run = _tool("bench_torch_op.py", "--modes", "pre,joint", "--batches", "1", "--seqs", "16,40", "--repeats", "1",
+                "--backward", "--out", "torchop/bench", cwd=workdir)
+    meta = json.loads((workdir / "torchop" / "bench.json").read_text())
+    assert set(meta) == {"command", "machine", "shapes", "median_of", "rows"}
+    _assert_malloc_recorded(meta["machine"])
+    rows = meta["rows"]
+    assert [(r["mode"], r["seq"], r["pass"]) for r in rows] == [
+        (m, s, p) for m in ("pre", "joint") for s in (16, 40) for p in ("fwd", "fwd+bwd")]
+    for r in rows:
+        assert r["reference_ms"] > 0 and r["fused_ms"] > 0 and r["fused_max_abs_diff_vs_float64"] <= 1e-5
+        assert r["speedup"] == pytest.approx(r["reference_ms"] / r["fused_ms"], rel=0.05, abs=0.02)
+    table = _table((workdir / "torchop" / "bench.md").read_text())
+    assert len(table) == 2 + len(rows) and _table(run.stdout) == table
+    bad = subprocess.run([sys.executable, str(TOOLS / "bench_torch_op.py"), "--modes", "flash", "--out", "torchop/bad"],
+                         capture_output=True, text=True, cwd=workdir, timeout=300)
+    assert bad.returncode == 2 and "--modes takes" in bad.stderr and not (workdir / "torchop" / "bad.json").exists()
+
+
 def test_bench_op(workdir):
     run = _tool("bench_op.py", "--contexts", "16,32", "--batches", "1,2", "--repeats", "2", "--out", "op/bench",
                 cwd=workdir)
