@@ -56,15 +56,24 @@ def cloze_items(tokens: torch.Tensor, n_items: int = 200, context: int = 96, spa
 
 @torch.no_grad()
 def cloze_accuracy(model, items: ClozeSet, batch_size: int = 16, progress: bool = False, desc: str = "cloze") -> float:
-    """model(ids [B, S]) -> logits [B, S, V]; -> the share of items whose true continuation has the
-    highest summed log-probability (float in [0, 1])."""
+    """The share of items whose true continuation has the highest summed log-probability (float in
+    [0, 1]). `model`: an EigenDecoder (its lm_head then runs only on the positions that predict a
+    candidate token, 5 of 100 by default) or any callable ids [B, S] -> logits [B, S, V]."""
     n, choices, span = items.candidates.shape
     ctx = items.contexts.shape[1]
     seqs = torch.cat([items.contexts[:, None, :].expand(n, choices, ctx), items.candidates], dim=2).reshape(-1, ctx + span)
     scores = []
     for start in tqdm(range(0, seqs.shape[0], batch_size), desc=desc, unit="batch", disable=not progress):
         ids = seqs[start:start + batch_size]
-        logp = torch.log_softmax(model(ids).float()[:, ctx - 1:-1], dim=-1)  # predictions of the span tokens
+        logp = torch.log_softmax(_span_logits(model, ids, ctx).float(), dim=-1)  # predictions of the span tokens
         scores.append(logp.gather(-1, ids[:, ctx:, None])[..., 0].sum(-1))
     picked = torch.cat(scores).view(n, choices).argmax(-1)
     return float((picked == items.answer).double().mean())
+
+
+def _span_logits(model, ids: torch.Tensor, ctx: int) -> torch.Tensor:
+    """Logits [B, span, V] at positions ctx - 1 .. S - 2 of ids [B, S] (those predicting the span)."""
+    from .decoder import EigenDecoder
+    if isinstance(model, EigenDecoder):
+        return model.head(model.hidden_states(ids)[:, ctx - 1:-1])
+    return model(ids)[:, ctx - 1:-1]
