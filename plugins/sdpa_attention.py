@@ -16,7 +16,8 @@ is after the query's (causal), outside the sliding window, and ALiBi's -slope * 
 bias, as one additive float mask (a boolean mask measured slower here). A query with no valid
 slot returns zeros, as in the reference. Plain causal prefill (full cache, slot positions equal
 to the strictly increasing query positions, no window, no ALiBi) takes SDPA's `is_causal` path
-with no mask at all. Differentiable (SDPA has autograd), so healing uses it too.
+with no mask at all (those checks read tensor values; under CUDA-graph capture they are skipped
+and the masked path runs). Differentiable (SDPA has autograd), so healing uses it too.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def _plain_causal(causal, window, alibi_slopes, cache_lengths, query_positions, 
     """True when the reference's mask is exactly SDPA's `is_causal` (top-left aligned, S == Smax):
     every slot valid, slot i holding query i's position, positions strictly increasing."""
     seq = query_positions.shape[1]
-    if not causal or window > 0 or alibi_slopes is not None or seq != n_slots:
+    if not causal or window > 0 or alibi_slopes is not None or seq != n_slots or _capturing(query_positions):
         return False
     if not bool((cache_lengths == n_slots).all()):
         return False
@@ -100,7 +101,7 @@ def _additive_mask(cache_lengths, query_positions, slot_positions, alibi_slopes,
     device = query_positions.device
     if slot_positions is None:
         k_pos = torch.arange(n_slots, device=device).expand(batch, 1, n_slots)
-    elif torch.equal(slot_positions, slot_positions[:, :1].expand_as(slot_positions)):
+    elif not _capturing(slot_positions) and torch.equal(slot_positions, slot_positions[:, :1].expand_as(slot_positions)):
         k_pos = slot_positions[:, :1]
     else:
         k_pos = _expand_kv(slot_positions, groups)  # [B, Hq, Smax]
@@ -116,3 +117,9 @@ def _additive_mask(cache_lengths, query_positions, slot_positions, alibi_slopes,
     else:
         mask = -alibi_slopes.to(dtype)[None, :, None, None] * (q_pos - k_pos).to(dtype)
     return mask.masked_fill_(~valid, float("-inf"))
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether `t` lives on a CUDA stream being captured into a graph, where the value checks
+    above (host synchronisations) are not allowed: the general masked path is taken instead."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()

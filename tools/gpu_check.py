@@ -15,7 +15,8 @@ Checks
   parity  the Triton kernel against the float64 reference on the device: fp16/bf16/fp32, `pre`
           and rank-space modes, decode (one token, also forced split-KV) and prefill (7 tokens),
           moved slots (every KV head holds its tokens in a random slot order, positions with
-          gaps, stale slots past the length). Then engines: the torch backend with the kernel
+          gaps, stale slots past the length); the torch op (fused SDPA formulation) on the same
+          cases, eagerly and replayed from a CUDA graph. Then engines: the torch backend with the kernel
           and a CUDA graph (compressed) and with SDPA and a CUDA graph (uncompressed) against
           the same engine with the reference attention, fp32: greedy tokens and logits through
           prefill, decode, a `keep` of random slots, and more decode.
@@ -340,6 +341,38 @@ def kernel_parity(case: dict, dtype_name: str, num_splits: int | None) -> dict:
     return {"max_abs_err": float(err.max()), "tol": tol, "status": "pass" if excess <= 0 and finite else "FAIL"}
 
 
+def torch_op_parity(case: dict, dtype_name: str) -> dict:
+    """The torch op as models call it (`low_rank_attention_op`: plugins/sdpa_attention.py) vs the
+    float64 reference on the same device, eagerly and, on CUDA, replayed from a CUDA graph (where
+    its value checks are skipped): {max_abs_err, tol, status}."""
+    import torch
+
+    from eigenkv.plugins.reference import low_rank_attention
+    from eigenkv.plugins.torch_op import low_rank_attention_op
+    up = {k: (v.double() if hasattr(v, "is_floating_point") and v.is_floating_point() else v) for k, v in case.items()}
+    ref = low_rank_attention(**up)
+    outs = [low_rank_attention_op(**case)]
+    if case["query"].is_cuda:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            low_rank_attention_op(**case)  # warm-up off the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = low_rank_attention_op(**case)
+        graph.replay()
+        torch.cuda.synchronize()
+        outs.append(captured)
+    tol = TOLERANCE[dtype_name]
+    excess, err, finite = -math.inf, 0.0, True
+    for out in outs:
+        e = (out.double() - ref).abs()
+        excess, err = max(excess, float((e - tol * (1 + ref.abs())).max())), max(err, float(e.max()))
+        finite = finite and bool(out.isfinite().all())
+    return {"max_abs_err": err, "tol": tol, "status": "pass" if excess <= 0 and finite else "FAIL"}
+
+
 def run_parity(plan: Plan, device, results: Results, budget: Budget) -> None:
     """(a): the kernel at every dtype x mode x tokens (x split) case, then the engines."""
     section = results.section("parity")
@@ -352,15 +385,20 @@ def run_parity(plan: Plan, device, results: Results, budget: Budget) -> None:
                     seed += 1
                     row = {"check": "kernel", "shape": shape.name, "dtype": dtype_name, "mode": mode,
                            "tokens": tokens}
-                    if device.type != "cuda":
-                        results.add("parity", dict(row, status=NO_CUDA))
-                        continue
+                    op_row = dict(row, check="torch-op") if splits != 4 else None  # the op has no split-KV variant
                     if budget.left("parity") <= 0:
                         results.add("parity", dict(row, status=OVER_BUDGET))
+                        if op_row:
+                            results.add("parity", dict(op_row, status=OVER_BUDGET))
                         continue
                     seq = 7 if tokens == "prefill" else 1
                     case = op_case(shape, mode, 2, seq, plan.parity_slots, torch_dtype(dtype_name), device, seed)
-                    results.add("parity", dict(row, **_guard(lambda: kernel_parity(case, dtype_name, splits))))
+                    if device.type != "cuda":
+                        results.add("parity", dict(row, status=NO_CUDA))
+                    else:
+                        results.add("parity", dict(row, **_guard(lambda: kernel_parity(case, dtype_name, splits))))
+                    if op_row:  # on the CPU too (a dry run): eagerly only
+                        results.add("parity", dict(op_row, **_guard(lambda: torch_op_parity(case, dtype_name))))
     for row in engine_parity(plan, device, budget):
         results.add("parity", row)
     section["status"] = "done"
@@ -626,8 +664,8 @@ def summary(doc: dict) -> list[dict]:
     """The one table: check | case | measured | baseline | ratio | status."""
     out = []
     for r in doc["sections"]["parity"]["rows"]:
-        if r.get("check") == "kernel":
-            case = f"{r['shape']} {r['dtype']} {r['mode']} {r['tokens']}"
+        if r.get("check") in ("kernel", "torch-op"):
+            case = f"{r['check']} {r['shape']} {r['dtype']} {r['mode']} {r['tokens']}"
             measured = f"max err {r['max_abs_err']:.2e}" if "max_abs_err" in r else ""
             baseline = f"tol {r['tol']:.0e}" if "tol" in r else ""
         else:
