@@ -32,7 +32,7 @@ def perplexity(model, tokens: torch.Tensor, window: int = 1024, batch_size: int 
     many as fit HEAD_CHUNK_BYTES of float32 logits), so a batch never holds its full logits
     [B, window, vocab] (805 MB for 4 x 1024 tokens of a 49k vocabulary, three times over with
     the loss's temporaries); or any callable ids [B, S] -> logits [B, S, V]. Per-chunk losses are
-    summed in float64. Raises ValueError when `tokens` holds less than one window.
+    summed in float64, logits taken in at least float32. Raises ValueError when `tokens` holds less than one window.
     """
     n = tokens.numel() // window
     if n == 0:
@@ -51,7 +51,8 @@ def _nll_sum(model, ids: torch.Tensor, head_chunk: int | None) -> float:
     from .decoder import EigenDecoder
     targets = ids[:, 1:].reshape(-1)
     if not isinstance(model, EigenDecoder):
-        logits = model(ids).float()
+        logits = model(ids)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return float(torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), targets, reduction="sum"))
     h = model.hidden_states(ids)[:, :-1]
@@ -61,7 +62,8 @@ def _nll_sum(model, ids: torch.Tensor, head_chunk: int | None) -> float:
         head_chunk = max(1, HEAD_CHUNK_BYTES // (4 * vocab)) if vocab else 128
     nll = 0.0
     for i in range(0, h.shape[0], head_chunk):
-        logits = model.head(h[i:i + head_chunk]).float()
+        logits = model.head(h[i:i + head_chunk])
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         nll += float(torch.nn.functional.cross_entropy(logits, targets[i:i + head_chunk], reduction="sum"))
     return nll
 

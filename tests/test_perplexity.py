@@ -39,6 +39,10 @@ def test_chunked_head_matches_float64_full_logits(family):
         assert p.value == pytest.approx(ref, rel=1e-5), chunk
     plain = perplexity(lambda ids: decoder(ids), tokens, window=24, batch_size=3, progress=False)
     assert plain.value == pytest.approx(ref, rel=1e-5)
+    double = copy.deepcopy(decoder).double()  # a float64 model stays float64 on both paths
+    for model in (double, lambda ids: double(ids)):
+        assert perplexity(model, tokens, window=24, batch_size=2, progress=False, head_chunk=7).value == pytest.approx(
+            ref, rel=1e-12)
 
 
 def test_too_few_tokens_for_one_window():

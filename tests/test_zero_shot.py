@@ -56,3 +56,20 @@ def test_accuracy_equals_a_float64_reference_and_an_oracle_scores_everything():
         return logits.scatter(-1, nxt[..., None], 0.0)
 
     assert cloze_accuracy(oracle, cloze_items(periodic, n_items=30, context=16, span=4, seed=5)) == 1.0
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gemma3_text", "qwen3"])
+@torch.no_grad()
+def test_shared_context_scores_equal_whole_sequences(family):
+    """The EigenDecoder path (context once into a KV cache, candidates on copies of it) gives each
+    candidate the summed log-probability a whole-sequence forward gives (float64, 1e-9), in
+    families with learned positions (opt), sliding-window layers with their own RoPE (gemma3) and QK-norm."""
+    from eigenkv.exporter.zero_shot import _shared_context_scores
+    decoder = decoder_from_hf(tiny_model(family)).double()
+    items = cloze_items(_stream(), n_items=6, context=20, span=3, seed=7)
+    got = _shared_context_scores(decoder, items.contexts, items.candidates)
+    for i, (ctx, cands) in enumerate(zip(items.contexts, items.candidates)):
+        for c, cand in enumerate(cands):
+            logp = torch.log_softmax(decoder(torch.cat([ctx, cand])[None])[0], -1)
+            want = sum(float(logp[19 + j, cand[j]]) for j in range(3))
+            assert abs(float(got[i, c]) - want) <= 1e-9, (family, i, c)
