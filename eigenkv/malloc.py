@@ -19,7 +19,7 @@ one and one per thread that allocates), plus whatever fragmentation keeps below 
 heaps grow in steps of at least the top pad (address space; pages count once touched). PyTorch's
 CPU performance guide makes the same diagnosis and suggests jemalloc or tcmalloc through
 LD_PRELOAD; these settings need nothing installed. The `eigenkv` and `export-eigen` commands and
-the quality tools under tools/ call it; EIGENKV_MALLOC=default (or off, 0) turns it off.
+the quality and op benchmarks under tools/ call it; EIGENKV_MALLOC=default (or off, 0) turns it off.
 """
 
 from __future__ import annotations
@@ -64,13 +64,15 @@ def tune_malloc(environ=None) -> str:
     raises.
     """
     global _MODE
-    _MODE = _tune(environ)
-    return _MODE
+    answer = _tune(environ)
+    if _MODE is None or not answer.startswith("default"):  # a declined call leaves earlier settings in place
+        _MODE = answer
+    return answer
 
 
 def malloc_mode() -> str:
-    """What this process's malloc runs with, for result files: the answer of the last
-    `tune_malloc` call, or "default (not tuned in this process)"."""
+    """What this process's malloc runs with, for result files: the answer of the last `tune_malloc`
+    call that changed something (else of the first call), or "default (not tuned in this process)"."""
     return _MODE or "default (not tuned in this process)"
 
 

@@ -135,7 +135,7 @@ def resolve_attention(attention: str, device: torch.device, layout: KVLayout, ro
             return "sdpa"
         if _triton_usable(device):
             return "triton"
-        warnings.warn("triton is not installed: the torch engine runs the reference attention on CUDA "
+        warnings.warn("triton is not installed: the torch engine runs the torch op's attention on CUDA "
                       "(pip install 'eigenkv[triton]')", stacklevel=2)
         return "reference"
     if attention == "triton" and not _triton_usable(device):

@@ -82,7 +82,7 @@ class EigenDecoder(nn.Module):
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """hidden [B, S, hidden] -> logits [B, S, vocab]."""
+        """hidden [..., hidden] (e.g. [B, S, hidden]) -> logits [..., vocab]."""
         if self.final_norm is not None:
             h = self.final_norm(h)
         if self.project_out is not None:

@@ -6,7 +6,7 @@ bases, and q_proj where the fold rewrote it); with `HealSettings.query`, also ev
 query projection (a private copy where the fold left it shared: a full-width W_q stays
 foldable, the cache is unchanged). Shared modules (embeddings, norms, MLPs and unfolded
 projections, which the original model uses too) stay frozen. The op has no backward, so
-attention runs its reference math while healing.
+attention calls the op's math directly while healing (`plugins/sdpa_attention.py`, with autograd).
 """
 
 from __future__ import annotations

@@ -59,7 +59,8 @@ def _nll_sum(model, ids: torch.Tensor, head_chunk: int | None) -> float:
     h = h.reshape(-1, h.shape[-1])  # [B * (S - 1), hidden]
     if head_chunk is None:
         vocab = getattr(model.lm_head, "out_features", None)
-        head_chunk = max(1, HEAD_CHUNK_BYTES // (4 * vocab)) if vocab else 128
+        width = max(4, model.lm_head.weight.element_size()) if vocab else 4  # logits in at least float32
+        head_chunk = max(1, HEAD_CHUNK_BYTES // (width * vocab)) if vocab else 128
     nll = 0.0
     for i in range(0, h.shape[0], head_chunk):
         logits = model.head(h[i:i + head_chunk])

@@ -14,7 +14,7 @@ are sliced off the output. The scale is passed explicitly (not derived from E).
 Masking follows the reference exactly: slots at or past `cache_lengths`, slots whose position
 is after the query's (causal), outside the sliding window, and ALiBi's -slope * (q_pos - k_pos)
 bias, as one additive float mask (a boolean mask measured slower here). A query with no valid
-slot returns zeros, as in the reference. Plain causal prefill (full cache, slot positions equal
+slot returns zeros, as in the reference (only those rows are zeroed). Plain causal prefill (full cache, slot positions equal
 to the strictly increasing query positions, no window, no ALiBi) takes SDPA's `is_causal` path
 with no mask at all (those checks read tensor values; under CUDA-graph capture they are skipped
 and the masked path runs). Differentiable (SDPA has autograd), so healing uses it too.
@@ -71,18 +71,20 @@ def sdpa_low_rank_attention(
         values = F.pad(values, (0, width - r_v))
     if _plain_causal(causal, window, alibi_slopes, cache_lengths, query_positions, slot_positions, n_slots):
         out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale, enable_gqa=True)
-        return out[..., :r_v].to(query.dtype)
+        return out[..., :r_v].contiguous().to(query.dtype)
     mask = _additive_mask(cache_lengths, query_positions, slot_positions, alibi_slopes, causal, window,
                           n_q // n_kv, n_slots, work)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
-    return out[..., :r_v].nan_to_num(0.0).to(query.dtype)  # rows with no valid slot: zeros, as the reference
+    # a query with no valid slot gets zeros, as in the reference (SDPA may give NaN there); nothing else is touched
+    empty = torch.isneginf(mask).all(-1, keepdim=True)  # [B, 1 | Hq, S, 1]
+    return out[..., :r_v].masked_fill(empty, 0.0).contiguous().to(query.dtype)
 
 
 def _plain_causal(causal, window, alibi_slopes, cache_lengths, query_positions, slot_positions, n_slots) -> bool:
     """True when the reference's mask is exactly SDPA's `is_causal` (top-left aligned, S == Smax):
     every slot valid, slot i holding query i's position, positions strictly increasing."""
     seq = query_positions.shape[1]
-    if not causal or window > 0 or alibi_slopes is not None or seq != n_slots or _capturing(query_positions):
+    if not causal or window > 0 or alibi_slopes is not None or seq != n_slots or _capturing():
         return False
     if not bool((cache_lengths == n_slots).all()):
         return False
@@ -101,7 +103,7 @@ def _additive_mask(cache_lengths, query_positions, slot_positions, alibi_slopes,
     device = query_positions.device
     if slot_positions is None:
         k_pos = torch.arange(n_slots, device=device).expand(batch, 1, n_slots)
-    elif not _capturing(slot_positions) and torch.equal(slot_positions, slot_positions[:, :1].expand_as(slot_positions)):
+    elif not _capturing() and torch.equal(slot_positions, slot_positions[:, :1].expand_as(slot_positions)):
         k_pos = slot_positions[:, :1]
     else:
         k_pos = _expand_kv(slot_positions, groups)  # [B, Hq, Smax]
@@ -119,7 +121,7 @@ def _additive_mask(cache_lengths, query_positions, slot_positions, alibi_slopes,
     return mask.masked_fill_(~valid, float("-inf"))
 
 
-def _capturing(t: torch.Tensor) -> bool:
-    """Whether `t` lives on a CUDA stream being captured into a graph, where the value checks
-    above (host synchronisations) are not allowed: the general masked path is taken instead."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+def _capturing() -> bool:
+    """Whether a CUDA stream is being captured into a graph, where the value checks above (host
+    synchronisations) are not allowed: the general masked path is taken instead."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

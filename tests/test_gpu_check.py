@@ -53,7 +53,8 @@ def test_cpu_dry_run_writes_every_section(tmp_path):
     kernel_rows = [r for r in parity if r["check"] == "kernel"]
     assert len(kernel_rows) == 6 and all(r["status"] == NO_CUDA for r in kernel_rows)  # 2 modes x 3 token cases
     op_rows = [r for r in parity if r["check"] == "torch-op"]  # the torch op runs on the CPU: 2 modes x 2 token cases
-    assert [(r["mode"], r["tokens"]) for r in op_rows] == [(m, t) for m in ("pre", "rank") for t in ("decode", "prefill")]
+    assert [(r["mode"], r["tokens"]) for r in op_rows] == [(m, t) for m in ("pre", "rank") for t in ("decode", "prefill")] + [
+        ("pre", "causal-prefill")]
     assert all(r["status"] == "pass" and 0 < r["max_abs_err"] <= r["tol"] for r in op_rows)
     engines = {(r["model"], r["attention"], r["precision"]): r for r in parity if r["check"] == "engine"}
     sdpa = engines[("uncompressed", "sdpa", "fp32")]  # SDPA's mask and layout on the CPU, against the reference

@@ -7,7 +7,7 @@ ONNX function in onnxruntime, the Triton kernel (under TRITON_INTERPRET=1 on a C
 TensorRT plugin (only where tensorrt imports). A missing one is skipped with its reason. The op
 inside a built ORT engine (TensorScatter writes, slot positions, per-layer lengths) is checked
 end to end against a float64 model in tests/test_cache_moves.py and tests/test_eviction.py.
-Tolerance: float32 max |diff| <= 1e-5 (inputs ~N(0, 1), cache garbage 1e3 past the lengths).
+Tolerance: float32 max |diff| <= 1e-5, float64 <= 1e-10 (inputs ~N(0, 1), cache garbage 1e3 past the lengths).
 """
 
 import importlib.util
@@ -22,6 +22,7 @@ from eigenkv.plugins.reference import ROPE_NONE, ROPE_PRE, low_rank_attention
 
 SCALE = 0.37  # the one test_onnx_function's one-node model bakes in
 TOL = 1e-5
+TOL_FP64 = 1e-10  # implementations that compute in float64 (sdpa-fp64)
 WINDOW = 3  # shorter than every cache length in test_onnx_function.LENGTHS (5, 9)
 OPTIONAL = ("slot_positions", "key_up", "rope_cos", "rope_sin", "alibi_slopes")
 
@@ -108,7 +109,7 @@ def test_implementation_matches_float64_reference(name, rope_mode, alibi, slot_p
                              **_kwargs(x, rope_mode, torch.float64, window)[1])
     out = run(x, rope_mode, window).to(torch.float64)
     assert out.shape == ref.shape and torch.isfinite(out).all()
-    assert float((out - ref).abs().max()) <= TOL
+    assert float((out - ref).abs().max()) <= (TOL_FP64 if name.endswith("fp64") else TOL)
     if window:  # the window masks something here: without it the result differs
         unwindowed = low_rank_attention(x["query"], x["key_cache"], x["value_cache"], x["cache_lengths"],
                                         x["query_positions"], **_kwargs(x, rope_mode, torch.float64)[1])

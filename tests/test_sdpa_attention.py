@@ -87,9 +87,35 @@ def test_half_precision_inputs_computed_in_float32():
     assert out.dtype == torch.float16 and float((out.double() - ref.double()).abs().max()) <= 2e-3
 
 
+def test_plain_causal_only_when_the_mask_is_lower_triangular_by_index():
+    """S == Smax near misses take the masked path (and still match the reference)."""
+    x, kw = _case(8, seq=6, n_slots=6)
+    lengths, q_pos, slots = x["cache_lengths"], x["query_positions"], kw["slot_positions"]
+    assert _plain_causal(True, 0, None, lengths, q_pos, slots, 6)
+    reversed_head = slots.clone()
+    reversed_head[1, 1] = slots[1, 1].flip(0)  # one KV head of one sequence holds its tokens in reverse
+    repeated = q_pos.clone()
+    repeated[0, 3] = repeated[0, 2]  # two queries at one position
+    near_misses = {"one length short": dict(cache_lengths=torch.tensor([6, 5])),
+                   "a KV head reversed": dict(slot_positions=reversed_head),
+                   "shifted positions": dict(query_positions=q_pos + 1, slot_positions=slots + 1),
+                   "repeated position": dict(query_positions=repeated,
+                                             slot_positions=repeated[:, None, :].expand_as(slots).clone())}
+    for name, change in near_misses.items():
+        y = {**x, **{k: v for k, v in change.items() if k != "slot_positions"}}
+        kw_y = {**kw, **({"slot_positions": change["slot_positions"]} if "slot_positions" in change else {})}
+        plain = _plain_causal(True, 0, None, y["cache_lengths"], y["query_positions"], kw_y["slot_positions"], 6)
+        # shifted positions are still lower triangular by index: the one near miss allowed to be plain
+        assert plain == (name == "shifted positions"), name
+        _check(y, kw_y)
+    assert not _plain_causal(False, 0, None, lengths, q_pos, slots, 6)
+    assert not _plain_causal(True, 2, None, lengths, q_pos, slots, 6)
+
+
 @pytest.mark.parametrize("causal_prefill", [True, False])
 def test_gradients_match_the_reference(causal_prefill):
-    shape = dict(seq=7, n_slots=7) if causal_prefill else dict(seq=3, n_slots=9, lengths=[9, 5])
+    # the masked case has a sequence with an empty cache: its queries see no slot (zeros, zero gradients)
+    shape = dict(seq=7, n_slots=7) if causal_prefill else dict(seq=3, n_slots=9, lengths=[9, 0])
     x, kw = _case(5, rope_mode=ROPE_PRE, dq=16, r_v=6, alibi=not causal_prefill, **shape)
     grads = []
     for attention in (low_rank_attention, sdpa_low_rank_attention):

@@ -399,6 +399,11 @@ def run_parity(plan: Plan, device, results: Results, budget: Budget) -> None:
                         results.add("parity", dict(row, **_guard(lambda: kernel_parity(case, dtype_name, splits))))
                     if op_row:  # on the CPU too (a dry run): eagerly only
                         results.add("parity", dict(op_row, **_guard(lambda: torch_op_parity(case, dtype_name))))
+            if budget.left("parity") > 0:  # plain causal prefill (the op's unmasked path): cache = the tokens
+                seed += 1
+                case = op_case(shape, "pre", 2, 16, 16, torch_dtype(dtype_name), device, seed, moved=False)
+                results.add("parity", {"check": "torch-op", "shape": shape.name, "dtype": dtype_name, "mode": "pre",
+                                       "tokens": "causal-prefill", **_guard(lambda: torch_op_parity(case, dtype_name))})
     for row in engine_parity(plan, device, budget):
         results.add("parity", row)
     section["status"] = "done"
