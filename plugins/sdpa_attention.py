@@ -3,8 +3,8 @@
 What the torch op runs eagerly (calibration probes, perplexity, validation, healing): the same
 result as `reference.low_rank_attention` without materialising its [B, Hq, S, Smax] scores,
 masks and probabilities several times over. On the default model's shapes (4 x 1024-token
-prefill, 9 query / 3 KV heads, `pre` mode, r_k = r_v = 32, one thread) one call takes ~130 ms
-against the reference's ~990 ms.
+prefill, 9 query / 3 KV heads, `pre` mode, r_k = r_v = 32, 2 threads) one call took 107 ms
+against the reference's 521 ms (`tools/bench_torch_op.py`, docs/results/bench_torch_op_smollm2.md).
 
 PyTorch's CPU flash-attention kernel needs one head size for queries, keys and values; with
 value rank r_v != query/key width it falls back to a slower unfused path. So the narrower side
