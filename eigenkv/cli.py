@@ -557,13 +557,24 @@ def _run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _version_only(argv: list[str]) -> bool:
+    """`--version` alone answers before the parser is built: building it imports torch for the
+    choices it lists (methods, backends, texts), seconds that `--version` does not need."""
+    if argv == ["--version"]:
+        print(f"eigenkv {__version__}")
+        return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
-    return _run(build_parser(), sys.argv[1:] if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return 0 if _version_only(argv) else _run(build_parser(), argv)
 
 
 def export_main(argv: list[str] | None = None) -> int:
     """`export-eigen ...` = `eigenkv export ...`."""
-    return _run(export_parser(), sys.argv[1:] if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return 0 if _version_only(argv) else _run(export_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -152,3 +152,16 @@ def test_config_is_parsed_once_per_file_version_and_copied(tmp_path, tiny_dir, m
     model, _ = load_model(source, progress=False)
     (config, parsed_inside), = seen
     assert config.rms_norm_eps == 0.125 and parsed_inside == 0 and model.config.rms_norm_eps == 0.125
+
+
+def test_version_answers_without_importing_torch():
+    code = ("import sys; from eigenkv.cli import main, export_main; "
+            "assert main(['--version']) == 0 and export_main(['--version']) == 0; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    from eigenkv import __version__
+    assert out == ["eigenkv", __version__, "eigenkv", __version__, "False"]
+    with pytest.raises(SystemExit) as e:  # the full parser's --version says the same
+        from eigenkv.cli import build_parser
+        build_parser().parse_args(["--version"])
+    assert e.value.code == 0
