@@ -4,7 +4,10 @@ Samples are pushed through the *uncompressed* decoder one layer at a time, so on
 layer's activations (plus the hidden states between layers) live in memory. Forward
 hooks, attached inside a context manager that always removes them, accumulate float64
 Gram matrices XᵀX; their eigenvectors are the right singular vectors of the stacked
-activations X (the paper's SVD, without materialising X).
+activations X (the paper's SVD, without materialising X). They also weigh each key by the
+attention it receives and tally the attention mass at each query-key distance, from the
+op's own attention weights (`reference.attention_probs`): the statistics of attention-weighted
+query-aware keys (`methods.py`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from tqdm.auto import tqdm
 
 from eigenkv.exporter.attention import LowRankAttention
 from eigenkv.exporter.decoder import EigenDecoder
+from eigenkv.plugins.reference import attention_probs
 from eigenkv.plugins.spec import RopeMode
 
 
@@ -31,6 +35,11 @@ class LayerStats:
     rot_query [1, d, d]    rotated queries, all heads summed (RoPE models, else None)
     rot_key   [1, d, d]    rotated keys, all heads summed (RoPE models, else None)
     attn_out  [Hq*d, Hq*d] attention outputs as o_proj reads them (all heads, cross terms kept)
+    key_attention [Hkv, d, d]  Σ_p w_p k_p k_pᵀ of the keys as projected, w_p = the attention key p
+              receives, summed over its KV head's query heads and all queries, divided by the group
+              size (so the weights sum to `tokens`, like `key`'s)
+    attention_distance [Hq, S]  attention mass at each query-key distance Δ = 0..S-1 (query
+              position minus key position), summed over queries, per query head; RoPE models, else None
     """
 
     query: torch.Tensor
@@ -40,6 +49,8 @@ class LayerStats:
     rot_key: torch.Tensor | None
     attn_out: torch.Tensor
     tokens: int
+    key_attention: torch.Tensor | None = None
+    attention_distance: torch.Tensor | None = None
 
     @property
     def key_pre(self) -> torch.Tensor:
@@ -64,10 +75,56 @@ def _group_sum(gram: torch.Tensor, n_kv: int) -> torch.Tensor:
     return gram.view(n_kv, -1, *gram.shape[1:]).sum(1)
 
 
+ATTENTION_CHUNK_BYTES = 64 << 20  # query rows per block of attention weights: about this many bytes
+
+
+def received_attention(attn: LowRankAttention, q: torch.Tensor, k: torch.Tensor, rope: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention weights of one calibration batch, in blocks of query rows, reduced as they come.
+
+    q [B, Hq, S, d], k [B, Hkv, S, d] as scored (rotated in RoPE models), positions 0..S-1 of every
+    sequence, the layer's scale, ALiBi and window (`reference.attention_probs`). Returns
+    (received [B, Hkv, S]: the attention each key gets from its query group's heads over all
+    queries, divided by the group size; distance [Hq, S] float64: attention mass at query-key
+    distance Δ = 0..S-1 summed over batch and queries, None unless `rope`).
+    """
+    b, hq, s, _ = q.shape
+    hkv = k.shape[1]
+    rows = max(1, ATTENTION_CHUNK_BYTES // (4 * hq * s))
+    received = torch.zeros(b, hq, s, dtype=torch.float32)
+    distance = torch.zeros(hq, s, dtype=torch.float64) if rope else None
+    lengths = torch.full((b,), s, dtype=torch.int64)
+    for i in range(b):
+        for t0 in range(0, s, rows):
+            t = torch.arange(t0, min(s, t0 + rows))
+            probs = attention_probs(q[i:i + 1, :, t], k[i:i + 1], lengths[i:i + 1], t[None], scale=attn.scale,
+                                    alibi_slopes=attn.alibi_slopes, window=attn.window)[0].float()  # [Hq, T, S]
+            received[i] += probs.sum(1)
+            if distance is not None:  # probs[h, t, t - Δ] summed over t, for Δ = 0..t
+                idx = t[:, None] - torch.arange(s)[None, :]  # [T, Δ] -> key position
+                rel = probs.gather(2, idx.clamp_min(0).expand(hq, -1, -1)) * (idx >= 0)
+                distance += rel.sum(1).double()
+    return received.view(b, hkv, hq // hkv, s).sum(2) / (hq // hkv), distance
+
+
 class _Accumulator:
     def __init__(self, attn: LowRankAttention):
         self.attn, self.tokens = attn, 0
         self.grams: dict[str, torch.Tensor] = {}
+        self.scored: dict[str, torch.Tensor] = {}  # this batch's queries/keys as the op scores them
+
+    def score(self, name: str, x: torch.Tensor) -> None:
+        """Keep q or k as scored; with both, add the attention-weighted key Gram (needs `key`'s input first)."""
+        self.scored[name] = x.detach()
+        if "q" not in self.scored or "k" not in self.scored:
+            return
+        q, k = self.scored.pop("q"), self.scored.pop("k")
+        received, distance = received_attention(self.attn, q, k, self.attn.rope)
+        keys = self.scored.pop("key").to(torch.float64)  # [B, Hkv, S, d] as projected
+        g = torch.einsum("bhs,bhsd,bhse->hde", received.to(torch.float64), keys, keys)
+        self.grams["key_attention"] = self.grams["key_attention"] + g if "key_attention" in self.grams else g
+        if distance is not None:
+            self.grams["distance"] = self.grams["distance"] + distance if "distance" in self.grams else distance
 
     def add(self, name: str, x: torch.Tensor, n_heads: int) -> None:
         if name == "attn_out":  # [B, S, Hq*d]: one Gram over all heads
@@ -78,6 +135,8 @@ class _Accumulator:
         if x.dim() == 3:  # projection output [B, S, H*d] -> [B, H, S, d]
             x = x.view(x.shape[0], x.shape[1], n_heads, -1).transpose(1, 2)
         b, s = x.shape[0], x.shape[2]
+        if name == "key":
+            self.scored["key"] = x.detach()
         g = _gram(x)
         self.grams[name] = self.grams[name] + g if name in self.grams else g
         if name == "value":
@@ -88,7 +147,8 @@ class _Accumulator:
         rot_q = g["rot_q"].sum(0, keepdim=True) if "rot_q" in g else None
         rot_k = g["rot_k"].sum(0, keepdim=True) if "rot_k" in g else None
         return LayerStats(query=g["query"], key=g["key"], value=g["value"], rot_query=rot_q, rot_key=rot_k,
-                          attn_out=g["attn_out"][0], tokens=self.tokens)
+                          attn_out=g["attn_out"][0], tokens=self.tokens, key_attention=g["key_attention"],
+                          attention_distance=g.get("distance"))
 
 
 @contextmanager
@@ -101,6 +161,9 @@ def gram_hooks(attn: LowRankAttention) -> Iterator[_Accumulator]:
         taps += [(attn.rotated_query, "rot_q", attn.n_heads), (attn.rotated_key, "rot_k", attn.n_kv_heads)]
     handles = [m.register_forward_hook(lambda mod, inp, out, n=name, h=heads: acc.add(n, out, h))
                for m, name, heads in taps]
+    scored = (attn.rotated_query, attn.rotated_key) if attn.rope else (attn.projected_query, attn.projected_key)
+    handles += [m.register_forward_hook(lambda mod, inp, out, n=name: acc.score(n, out))
+                for m, name in zip(scored, ("q", "k"))]
     handles.append(attn.o_proj.register_forward_pre_hook(lambda mod, inp: acc.add("attn_out", inp[0], attn.n_heads)))
     try:
         yield acc

@@ -5,9 +5,11 @@ Each method is a small registered dataclass with one hook, `factors(stats, conte
 value activations); the loss-aware methods minimise what the model actually reads:
 
   query-aware keys    E over query/key pairs of (qᵀ R (k - U D k))², the error of the
-                      attention logits (KQ-SVD's closed form), with the query second
-                      moment averaged over the RoPE rotations R of all relative distances
-                      in the calibration window (RoPE models cache pre-RoPE keys)
+                      attention logits (KQ-SVD's closed form), each pair weighted by its
+                      attention weight (the second-order KL of the attention row; `uniform`
+                      weighting is kept as `loss-aware-uniform`), with the query second
+                      moment averaged over the RoPE rotations R of the relative distances
+                      by the attention mass at each (RoPE models cache pre-RoPE keys)
   output-aware values E ||W_o (a - U D a)||² over attention outputs a (what the value
                       cache feeds), then W_o refitted by least squares on all heads'
                       attention outputs (cross-head terms included)
@@ -69,21 +71,29 @@ def oblique(m: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return vh @ c_inv_half, c_half @ vh.T, loss
 
 
-def rope_averaged(gram: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, window: int) -> torch.Tensor:
-    """Σ_Δ w_Δ R_Δ G R_Δᵀ / Σ w over relative distances Δ = 0..window-1, w_Δ = window - Δ
-    (the causal pairs of a window), R_Δ x = x·cos_Δ + rotate_half(x)·sin_Δ. gram [H, d, d].
+def rope_averaged(gram: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, window: int,
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_Δ w_Δ R_Δ G R_Δᵀ / Σ w over relative distances Δ = 0..window-1, R_Δ x = x·cos_Δ +
+    rotate_half(x)·sin_Δ. gram [H, d, d]. weights: None for w_Δ = window - Δ (the causal pairs of
+    a window), or [H, n] per head (e.g. the attention mass at each distance, `LayerStats.
+    attention_distance`; distances past the RoPE tables are dropped).
 
     A query q at position m scores a key at n < m as (R_{m-n} q)ᵀ k, so this is the second
     moment of the queries as a pre-RoPE key error meets them.
     """
-    n = min(window, cos.shape[0])
-    w = torch.arange(n, 0, -1, dtype=torch.float64)
-    c, s = cos[:n].to(torch.float64), sin[:n].to(torch.float64)
-    wcc, wcs, wss = (a.T @ (w[:, None] * b) / w.sum() for a, b in ((c, c), (c, s), (s, s)))
     g = gram.to(torch.float64)
+    if weights is None:
+        n = min(window, cos.shape[0])
+        w = torch.arange(n, 0, -1, dtype=torch.float64).expand(g.shape[0], n)
+    else:
+        n = min(weights.shape[-1], cos.shape[0])
+        w = weights[:, :n].to(torch.float64)
+    w = w / w.sum(-1, keepdim=True).clamp_min(1e-300)  # [H, n]
+    c, s = cos[:n].to(torch.float64), sin[:n].to(torch.float64)
+    wcc, wcs, wss = (torch.einsum("nd,hn,ne->hde", a, w, b) for a, b in ((c, c), (c, s), (s, s)))
     eye = torch.eye(g.shape[-1], dtype=torch.float64)
     j = rotate_half(eye).T  # J x = rotate_half(x)
-    return wcc * g + wcs * (g @ j.T) + wcs.T * (j @ g) + wss * (j @ g @ j.T)
+    return wcc * g + wcs * (g @ j.T) + wcs.transpose(1, 2) * (j @ g) + wss * (j @ g @ j.T)
 
 
 def _group_sum(x: torch.Tensor, n_kv: int) -> torch.Tensor:
@@ -113,7 +123,14 @@ class LossAware:
 
     keys: "query-aware" | "eigen"; values: "output-aware" | "eigen";
     key_sharing: "per-head" (a basis per KV head) | "shared" (one per layer; `joint` needs it);
-    value_stats: "output" (attention outputs a, what values feed) | "value" (values v).
+    value_stats: "output" (attention outputs a, what values feed) | "value" (values v);
+    key_weighting: "attention" | "uniform" (query-aware keys outside `joint`): how query/key
+    pairs count in the logit error. "uniform" counts every causal pair alike; "attention"
+    counts the pair (t, p) by its attention weight a_tp, the second-order term of the KL
+    between the original and perturbed attention rows (KL ≈ ½ Σ_p a_tp (δ_tp - δ̄_t)², δ the
+    logit error), factorised as keys weighted by the attention they receive
+    (`LayerStats.key_attention`) times queries whose RoPE rotations are averaged by the attention
+    mass at each distance (`attention_distance`) instead of by the count of causal pairs.
     """
 
     name: str
@@ -122,16 +139,22 @@ class LossAware:
     key_sharing: str = "per-head"
     value_stats: str = "output"
     ridge: float = 1e-9  # relative ridge of the W_o refit (1e-2 measured: +27.2% vs +25.7% wiki at 0.5)
+    key_weighting: str = "attention"
 
     def _keys(self, st: LayerStats, ctx: LayerContext):
         n = max(st.tokens, 1)
         if ctx.rope and ctx.rope_mode == "joint":
             m, c = st.rot_query / n, st.rot_key / n  # already rotated, summed over heads
         else:
+            attention = self.key_weighting == "attention"
+            if attention and st.key_attention is None:
+                raise EigenError(f"--method {self.name} needs attention-weighted key statistics, which this "
+                                 f"calibration did not collect")
             q = st.query / n
             if ctx.rope:
-                q = rope_averaged(q, ctx.rope_cos, ctx.rope_sin, ctx.window)
-            m, c = _group_sum(q, ctx.n_kv_heads), st.key / n
+                q = rope_averaged(q, ctx.rope_cos, ctx.rope_sin, ctx.window,
+                                  weights=st.attention_distance if attention else None)
+            m, c = _group_sum(q, ctx.n_kv_heads), (st.key_attention if attention else st.key) / n
             if self.key_sharing == "shared":
                 m, c = m.sum(0, keepdim=True), c.sum(0, keepdim=True)
         return _oblique_heads(m, c)
@@ -166,6 +189,7 @@ class LossAware:
 METHODS = {m.name: m for m in (
     Eigen(),
     LossAware("loss-aware"),
+    LossAware("loss-aware-uniform", key_weighting="uniform"),
     LossAware("loss-aware-shared", key_sharing="shared"),
     LossAware("query-aware-keys", values="eigen"),
     LossAware("output-aware-values", keys="eigen"),

@@ -74,8 +74,33 @@ def low_rank_attention(
         keys = apply_rope(keys @ key_up.to(keys.dtype), slot_positions, rope_cos, rope_sin)
     elif rope_mode != ROPE_NONE:
         raise ValueError(f"rope_mode must be {ROPE_NONE} (none) or {ROPE_PRE} (pre), got {rope_mode}")
+    probs = attention_probs(query, keys, cache_lengths, query_positions, scale=scale, causal=causal,
+                            slot_positions=slot_positions, alibi_slopes=alibi_slopes, window=window)
+    values = _expand_kv(value_cache, n_q // n_kv)
+    return (probs @ values.to(probs.dtype)).to(query.dtype)
+
+
+def attention_probs(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    cache_lengths: torch.Tensor,
+    query_positions: torch.Tensor,
+    *,
+    scale: float,
+    causal: bool = True,
+    slot_positions: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    window: int = 0,
+) -> torch.Tensor:
+    """The op's attention weights: query [B, Hq, S, dq] over keys [B, Hkv, Smax, dq] as scored
+    (rotated and rebuilt to head_dim in `pre` mode) -> probabilities [B, Hq, S, Smax] in at least
+    float32 (the query's dtype when wider); rows with no valid slot are zeros. Masks, ALiBi and the
+    window as in `low_rank_attention` (whose definition this is); slot_positions [B, Hkv, Smax] or None."""
+    batch, n_q, n_kv, n_slots = query.shape[0], query.shape[1], keys.shape[1], keys.shape[2]
+    if slot_positions is None:
+        slot_positions = torch.arange(n_slots, device=query.device).expand(batch, n_kv, n_slots)
     groups = n_q // n_kv
-    keys, values = _expand_kv(keys, groups), _expand_kv(value_cache, groups)
+    keys = _expand_kv(keys, groups)
     work = torch.promote_types(query.dtype, torch.float32)
     scores = (query.to(work) @ keys.to(work).transpose(-1, -2)) * scale  # [B, Hq, S, Smax]
     k_pos = _expand_kv(slot_positions, groups).unsqueeze(2).long()  # [B, Hq, 1, Smax]
@@ -88,5 +113,4 @@ def low_rank_attention(
     if window > 0:  # transformers' sliding_window_overlay: kv > q - window
         valid = valid & (q_pos - k_pos < window)
     scores = scores.masked_fill(~valid, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no valid slot give zeros
-    return (probs @ values.to(work)).to(query.dtype)
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no valid slot give zeros

@@ -66,6 +66,28 @@ def test_rope_average_matches_brute_force():
     assert torch.allclose(got, total / wsum, atol=1e-12)
 
 
+def test_rope_average_with_per_head_weights_matches_brute_force():
+    """weights [H, n] (the attention mass per distance): Σ_Δ w_hΔ R_Δ G_h R_Δᵀ / Σ_Δ w_hΔ per head."""
+    gen = torch.Generator().manual_seed(6)
+    d, n, heads = 8, 29, 3
+    g = torch.stack([_psd(d, d, gen) for _ in range(heads)])
+    w = torch.rand(heads, n, generator=gen, dtype=torch.float64)
+    w[1, 5:] = 0.0  # a head that only looks back 4 tokens
+    inv = 1.0 / (100.0 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    ang = torch.arange(64, dtype=torch.float64)[:, None] * torch.cat([inv, inv])[None]
+    cos, sin = ang.cos(), ang.sin()
+    eye = torch.eye(d, dtype=torch.float64)
+    got = rope_averaged(g, cos, sin, 1024, weights=w)
+    for h in range(heads):
+        total = torch.zeros(d, d, dtype=torch.float64)
+        for delta in range(n):
+            rot = apply_rope(eye, torch.full((d,), delta), cos, sin).T
+            total += w[h, delta] * rot @ g[h] @ rot.T
+        assert torch.allclose(got[h], total / w[h].sum(), atol=1e-12)
+    causal = torch.arange(n, 0, -1, dtype=torch.float64).expand(heads, n)  # the default weights, given explicitly
+    assert torch.allclose(rope_averaged(g, cos, sin, n, weights=causal), rope_averaged(g, cos, sin, n), atol=1e-12)
+
+
 def test_output_refit_is_least_squares():
     """refit_output == the normal-equations solution, and never worse than folding value_up."""
     gen = torch.Generator().manual_seed(4)
@@ -107,6 +129,48 @@ def test_every_method_reproduces_original_at_full_rank(setup, method):
     assert diff <= TOL, diff
     low = fold(decoder, factors, [d // 2] * n, [d // 2] * n, "pre")(ids)
     assert (ref - low).abs().max().item() > 1e-3  # not a no-op
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "mistral-window"])
+@torch.no_grad()
+def test_attention_statistics_match_transformers_attention_weights(family, monkeypatch):
+    """LayerStats.key_attention and attention_distance against transformers' own (eager) attention
+    weights in float64: keys weighted by the attention they receive (per KV head, over its query
+    group / group size), and the attention mass per query-key distance (RoPE models). Small blocks
+    of query rows and two calibration batches, so the blockwise accumulation is exercised."""
+    import eigenkv.exporter.calibrate as cal
+    monkeypatch.setattr(cal, "ATTENTION_CHUNK_BYTES", 4 * 4 * 48 * 7)  # 7 query rows per block
+    model = tiny_model(family)
+    decoder = decoder_from_hf(model)
+    samples = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(5))
+    keys = []  # the keys as projected (the tap calibration reads), layer by layer
+    taps = [layer.attn.projected_key.register_forward_hook(lambda m, i, o, j=j: keys.append((j, o.detach())))
+            for j, layer in enumerate(decoder.layers)]
+    try:
+        stats = cal.calibrate(decoder, samples, batch_size=2, progress=False)
+    finally:
+        for t in taps:
+            t.remove()
+    weights = model(samples, output_attentions=True).attentions  # per layer [B, Hq, S, S]
+    s = samples.shape[1]
+    for i, (st, att) in enumerate(zip(stats, weights)):
+        att = att.double()
+        hq, hkv = att.shape[1], st.key.shape[0]
+        k = torch.cat([o for j, o in keys if j == i]).double()  # [B, Hkv, S, d]
+        received = att.sum(2).view(att.shape[0], hkv, hq // hkv, s).sum(2) / (hq // hkv)
+        want = torch.einsum("bhs,bhsd,bhse->hde", received, k, k)
+        assert torch.allclose(st.key_attention, want, rtol=1e-5, atol=1e-6 * want.abs().max())
+        assert float(received.sum()) == pytest.approx(st.tokens * hkv, rel=1e-6)  # weights sum to the tokens
+        if not decoder.layers[i].attn.rope:
+            assert st.attention_distance is None
+            continue
+        t = torch.arange(s)
+        want_d = torch.stack([att[:, :, t[delta:], t[:s - delta]].sum((0, 2))
+                              for delta in range(s)], -1)  # [Hq, Δ]: pairs (t, t - Δ)
+        assert torch.allclose(st.attention_distance, want_d, atol=1e-5)
+        window = decoder.layers[i].attn.window
+        if window:
+            assert float(st.attention_distance[:, window:].abs().max()) == 0.0  # nothing past the window
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # joint mode exists for RoPE models only

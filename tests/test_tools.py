@@ -179,15 +179,16 @@ def test_quality_table(workdir):
                 "--calib-samples", "2", "--calib-seq-len", "32", "--eval-texts", "calib.txt,other.txt",
                 "--eval-tokens", "64", "--eval-window", "32", "--cloze-texts", "other.txt", "--cloze-items", "5",
                 "--ratios", "0.5", "--heal-ratios", "0.5", "--heal-steps", "2", "--heal-eval-every", "1",
-                "--heal-batch", "3", "--heal-seq-len", "16", "--heal-query",
+                "--heal-batch", "3", "--heal-seq-len", "16", "--heal-query", "--methods", "loss-aware,loss-aware-uniform",
                 *QUIET, "--out", "quality/table", cwd=workdir)
     meta = json.loads((workdir / "quality" / "table.json").read_text())
     assert meta["calibrations"] == {"calib.txt": "calib.txt:1", "calib.txt:1,other.txt:3": "calib.txt:0.25,other.txt:0.75"}
     rows = meta["rows"]
     assert [(r["calibration"], r["method"], bool(r["healing"])) for r in rows] == [
         ("-", "original", False), ("calib.txt:1", "eigen (paper), energy", False),
-        ("calib.txt:1", "loss-aware", False), ("calib.txt:1", "loss-aware", True),
-        ("calib.txt:0.25,other.txt:0.75", "loss-aware", False), ("calib.txt:0.25,other.txt:0.75", "loss-aware", True)]
+        *[(c, m, h) for c in ("calib.txt:1", "calib.txt:0.25,other.txt:0.75")
+          for m in ("loss-aware", "loss-aware-uniform") for h in (False, True)]]
+    assert rows[2]["ppl"] != rows[4]["ppl"]  # the two key weightings give different bases
     assert meta["evaluation"]["tokens_scored"] == {"calib.txt": 62, "other.txt": 62}
     _assert_malloc_recorded(meta["machine"])
     for r in rows:
@@ -199,7 +200,7 @@ def test_quality_table(workdir):
     assert healed["query"] is True and "(query projections trained too)" in meta["calibration"]
     text = (workdir / "quality" / "table.md").read_text()
     tables = [t for t in text.split("\n\n") if t.startswith("|")]
-    assert len(tables) == 3 and len(_table(tables[0])) == 2 + len(rows) and len(_table(tables[2])) == 2 + 2
+    assert len(tables) == 3 and len(_table(tables[0])) == 2 + len(rows) and len(_table(tables[2])) == 2 + 4
     assert _table(run.stdout)[: 2 + len(rows)] == _table(tables[0])
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from eigenkv.errors import EigenError
 from eigenkv.exporter import ranks as rank_sel
 from eigenkv.exporter import sensitivity
 from eigenkv.exporter.calibrate import calibrate
@@ -42,6 +43,9 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="HF directory or .gguf (default: the embedded SmolLM2)")
     ap.add_argument("--calibrations", nargs="+", default=["wiki", "mix"],
                     help="calibration specs, each `--calib-text` items joined by ',' (default: wiki mix)")
+    ap.add_argument("--methods", default="loss-aware",
+                    help="basis methods (`--method` names, comma-separated), each with its own KL probes "
+                         "and rows (default loss-aware)")
     ap.add_argument("--ratios", default="0.75,0.6,0.5")
     ap.add_argument("--heal-ratios", default="0.5", help="ratios that also get healed rows ('' for none)")
     ap.add_argument("--heal-steps", type=int, default=300)
@@ -65,6 +69,11 @@ def main() -> int:
     tune_malloc()  # as the eigenkv commands do (eigenkv/malloc.py); recorded with the machine
     if args.heal_batch < 1 or (args.heal_seq_len is not None and args.heal_seq_len < 2):
         ap.error("--heal-batch must be >= 1 and --heal-seq-len >= 2 tokens")
+    try:
+        for name in args.methods.split(","):
+            get_method(name)
+    except EigenError as e:
+        ap.error(str(e))
     args.heal_seq_len = heal_window(CompressConfig(calib_seq_len=args.calib_seq_len, heal_seq_len=args.heal_seq_len))
     torch.manual_seed(0)
     progress, window = not args.no_progress, args.eval_window
@@ -116,24 +125,28 @@ def main() -> int:
         span = min(256, args.calib_seq_len)  # the held-out KL curve: the last 2 windows of each text
         held_out = torch.cat([tokenize(tokenizer, read_text(n))[-2 * span:].view(2, span) for n in texts.weights])
         stats = calibrate(decoder, texts.samples, progress=progress)
-        factors = method_factors(get_method("loss-aware"), decoder, stats, "pre", args.calib_seq_len)
-        curves = sensitivity.measure(decoder, factors, texts.samples[:4, :256], "pre", progress=progress).predicted(factors)
-        seconds[f"calibrate+factors {label}"] = round(time.perf_counter() - t0, 1)
+        seconds[f"calibrate {label}"] = round(time.perf_counter() - t0, 1)
         if i == 0:  # the paper's method (plain SVD, energy allocation) on the first calibration
             eigen = method_factors(get_method("eigen"), decoder, stats, "pre", args.calib_seq_len)
             kr, vr = rank_sel.allocate(*rank_sel.energy_curves(eigen), args.cloze_ratio)
             add(label, "eigen (paper), energy", fold(decoder, eigen, kr, vr, "pre"), kr, vr, cloze=True)
-        for ratio in ratios:
-            kr, vr = rank_sel.allocate(*curves, ratio)
-            add(label, "loss-aware", fold(decoder, factors, kr, vr, "pre"), kr, vr, cloze=ratio == args.cloze_ratio)
-            if ratio in heal_ratios and args.heal_steps:
-                folded = fold(decoder, factors, kr, vr, "pre")
-                settings = HealSettings(steps=args.heal_steps, lr=args.heal_lr, batch_size=args.heal_batch,
-                                        seq_len=args.heal_seq_len, eval_every=args.heal_eval_every,
-                                        query=args.heal_query)
-                report = heal(folded, decoder, texts.calibration, settings, progress=progress,
-                              weights=texts.weights, held_out=held_out)
-                add(label, "loss-aware", folded, kr, vr, report, cloze=ratio == args.cloze_ratio)
+        for method in args.methods.split(","):
+            t1 = time.perf_counter()
+            factors = method_factors(get_method(method), decoder, stats, "pre", args.calib_seq_len)
+            curves = sensitivity.measure(decoder, factors, texts.samples[:4, :256], "pre",
+                                         progress=progress).predicted(factors)
+            seconds[f"factors+probes {label} {method}"] = round(time.perf_counter() - t1, 1)
+            for ratio in ratios:
+                kr, vr = rank_sel.allocate(*curves, ratio)
+                add(label, method, fold(decoder, factors, kr, vr, "pre"), kr, vr, cloze=ratio == args.cloze_ratio)
+                if ratio in heal_ratios and args.heal_steps:
+                    folded = fold(decoder, factors, kr, vr, "pre")
+                    settings = HealSettings(steps=args.heal_steps, lr=args.heal_lr, batch_size=args.heal_batch,
+                                            seq_len=args.heal_seq_len, eval_every=args.heal_eval_every,
+                                            query=args.heal_query)
+                    report = heal(folded, decoder, texts.calibration, settings, progress=progress,
+                                  weights=texts.weights, held_out=held_out)
+                    add(label, method, folded, kr, vr, report, cloze=ratio == args.cloze_ratio)
 
     lines = ["| calibration | method | healing | KV ratio | " + " | ".join(f"ppl {n} (rise)" for n in eval_names) + " |",
              "|" + "---|" * (4 + len(eval_names))]
@@ -156,7 +169,7 @@ def main() -> int:
         if r["healing"] and r["healing"].get("held_out_kl"):
             curves.append(f"| {r['calibration']} | {r['kv_ratio']:.3f} | "
                           + " / ".join(f"{k:.4f}" for _, k in r["healing"]["held_out_kl"]) + " |")
-    tables = "\n".join(lines) + "\n\n" + "\n".join(cl) + "\n\n" + "\n".join(curves)
+    tables = "\n".join(lines) + "\n\n" + "\n".join(cl) + ("\n\n" + "\n".join(curves) if len(curves) > 2 else "")
     print(tables)
     meta = {"command": "python " + " ".join(sys.argv),
             "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, {platform.platform()}, malloc {malloc_mode()}",
