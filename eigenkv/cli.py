@@ -527,12 +527,35 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+def _redeliver_interrupts(unraisable) -> None:
+    """sys.unraisablehook while a command runs: a signal that lands while Python runs a finalizer
+    or weakref callback (torch frees tensors through them) raises Terminated/KeyboardInterrupt
+    there, where Python can only print it and go on, so the command would finish as if never
+    stopped. Deliver the signal again instead, from a helper thread 10 ms later
+    (`_thread.interrupt_main`), when the main thread is back in the command's own code; should it
+    land in a finalizer again, this hook runs again."""
+    import _thread
+    import threading
+    if isinstance(unraisable.exc_value, Terminated):
+        signal.signal(signal.SIGTERM, _on_sigterm)  # the handler had reset SIGTERM to its default
+        signum = signal.SIGTERM
+    elif isinstance(unraisable.exc_value, KeyboardInterrupt):
+        signum = signal.SIGINT
+    else:
+        sys.__unraisablehook__(unraisable)
+        return
+    timer = threading.Timer(0.01, _thread.interrupt_main, (signum,))
+    timer.daemon = True
+    timer.start()
+
+
 def _run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     args = parser.parse_args(argv)
     args.argv = argv
-    previous = None
+    previous, previous_hook = None, sys.unraisablehook
     try:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        sys.unraisablehook = _redeliver_interrupts
     except ValueError:  # not the main thread: leave signals alone
         pass
     name = parser.prog.split()[0]  # eigenkv or export-eigen
@@ -553,6 +576,7 @@ def _run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
         print(f"{name}: interrupted", file=sys.stderr)
         return 130
     finally:
+        sys.unraisablehook = previous_hook
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

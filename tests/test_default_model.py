@@ -41,19 +41,27 @@ def test_default_model_shape(setup):
     assert (model.config.model_type, d.n_layers, d.n_heads, d.n_kv_heads, d.head_dim) == ("llama", 30, 9, 3, 64)
 
 
+FP32_TOL = 2e-4  # max |logit diff| between two float32 computations of this model (logits up to ~30)
+
+
 @torch.no_grad()
-def test_decoder_matches_transformers(setup):
+def test_decoder_matches_transformers(setup, reference64):
+    """Our decoder (PyTorch's fused attention) vs transformers' eager float32 model: within 2e-4
+    of each other (1.06e-4 measured on one CPU, < 1e-4 on another: the SIMD path moves the last
+    bits), and no further from the float64 original than 3x transformers' own float32 distance."""
     model, decoder, _, ids = setup
-    assert (model(ids).logits - decoder(ids)).abs().max().item() <= 1e-4
+    out = decoder(ids)
+    ref64, floor = reference64
+    assert (model(ids).logits - out).abs().max().item() <= FP32_TOL
+    assert (out.double() - ref64).abs().max().item() <= 3 * floor
 
 
 @pytest.mark.parametrize("rope_mode", ["pre", "joint"])
 @torch.no_grad()
 def test_full_rank_reproduces_and_half_ratio_compresses(setup, reference64, rope_mode):
-    """Full rank: max |logit diff| vs the float32 original <= 1e-4 (pre); joint mode projects
-    rotated q and k in float32 and sits at the float32 noise floor here (eager vs SDPA
-    attention of the same model differ by ~1e-4), so it is held to 2e-4 and to at most
-    3x the float32 original's own distance from the float64 original."""
+    """Full rank: max |logit diff| vs the float32 original <= 2e-4, the float32 noise floor here
+    (eager vs fused attention of the same model differ by ~1e-4; `pre` measured 1.14e-4 on one
+    CPU), and at most 3x the float32 original's own distance from the float64 original."""
     from eigenkv.exporter.decompose import decompose
     from eigenkv.exporter.fold import fold
     from eigenkv.exporter.ranks import allocate_kv_ratio, kv_ratio
@@ -63,7 +71,7 @@ def test_full_rank_reproduces_and_half_ratio_compresses(setup, reference64, rope
     folded = fold(decoder, bases, [64] * 30, [64] * 30, rope_mode)
     out = folded(ids)
     ref64, floor = reference64
-    assert (ref - out).abs().max().item() <= (1e-4 if rope_mode == "pre" else 2e-4)
+    assert (ref - out).abs().max().item() <= FP32_TOL
     assert (out.double() - ref64).abs().max().item() <= 3 * floor
     kr, vr = allocate_kv_ratio(bases, 0.5, 3)
     assert kv_ratio(kr, vr, 64) == pytest.approx(0.5, abs=1e-3)

@@ -646,3 +646,27 @@ def test_help_texts(capsys):
     from eigenkv.exporter.sources import builtin_text_path
     with pytest.raises(EigenError, match=", ".join(BUILTIN_TEXTS)):
         builtin_text_path("nope")
+
+
+def test_signal_swallowed_by_a_finalizer_is_delivered_again():
+    """SIGTERM's handler running inside a finalizer (where Python only prints an exception) still
+    stops the command: exit 143, one line, the rest of the command never runs."""
+    code = ("import signal, sys\n"
+            "from eigenkv import cli\n"
+            "class Dies:\n"
+            "    def __del__(self):\n"
+            "        cli._on_sigterm(signal.SIGTERM, None)  # as if the signal landed here\n"
+            "def work(args):\n"
+            "    d = Dies()\n"
+            "    del d\n"
+            "    total = 0\n"
+            "    for i in range(50_000_000):\n"
+            "        total += i\n"
+            "    print('finished')\n"
+            "    return 0\n"
+            "p = cli._Parser(prog='eigenkv')\n"
+            "p.set_defaults(func=work)\n"
+            "sys.exit(cli._run(p, []))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 143, run.stderr
+    assert run.stdout == "" and run.stderr.strip().splitlines() == ["eigenkv: terminated"], run.stderr
