@@ -75,7 +75,17 @@ def _group_sum(gram: torch.Tensor, n_kv: int) -> torch.Tensor:
     return gram.view(n_kv, -1, *gram.shape[1:]).sum(1)
 
 
-ATTENTION_CHUNK_BYTES = 64 << 20  # query rows per block of attention weights: about this many bytes
+ATTENTION_CHUNK_BYTES = 16 << 20  # query rows per block of attention weights (all sequences): about this many bytes
+
+
+def _distance_sums(probs: torch.Tensor, t0: int) -> torch.Tensor:
+    """probs [H, T, S] for query rows t0..t0+T-1 over key positions 0..S-1 -> [H, S]: the sum over
+    rows of probs[h, t, t - Δ] for Δ = 0..S-1 (zero where t - Δ < 0). Diagonals read in place:
+    keys flipped and zero-padded to 2S, so row i's key t - Δ sits at offset i(2S-1) + S-1-t0 + Δ."""
+    h, rows, s = probs.shape
+    padded = torch.nn.functional.pad(probs.flip(-1), (0, s))  # [H, T, 2S]
+    skewed = padded.as_strided((h, rows, s), (rows * 2 * s, 2 * s - 1, 1), s - 1 - t0)
+    return skewed.sum(1)
 
 
 def received_attention(attn: LowRankAttention, q: torch.Tensor, k: torch.Tensor, rope: bool
@@ -90,20 +100,17 @@ def received_attention(attn: LowRankAttention, q: torch.Tensor, k: torch.Tensor,
     """
     b, hq, s, _ = q.shape
     hkv = k.shape[1]
-    rows = max(1, ATTENTION_CHUNK_BYTES // (4 * hq * s))
+    rows = max(1, ATTENTION_CHUNK_BYTES // (4 * b * hq * s))
     received = torch.zeros(b, hq, s, dtype=torch.float32)
     distance = torch.zeros(hq, s, dtype=torch.float64) if rope else None
     lengths = torch.full((b,), s, dtype=torch.int64)
-    for i in range(b):
-        for t0 in range(0, s, rows):
-            t = torch.arange(t0, min(s, t0 + rows))
-            probs = attention_probs(q[i:i + 1, :, t], k[i:i + 1], lengths[i:i + 1], t[None], scale=attn.scale,
-                                    alibi_slopes=attn.alibi_slopes, window=attn.window)[0].float()  # [Hq, T, S]
-            received[i] += probs.sum(1)
-            if distance is not None:  # probs[h, t, t - Δ] summed over t, for Δ = 0..t
-                idx = t[:, None] - torch.arange(s)[None, :]  # [T, Δ] -> key position
-                rel = probs.gather(2, idx.clamp_min(0).expand(hq, -1, -1)) * (idx >= 0)
-                distance += rel.sum(1).double()
+    for t0 in range(0, s, rows):
+        t = torch.arange(t0, min(s, t0 + rows))
+        probs = attention_probs(q[:, :, t], k, lengths, t.expand(b, -1), scale=attn.scale,
+                                alibi_slopes=attn.alibi_slopes, window=attn.window).float()  # [B, Hq, T, S]
+        received += probs.sum(2)
+        if distance is not None:  # every sequence has the same positions: sum them first
+            distance += _distance_sums(probs.sum(0), t0).double()
     return received.view(b, hkv, hq // hkv, s).sum(2) / (hq // hkv), distance
 
 

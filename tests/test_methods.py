@@ -139,7 +139,7 @@ def test_attention_statistics_match_transformers_attention_weights(family, monke
     group / group size), and the attention mass per query-key distance (RoPE models). Small blocks
     of query rows and two calibration batches, so the blockwise accumulation is exercised."""
     import eigenkv.exporter.calibrate as cal
-    monkeypatch.setattr(cal, "ATTENTION_CHUNK_BYTES", 4 * 4 * 48 * 7)  # 7 query rows per block
+    monkeypatch.setattr(cal, "ATTENTION_CHUNK_BYTES", 4 * 2 * 4 * 48 * 7)  # 7 query rows per block (2 sequences)
     model = tiny_model(family)
     decoder = decoder_from_hf(model)
     samples = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(5))
