@@ -527,13 +527,17 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+_redelivery: dict = {}  # a signal swallowed by a finalizer: its number and the timer delivering it again
+
+
 def _redeliver_interrupts(unraisable) -> None:
     """sys.unraisablehook while a command runs: a signal that lands while Python runs a finalizer
     or weakref callback (torch frees tensors through them) raises Terminated/KeyboardInterrupt
     there, where Python can only print it and go on, so the command would finish as if never
     stopped. Deliver the signal again instead, from a helper thread 10 ms later
     (`_thread.interrupt_main`), when the main thread is back in the command's own code; should it
-    land in a finalizer again, this hook runs again."""
+    land in a finalizer again, this hook runs again; should the command end first, `_run` answers
+    as if the signal had stopped it."""
     import _thread
     import threading
     if isinstance(unraisable.exc_value, Terminated):
@@ -542,11 +546,20 @@ def _redeliver_interrupts(unraisable) -> None:
     elif isinstance(unraisable.exc_value, KeyboardInterrupt):
         signum = signal.SIGINT
     else:
-        sys.__unraisablehook__(unraisable)
+        _redelivery.get("previous_hook", sys.__unraisablehook__)(unraisable)
         return
     timer = threading.Timer(0.01, _thread.interrupt_main, (signum,))
     timer.daemon = True
+    _redelivery.update(signum=signum, timer=timer)
     timer.start()
+
+
+def _stop_redelivery() -> int | None:
+    """Cancel a pending re-delivery; the signal it carried (None if none)."""
+    timer = _redelivery.pop("timer", None)
+    if timer is not None:
+        timer.cancel()
+    return _redelivery.pop("signum", None)
 
 
 def _run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
@@ -555,13 +568,18 @@ def _run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     previous, previous_hook = None, sys.unraisablehook
     try:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        _redelivery["previous_hook"] = previous_hook
         sys.unraisablehook = _redeliver_interrupts
     except ValueError:  # not the main thread: leave signals alone
         pass
     name = parser.prog.split()[0]  # eigenkv or export-eigen
     tune_malloc()  # keep freed tensor memory in the heap (eigenkv/malloc.py; EIGENKV_MALLOC=default turns it off)
     try:
-        return args.func(args)
+        code = args.func(args)
+        swallowed = _stop_redelivery()  # the command ended before a swallowed signal came back
+        if swallowed is not None:
+            raise Terminated() if swallowed == signal.SIGTERM else KeyboardInterrupt()
+        return code
     except EigenError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
@@ -576,6 +594,8 @@ def _run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
         print(f"{name}: interrupted", file=sys.stderr)
         return 130
     finally:
+        _stop_redelivery()
+        _redelivery.pop("previous_hook", None)
         sys.unraisablehook = previous_hook
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

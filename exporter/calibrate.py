@@ -100,6 +100,7 @@ def received_attention(attn: LowRankAttention, q: torch.Tensor, k: torch.Tensor,
     """
     b, hq, s, _ = q.shape
     hkv = k.shape[1]
+    k = k.repeat_interleave(hq // hkv, dim=1)  # once, not once per block: [B, Hq, S, d]
     rows = max(1, ATTENTION_CHUNK_BYTES // (4 * b * hq * s))
     received = torch.zeros(b, hq, s, dtype=torch.float32)
     distance = torch.zeros(hq, s, dtype=torch.float64) if rope else None
@@ -115,8 +116,8 @@ def received_attention(attn: LowRankAttention, q: torch.Tensor, k: torch.Tensor,
 
 
 class _Accumulator:
-    def __init__(self, attn: LowRankAttention):
-        self.attn, self.tokens = attn, 0
+    def __init__(self, attn: LowRankAttention, attention: bool = True):
+        self.attn, self.tokens, self.attention = attn, 0, attention
         self.grams: dict[str, torch.Tensor] = {}
         self.scored: dict[str, torch.Tensor] = {}  # this batch's queries/keys as the op scores them
 
@@ -142,7 +143,7 @@ class _Accumulator:
         if x.dim() == 3:  # projection output [B, S, H*d] -> [B, H, S, d]
             x = x.view(x.shape[0], x.shape[1], n_heads, -1).transpose(1, 2)
         b, s = x.shape[0], x.shape[2]
-        if name == "key":
+        if name == "key" and self.attention:
             self.scored["key"] = x.detach()
         g = _gram(x)
         self.grams[name] = self.grams[name] + g if name in self.grams else g
@@ -154,14 +155,15 @@ class _Accumulator:
         rot_q = g["rot_q"].sum(0, keepdim=True) if "rot_q" in g else None
         rot_k = g["rot_k"].sum(0, keepdim=True) if "rot_k" in g else None
         return LayerStats(query=g["query"], key=g["key"], value=g["value"], rot_query=rot_q, rot_key=rot_k,
-                          attn_out=g["attn_out"][0], tokens=self.tokens, key_attention=g["key_attention"],
+                          attn_out=g["attn_out"][0], tokens=self.tokens, key_attention=g.get("key_attention"),
                           attention_distance=g.get("distance"))
 
 
 @contextmanager
-def gram_hooks(attn: LowRankAttention) -> Iterator[_Accumulator]:
-    """Hooks on one uncompressed attention module; removed on exit, whatever happens."""
-    acc = _Accumulator(attn)
+def gram_hooks(attn: LowRankAttention, attention: bool = True) -> Iterator[_Accumulator]:
+    """Hooks on one uncompressed attention module; removed on exit, whatever happens.
+    attention: also the attention statistics (`key_attention`, `attention_distance`)."""
+    acc = _Accumulator(attn, attention)
     taps = [(attn.projected_query, "query", attn.n_heads), (attn.projected_key, "key", attn.n_kv_heads),
             (attn.v_proj, "value", attn.n_kv_heads)]
     if attn.rope:
@@ -170,7 +172,7 @@ def gram_hooks(attn: LowRankAttention) -> Iterator[_Accumulator]:
                for m, name, heads in taps]
     scored = (attn.rotated_query, attn.rotated_key) if attn.rope else (attn.projected_query, attn.projected_key)
     handles += [m.register_forward_hook(lambda mod, inp, out, n=name: acc.score(n, out))
-                for m, name in zip(scored, ("q", "k"))]
+                for m, name in zip(scored, ("q", "k")) if attention]
     handles.append(attn.o_proj.register_forward_pre_hook(lambda mod, inp: acc.add("attn_out", inp[0], attn.n_heads)))
     try:
         yield acc
@@ -184,8 +186,13 @@ LayerCallback = Callable[[int, torch.Tensor, torch.Tensor, LayerStats], None]
 
 @torch.no_grad()
 def calibrate(decoder: EigenDecoder, samples: torch.Tensor, batch_size: int = 4,
-              on_layer: LayerCallback | None = None, progress: bool = True) -> list[LayerStats]:
+              on_layer: LayerCallback | None = None, progress: bool = True,
+              attention: bool = True) -> list[LayerStats]:
     """samples [N, S] token ids -> one LayerStats per layer.
+
+    attention: also measure the attention statistics (`key_attention`, `attention_distance`; about
+    as much work again as the forward passes); False leaves them None, for methods that do not
+    read them (`method.needs_attention`).
 
     on_layer(i, inputs [N, S, hidden], outputs [N, S, hidden], stats) runs after each layer,
     with that layer's uncompressed inputs and outputs (the error-budget search uses it).
@@ -198,7 +205,7 @@ def calibrate(decoder: EigenDecoder, samples: torch.Tensor, batch_size: int = 4,
     stats = []
     for i, layer in enumerate(tqdm(decoder.layers, desc="calibrate", unit="layer", disable=not progress)):
         out = torch.empty_like(hidden)
-        with gram_hooks(layer.attn) as acc:
+        with gram_hooks(layer.attn, attention) as acc:
             for start in range(0, len(samples), batch_size):
                 sl = slice(start, start + batch_size)
                 out[sl] = layer(hidden[sl], positions[sl], decoder.rope)

@@ -43,6 +43,7 @@ class LayerContext:
     rope_cos: torch.Tensor | None = None  # [P, d]
     rope_sin: torch.Tensor | None = None
     window: int = 1024  # calibration sequence length: relative distances 0..window-1
+    sliding_window: int = 0  # the layer's sliding window (0: none): its queries reach distances < this
 
 
 def psd_sqrt(gram: torch.Tensor, rel_floor: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,6 +117,10 @@ class Eigen:
     def factors(self, stats: LayerStats, ctx: LayerContext) -> LayerFactors:
         return eigen_factors(layer_bases(stats, ctx.rope, ctx.rope_mode))
 
+    def needs_attention(self, rope_mode: str, rope: bool) -> bool:
+        """Whether `factors` reads the calibration's attention statistics (`calibrate(attention=)`)."""
+        return False
+
 
 @dataclass(frozen=True)
 class LossAware:
@@ -141,6 +146,11 @@ class LossAware:
     ridge: float = 1e-9  # relative ridge of the W_o refit (1e-2 measured: +27.2% vs +25.7% wiki at 0.5)
     key_weighting: str = "attention"
 
+    def needs_attention(self, rope_mode: str, rope: bool) -> bool:
+        """Whether `factors` reads the calibration's attention statistics (`calibrate(attention=)`):
+        attention-weighted query-aware keys outside RoPE models' `joint` mode."""
+        return self.keys == "query-aware" and self.key_weighting == "attention" and not (rope and rope_mode == "joint")
+
     def _keys(self, st: LayerStats, ctx: LayerContext):
         n = max(st.tokens, 1)
         if ctx.rope and ctx.rope_mode == "joint":
@@ -152,8 +162,11 @@ class LossAware:
                                  f"calibration did not collect")
             q = st.query / n
             if ctx.rope:
-                q = rope_averaged(q, ctx.rope_cos, ctx.rope_sin, ctx.window,
-                                  weights=st.attention_distance if attention else None)
+                weights = st.attention_distance if attention else None
+                if weights is None and ctx.sliding_window:  # the causal pairs a sliding window keeps
+                    reach = min(ctx.window, ctx.sliding_window)
+                    weights = torch.arange(ctx.window, ctx.window - reach, -1, dtype=torch.float64).expand(q.shape[0], -1)
+                q = rope_averaged(q, ctx.rope_cos, ctx.rope_sin, ctx.window, weights=weights)
             m, c = _group_sum(q, ctx.n_kv_heads), (st.key_attention if attention else st.key) / n
             if self.key_sharing == "shared":
                 m, c = m.sum(0, keepdim=True), c.sum(0, keepdim=True)
@@ -203,10 +216,13 @@ def get_method(name: str):
 
 
 def layer_context(decoder, index: int, rope_mode: str, window: int) -> LayerContext:
+    """One layer's weights and geometry: its own RoPE tables where it has them (gemma3's local
+    layers), the calibration window and the layer's sliding window."""
     attn = decoder.layers[index].attn
-    rope = decoder.rope if attn.rope else None
+    rope = attn.layer_rope(decoder.rope) if attn.rope else None
     return LayerContext(attn.n_heads, attn.n_kv_heads, attn.head_dim, attn.o_proj.weight.detach(), attn.rope,
-                        rope_mode, None if rope is None else rope.cos, None if rope is None else rope.sin, window)
+                        rope_mode, None if rope is None else rope.cos, None if rope is None else rope.sin, window,
+                        attn.window)
 
 
 def method_factors(method, decoder, stats: list[LayerStats], rope_mode: str, window: int) -> list[LayerFactors]:

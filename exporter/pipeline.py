@@ -243,7 +243,8 @@ def choose_ranks(config: CompressConfig, decoder: EigenDecoder, texts: Texts):
     method = get_method(config.method)
     strategy = rank_strategy(config)
     stats = calibrate(decoder, texts.samples, on_layer=strategy.search_hook(decoder, config),
-                      progress=config.progress)
+                      progress=config.progress,
+                      attention=method.needs_attention(config.rope_mode, decoder.family.positions == "rope"))
     factors = method_factors(method, decoder, stats, config.rope_mode, config.calib_seq_len)
     key_ranks, value_ranks, details = strategy.choose(decoder, factors, texts, config)
     if config.compress_layers is not None:  # the other layers fold with identity bases: the original attention

@@ -141,9 +141,10 @@ def test_calibration_hooks_are_removed_even_on_error(family_setup):
     _, _, decoder, _ = family_setup
     from eigenkv.exporter.calibrate import gram_hooks
     attn = decoder.layers[0].attn
-    modules = [attn.q_proj, attn.k_proj, attn.v_proj, attn.rotated_query, attn.rotated_key]
+    modules = [attn.q_proj, attn.k_proj, attn.v_proj, attn.projected_query, attn.projected_key,
+               attn.rotated_query, attn.rotated_key]
     with pytest.raises(RuntimeError):
         with gram_hooks(attn):
             assert any(m._forward_hooks for m in modules)
             raise RuntimeError("boom")
-    assert not any(m._forward_hooks for m in modules)
+    assert not any(m._forward_hooks for m in modules) and not attn.o_proj._forward_pre_hooks

@@ -173,6 +173,37 @@ def test_attention_statistics_match_transformers_attention_weights(family, monke
             assert float(st.attention_distance[:, window:].abs().max()) == 0.0  # nothing past the window
 
 
+@torch.no_grad()
+def test_attention_statistics_only_when_a_method_reads_them():
+    """calibrate(attention=False) leaves the attention statistics None and every other Gram as it
+    was; the methods say which of them read the statistics (the pipeline calibrates accordingly)."""
+    decoder = decoder_from_hf(tiny_model("llama"))
+    samples = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(5))
+    full, bare = calibrate(decoder, samples, progress=False), calibrate(decoder, samples, progress=False, attention=False)
+    for a, b in zip(full, bare):
+        assert b.key_attention is None and b.attention_distance is None and a.key_attention is not None
+        assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("query", "key", "value", "attn_out"))
+    assert {n for n, m in METHODS.items() if m.needs_attention("pre", True)} == {
+        "loss-aware", "loss-aware-shared", "query-aware-keys"}
+    assert not any(m.needs_attention("joint", True) for m in METHODS.values())
+    assert get_method("loss-aware").needs_attention("joint", False)  # no RoPE: joint does not apply
+    with pytest.raises(EigenError, match="attention-weighted key statistics"):
+        method_factors(get_method("loss-aware"), decoder, bare, "pre", 48)
+    method_factors(get_method("loss-aware-uniform"), decoder, bare, "pre", 48)  # reads none
+
+
+def test_local_layers_use_their_own_rope_tables_and_window():
+    """gemma3's local layers rotate with their own RoPE base: the method's context carries their
+    tables (not the global layers'), and their sliding window."""
+    from eigenkv.exporter.methods import layer_context
+    decoder = decoder_from_hf(tiny_model("gemma3_text"))
+    local, glob = layer_context(decoder, 0, "pre", 48), layer_context(decoder, 1, "pre", 48)
+    own = decoder.layers[0].attn.own_rope
+    assert own is not None and torch.equal(local.rope_cos, own.cos) and torch.equal(glob.rope_cos, decoder.rope.cos)
+    assert not torch.equal(local.rope_cos, glob.rope_cos)
+    assert (local.sliding_window, glob.sliding_window) == (8, 0)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # joint mode exists for RoPE models only
 @torch.no_grad()
 def test_shared_keys_in_joint_mode_and_per_head_refused(family):
