@@ -121,6 +121,9 @@ class Eigen:
         """Whether `factors` reads the calibration's attention statistics (`calibrate(attention=)`)."""
         return False
 
+    def check(self, rope_mode: str, rope: bool) -> None:
+        """Every RoPE mode folds the paper's bases."""
+
 
 @dataclass(frozen=True)
 class LossAware:
@@ -183,10 +186,16 @@ class LossAware:
             c = st.value / n
         return _oblique_heads(m, c)
 
-    def factors(self, stats: LayerStats, ctx: LayerContext) -> LayerFactors:
-        if ctx.rope and ctx.rope_mode == "joint" and self.key_sharing != "shared" and self.keys != "eigen":
+    def check(self, rope_mode: str, rope: bool) -> None:
+        """Refuse, before any work, a RoPE mode this method cannot fold: per-head key bases in
+        `joint` mode (one line; EigenError)."""
+        if rope and rope_mode == "joint" and self.key_sharing != "shared" and self.keys != "eigen":
+            shared = [m.name for m in METHODS.values() if isinstance(m, LossAware) and m.key_sharing == "shared"]
             raise EigenError(f"--method {self.name} uses per-head key bases; --rope-mode joint needs shared ones "
-                             f"(use --method {self.name}-shared or --rope-mode pre)")
+                             f"(use --method {' or '.join(shared)}, or --rope-mode pre)")
+
+    def factors(self, stats: LayerStats, ctx: LayerContext) -> LayerFactors:
+        self.check(ctx.rope_mode, ctx.rope)
         base = None if self.keys == "query-aware" and self.values == "output-aware" else \
             eigen_factors(layer_bases(stats, ctx.rope, ctx.rope_mode))  # the paper's side, where one is kept
         kd, ku, kl = (self._keys(stats, ctx) if self.keys == "query-aware"

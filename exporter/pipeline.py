@@ -265,7 +265,10 @@ def compress(config: CompressConfig, source: ModelSource | None = None) -> Compr
     t0 = time.perf_counter()
     source = resolve_model(config.model) if source is None else source
     hf_config = load_config(source)
-    _check_dims(config, family_for(hf_config).dims(hf_config))
+    family = family_for(hf_config)
+    _check_dims(config, family.dims(hf_config))
+    if not (config.no_compress or config.projections):  # a method/mode conflict, before any weight is read
+        get_method(config.method).check(config.rope_mode, family.positions == "rope")
     model, tokenizer = load_model(source, progress=config.progress)
     decoder = decoder_from_hf(model)
     texts = split_texts(config, tokenizer)

@@ -165,3 +165,16 @@ def test_version_answers_without_importing_torch():
         from eigenkv.cli import build_parser
         build_parser().parse_args(["--version"])
     assert e.value.code == 0
+
+
+def test_joint_mode_conflict_is_refused_before_calibration(tiny_dir, text_file, tmp_path, capsys, monkeypatch):
+    import eigenkv.exporter.pipeline as pipeline
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibration ran before the refusal")
+    monkeypatch.setattr(pipeline, "calibrate", no_calibration)
+    out = tmp_path / "out"
+    assert main(_args(tiny_dir, text_file, out, "--rope-mode", "joint", "--method", "loss-aware-uniform")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "use --method loss-aware-shared, or --rope-mode pre" in err[0], err
+    assert not out.exists()

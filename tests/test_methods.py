@@ -220,6 +220,22 @@ def test_shared_keys_in_joint_mode_and_per_head_refused(family):
             method_factors(get_method("loss-aware"), decoder, stats, "joint", 48)
 
 
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_joint_refusals_name_methods_that_exist(name):
+    """A method that cannot fold `joint` says so in one line, naming only methods that exist."""
+    method = get_method(name)
+    method.check("pre", True)
+    method.check("joint", False)  # no RoPE: nothing to refuse
+    try:
+        method.check("joint", True)
+    except EigenError as e:
+        suggested = [w.strip(",") for w in str(e).split("use --method ")[1].split(", or")[0].split(" or ")]
+        assert suggested and all(s in METHODS for s in suggested), str(e)
+        assert all(not get_method(s).needs_attention("joint", True) for s in suggested)
+    else:
+        assert name in ("eigen", "loss-aware-shared", "output-aware-values")
+
+
 def test_unknown_method_is_one_line():
     with pytest.raises(EigenError, match="unknown --method 'svd'; choose one of: eigen"):
         get_method("svd")
