@@ -204,6 +204,25 @@ def test_quality_table(workdir):
     assert _table(run.stdout)[: 2 + len(rows)] == _table(tables[0])
 
 
+def test_quality_table_without_cloze(workdir):
+    """--cloze-items 0: no cloze items, column or table; a negative count is refused (exit 2, nothing written)."""
+    common = ("quality_table.py", "--model", "llama", "--calibrations", "calib.txt", "--calib-samples", "2",
+              "--calib-seq-len", "32", "--eval-texts", "calib.txt", "--eval-tokens", "64", "--eval-window", "32",
+              "--ratios", "0.5", "--heal-ratios", "", *QUIET)
+    bad = subprocess.run([sys.executable, str(TOOLS / common[0]), *common[1:], "--cloze-items", "-1", "--out",
+                          "bad/table"], capture_output=True, text=True, cwd=workdir, timeout=300)
+    assert bad.returncode == 2 and "--cloze-items must be >= 0" in bad.stderr.strip().splitlines()[-1]
+    assert not (workdir / "bad").exists()
+    _tool(*common, "--cloze-items", "0", "--out", "quality/table", cwd=workdir)
+    meta = json.loads((workdir / "quality" / "table.json").read_text())
+    assert [r["method"] for r in meta["rows"]] == ["original", "eigen (paper), energy", "loss-aware"]
+    assert all(r["cloze"] is None for r in meta["rows"])
+    text = (workdir / "quality" / "table.md").read_text()
+    assert "No cloze items." in text and "| cloze" not in text
+    tables = [t for t in text.split("\n\n") if t.startswith("|")]
+    assert len(tables) == 1 and len(_table(tables[0])) == 2 + 3
+
+
 def test_ppl_table(workdir):
     run = _tool("ppl_table.py", *SMALL, *QUIET, "--ratios", "0.5", "--out", "ppl/table", cwd=workdir)
     meta = json.loads((workdir / "ppl" / "table.json").read_text())

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from eigenkv.artifacts import atomic_path, write_json
 from eigenkv.errors import EigenError
 from eigenkv.exporter import ranks as rank_sel
 from eigenkv.exporter import sensitivity
@@ -67,6 +68,8 @@ def main() -> int:
     ap.add_argument("--out", default="docs/results/quality_table_smollm2")
     args = ap.parse_args()
     tune_malloc()  # as the eigenkv commands do (eigenkv/malloc.py); recorded with the machine
+    if args.cloze_items < 0:
+        ap.error(f"--cloze-items must be >= 0 (0: no cloze), got {args.cloze_items}")
     if args.heal_batch < 1 or (args.heal_seq_len is not None and args.heal_seq_len < 2):
         ap.error("--heal-batch must be >= 1 and --heal-seq-len >= 2 tokens")
     try:
@@ -87,13 +90,14 @@ def main() -> int:
         stream = tokenize(tokenizer, read_text(name))
         held[name] = stream[stream.numel() // 2:]
     evals = {n: held[n][: args.eval_tokens] for n in eval_names}
-    clozes = {n: cloze_items(held[n][args.eval_tokens:], args.cloze_items) for n in args.cloze_texts.split(",")}
+    clozes = {n: cloze_items(held[n][args.eval_tokens:], args.cloze_items)
+              for n in args.cloze_texts.split(",")} if args.cloze_items else {}
 
     def ppl_row(model_) -> dict:
         return {n: perplexity(model_, t, window, progress=False).value for n, t in evals.items()}
 
-    def cloze_row(model_) -> dict:
-        return {n: round(cloze_accuracy(model_, items), 4) for n, items in clozes.items()}
+    def cloze_row(model_) -> dict | None:
+        return {n: round(cloze_accuracy(model_, items), 4) for n, items in clozes.items()} or None
 
     base = ppl_row(decoder)
     rows = [{"calibration": "-", "method": "original", "kv_ratio": 1.0, "healing": None,
@@ -169,7 +173,7 @@ def main() -> int:
         if r["healing"] and r["healing"].get("held_out_kl"):
             curves.append(f"| {r['calibration']} | {r['kv_ratio']:.3f} | "
                           + " / ".join(f"{k:.4f}" for _, k in r["healing"]["held_out_kl"]) + " |")
-    tables = "\n".join(lines) + "\n\n" + "\n".join(cl) + ("\n\n" + "\n".join(curves) if len(curves) > 2 else "")
+    tables = "\n".join(lines) + ("\n\n" + "\n".join(cl) if clozes else "") + ("\n\n" + "\n".join(curves) if len(curves) > 2 else "")
     print(tables)
     meta = {"command": "python " + " ".join(sys.argv),
             "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, {platform.platform()}, malloc {malloc_mode()}",
@@ -186,13 +190,15 @@ def main() -> int:
             "seconds": seconds, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
-    out.with_suffix(".md").write_text(
-        f"Command: `{meta['command']}` on {meta['machine']}.\n\nCalibrations: "
-        + "; ".join(f"`{k}` = {v}" for k, v in mixes.items()) + f". {meta['calibration']}.\n"
-        f"Perplexity: {meta['evaluation']['tokens_scored']} tokens scored, windows of {window}, from each text's "
-        f"second half (in no calibration or healing set). Cloze: {args.cloze_items} items per text, 96 context "
-        f"tokens, 4 candidate 4-token continuations (chance 25%).\n\n{tables}\n")
+    write_json(out.with_suffix(".json"), meta)
+    with atomic_path(out.with_suffix(".md")) as tmp:
+        tmp.write_text(
+            f"Command: `{meta['command']}` on {meta['machine']}.\n\nCalibrations: "
+            + "; ".join(f"`{k}` = {v}" for k, v in mixes.items()) + f". {meta['calibration']}.\n"
+            f"Perplexity: {meta['evaluation']['tokens_scored']} tokens scored, windows of {window}, from each text's "
+            f"second half (in no calibration or healing set). "
+            + (f"Cloze: {args.cloze_items} items per text, 96 context tokens, 4 candidate 4-token continuations "
+               "(chance 25%)." if clozes else "No cloze items.") + f"\n\n{tables}\n")
     return 0
 
 
