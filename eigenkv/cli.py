@@ -89,7 +89,7 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
                         "the target over these layers' bytes. Pair with eviction that skips them: "
                         "`--compress-layers 0,1` with `eigenkv run --evict key-norm` (which skips layers 0-1)")
     p.add_argument("--method", default=None, metavar="NAME",
-                   help="basis method: " + ", ".join(_method_names()) + " (default loss-aware: query-aware keys "
+                   help="basis method: " + ", ".join(_method_names()) + " (default loss-aware: Fisher-weighted keys "
                         "per KV head + output-aware values, with --kv-ratio 0.5 when no target is given; "
                         "loss-aware-shared under --rope-mode joint; "
                         "eigen = the paper's SVD, with its --error-budget 0.025 when no target is given)")
@@ -187,7 +187,8 @@ def _cmd_compress(args) -> int:
 
 def _print_summary(r: dict, out) -> None:
     kv = r["kv_bytes_per_token_fp16"]
-    print(f"\n{r['source_model']} ({r['model_type']}, {r['n_layers']} layers), rope mode {r['rope_mode']}")
+    print(f"\n{r['source_model']} ({r['model_type']}, {r['n_layers']} layers), rope mode {r['rope_mode']}, "
+          f"method {r['ranks'].get('method', '?')}")
     print(f"key ranks   {r['ranks']['key']}\nvalue ranks {r['ranks']['value']}")
     print(f"KV cache: {kv['compressed']} / {kv['original']} bytes per token (fp16) = ratio {r['kv_ratio']:.3f}")
     budget = r["ranks"].get("quality_budget")

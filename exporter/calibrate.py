@@ -7,7 +7,8 @@ Gram matrices XᵀX; their eigenvectors are the right singular vectors of the st
 activations X (the paper's SVD, without materialising X). They also weigh each key by the
 attention it receives and tally the attention mass at each query-key distance, from the
 op's own attention weights (`reference.attention_probs`): the statistics of attention-weighted
-query-aware keys (`methods.py`).
+query-aware keys (`methods.py`). `fisher_grams` is the one pass over the whole model at once:
+forward and backward, for the keys' Fisher information (Fisher-weighted keys, the default).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ class LayerStats:
               size (so the weights sum to `tokens`, like `key`'s)
     attention_distance [Hq, S]  attention mass at each query-key distance Δ = 0..S-1 (query
               position minus key position), summed over queries, per query head; RoPE models, else None
+    key_fisher [Hkv, d, d]  Σ_s g_s g_sᵀ, g_s the gradient of the log-probability of sampled next
+              tokens with respect to key s as projected (`fisher_grams`), else None
+    key_fisher_x [Hkv, d, d]  Σ_s |g_s|² k_s k_sᵀ (the keys weighted by their gradients' energy)
     """
 
     query: torch.Tensor
@@ -51,6 +55,8 @@ class LayerStats:
     tokens: int
     key_attention: torch.Tensor | None = None
     attention_distance: torch.Tensor | None = None
+    key_fisher: torch.Tensor | None = None
+    key_fisher_x: torch.Tensor | None = None
 
     @property
     def key_pre(self) -> torch.Tensor:
@@ -187,12 +193,15 @@ LayerCallback = Callable[[int, torch.Tensor, torch.Tensor, LayerStats], None]
 @torch.no_grad()
 def calibrate(decoder: EigenDecoder, samples: torch.Tensor, batch_size: int = 4,
               on_layer: LayerCallback | None = None, progress: bool = True,
-              attention: bool = True) -> list[LayerStats]:
+              attention: bool = True, fisher: bool = False) -> list[LayerStats]:
     """samples [N, S] token ids -> one LayerStats per layer.
 
     attention: also measure the attention statistics (`key_attention`, `attention_distance`; about
     as much work again as the forward passes); False leaves them None, for methods that do not
     read them (`method.needs_attention`).
+    fisher: also the keys' Fisher statistics (`key_fisher`, `key_fisher_x`: `fisher_grams`, one
+    forward and backward pass of the whole model per sample, about 5 s per 1,024 tokens of the
+    135M default model on 2 cores), for methods that read them (`method.needs_fisher`).
 
     on_layer(i, inputs [N, S, hidden], outputs [N, S, hidden], stats) runs after each layer,
     with that layer's uncompressed inputs and outputs (the error-budget search uses it).
@@ -213,4 +222,80 @@ def calibrate(decoder: EigenDecoder, samples: torch.Tensor, batch_size: int = 4,
         if on_layer is not None:
             on_layer(i, hidden, out, stats[-1])
         hidden = out
+    if fisher:
+        fisher_grams(decoder, samples, stats, progress=progress)
     return stats
+
+
+def _weighted_grams(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, g [B, H, S, d] -> (Σ g gᵀ, Σ |g|² x xᵀ) per head, float64 [H, d, d]."""
+    x, g = x.to(torch.float64), g.to(torch.float64)
+    w = g.pow(2).sum(-1)
+    return torch.einsum("bhsd,bhse->hde", g, g), torch.einsum("bhs,bhsd,bhse->hde", w, x, x)
+
+
+def fisher_grams(decoder: EigenDecoder, samples: torch.Tensor, stats: list[LayerStats], draws: int = 2,
+                 seed: int = 0, progress: bool = True) -> None:
+    """The keys' Fisher statistics, set on `stats` (one LayerStats per layer) in place.
+
+    samples [N, S] token ids. Each sample runs through the uncompressed model with autograd (the
+    differentiable attention path; the weights are not trained); `draws` times, one next token per
+    position is sampled from the model's own distribution (a generator seeded with `seed`) and the
+    log-probability of those tokens, summed, is back-propagated. Its gradient g_s with respect to
+    each key s as projected (pre-RoPE in RoPE models, after any QK-norm) estimates the keys'
+    Fisher information E g gᵀ: ½ eᵀ F e is the second-order KL between the model's next-token
+    distributions with and without a key error e (cross terms between positions vanish in
+    expectation, so one backward pass per sample serves all of its positions). Sets, per KV head
+    [Hkv, d, d] float64: key_fisher = Σ g gᵀ and key_fisher_x = Σ |g|² k kᵀ, summed over samples,
+    positions and draws. (The Fisher weighting of FWSVD: Hsu et al., "Language model compression
+    with weighted low-rank factorization", ICLR 2022; here a full d × d Fisher per KV head of the
+    cache, used in the Kronecker-factored form of K-FAC, Martens & Grosse 2015: `methods.py`.)
+    """
+    params = [p for p in decoder.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    grams: list[dict] = [{} for _ in decoder.layers]
+    saved: dict = {}
+
+    def keep(i):
+        def hook(mod, inp, out):  # out: the keys as projected [B, Hkv, S, d]
+            saved[i] = out.detach()
+
+            def grad_hook(g):
+                gg, gx = _weighted_grams(saved[i], g)
+                d = grams[i]
+                d["key_fisher"] = d["key_fisher"] + gg if "key_fisher" in d else gg
+                d["key_fisher_x"] = d["key_fisher_x"] + gx if "key_fisher_x" in d else gx
+            out.register_hook(grad_hook)
+        return hook
+
+    handles, differentiable = [], [layer.attn.differentiable for layer in decoder.layers]
+    for i, layer in enumerate(decoder.layers):
+        layer.attn.differentiable = True  # the reference op has no backward
+        handles.append(layer.attn.projected_key.register_forward_hook(keep(i)))
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        with torch.enable_grad():
+            for row in tqdm(samples, desc="fisher", unit="sample", disable=not progress):
+                ids = row[None]
+                positions = torch.arange(ids.shape[1])[None]
+                h = decoder.embed_inputs(ids, positions).detach().requires_grad_(True)
+                for layer in decoder.layers:
+                    h = layer(h, positions, decoder.rope)
+                logits = decoder.head(h)
+                logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)[0]  # [S, V]
+                probs = logp.detach().exp()
+                for draw in range(draws):  # one forward pass, a backward pass per draw
+                    y = torch.multinomial(probs, 1, generator=gen)  # [S, 1]
+                    logp.gather(1, y).sum().backward(retain_graph=draw < draws - 1)
+                saved.clear()
+    finally:
+        for h_ in handles:
+            h_.remove()
+        for layer, was in zip(decoder.layers, differentiable):
+            layer.attn.differentiable = was
+        for p in params:
+            p.requires_grad_(True)
+    for st, g in zip(stats, grams):
+        for name, v in g.items():
+            setattr(st, name, v)

@@ -4,12 +4,15 @@ Each method is a small registered dataclass with one hook, `factors(stats, conte
 `--method NAME` picks one. `eigen` is the paper (orthonormal eigenvectors of the key and
 value activations); the loss-aware methods minimise what the model actually reads:
 
-  query-aware keys    E over query/key pairs of (qᵀ R (k - U D k))², the error of the
-                      attention logits (KQ-SVD's closed form), each pair weighted by its
-                      attention weight (the second-order KL of the attention row; `uniform`
-                      weighting is kept as `loss-aware-uniform`), with the query second
-                      moment averaged over the RoPE rotations R of the relative distances
-                      by the attention mass at each (RoPE models cache pre-RoPE keys)
+  Fisher-weighted keys  E over keys of (gᵀ (k - U D k))², g = ∂ log p(y) / ∂k the gradient
+                      of the model's own sampled next tokens (`calibrate.fisher_grams`): the
+                      second-order KL cost of a key error, through attention, RoPE and every
+                      later layer (FWSVD's Fisher weighting, Hsu et al. 2022, as a full Fisher
+                      per KV head in K-FAC's Kronecker-factored form);
+                      the earlier query-aware objectives are kept: (qᵀ R (k - U D k))² over
+                      query/key pairs (KQ-SVD's closed form) weighted by attention
+                      (`loss-aware-attention`) or uniformly (`loss-aware-uniform`), the query
+                      second moment averaged over the RoPE rotations R of the distances
   output-aware values E ||W_o (a - U D a)||² over attention outputs a (what the value
                       cache feeds), then W_o refitted by least squares on all heads'
                       attention outputs (cross-head terms included)
@@ -121,6 +124,10 @@ class Eigen:
         """Whether `factors` reads the calibration's attention statistics (`calibrate(attention=)`)."""
         return False
 
+    def needs_fisher(self, rope_mode: str, rope: bool) -> bool:
+        """Whether `factors` reads the keys' Fisher statistics (`calibrate(fisher=)`)."""
+        return False
+
     def check(self, rope_mode: str, rope: bool) -> None:
         """Every RoPE mode folds the paper's bases."""
 
@@ -132,8 +139,13 @@ class LossAware:
     keys: "query-aware" | "eigen"; values: "output-aware" | "eigen";
     key_sharing: "per-head" (a basis per KV head) | "shared" (one per layer; `joint` needs it);
     value_stats: "output" (attention outputs a, what values feed) | "value" (values v);
-    key_weighting: "attention" | "uniform" (query-aware keys outside `joint`): how query/key
-    pairs count in the logit error. "uniform" counts every causal pair alike; "attention"
+    key_weighting: "fisher" | "attention" | "uniform" (query-aware keys outside `joint`).
+    "fisher" weighs each key's error by the gradient of the log-likelihood of sampled next
+    tokens with respect to that key: M = Σ_s g_s g_sᵀ (the keys' Fisher information, per KV head;
+    it already holds the attention weights, the RoPE rotations and the later layers) and
+    C = Σ_s |g_s|² k_s k_sᵀ, the factorisation of Σ_s (g_sᵀ e_s)² that weighs each key by its
+    gradient's energy (`LayerStats.key_fisher`, `key_fisher_x`). The other two weigh the logit
+    error of query/key pairs: "uniform" counts every causal pair alike; "attention"
     counts the pair (t, p) by its attention weight a_tp, the second-order term of the KL
     between the original and perturbed attention rows (KL ≈ ½ Σ_p a_tp (δ_tp - δ̄_t)², δ the
     logit error), factorised as keys weighted by the attention they receive
@@ -147,18 +159,34 @@ class LossAware:
     key_sharing: str = "per-head"
     value_stats: str = "output"
     ridge: float = 1e-9  # relative ridge of the W_o refit (1e-2 measured: +27.2% vs +25.7% wiki at 0.5)
-    key_weighting: str = "attention"
+    key_weighting: str = "fisher"
+
+    def _weighted(self, rope_mode: str, rope: bool) -> bool:
+        return self.keys == "query-aware" and not (rope and rope_mode == "joint")
 
     def needs_attention(self, rope_mode: str, rope: bool) -> bool:
         """Whether `factors` reads the calibration's attention statistics (`calibrate(attention=)`):
         attention-weighted query-aware keys outside RoPE models' `joint` mode."""
-        return self.keys == "query-aware" and self.key_weighting == "attention" and not (rope and rope_mode == "joint")
+        return self.key_weighting == "attention" and self._weighted(rope_mode, rope)
+
+    def needs_fisher(self, rope_mode: str, rope: bool) -> bool:
+        """Whether `factors` reads the keys' Fisher statistics (`calibrate(fisher=)`): Fisher-weighted
+        keys outside RoPE models' `joint` mode."""
+        return self.key_weighting == "fisher" and self._weighted(rope_mode, rope)
 
     def _keys(self, st: LayerStats, ctx: LayerContext):
         n = max(st.tokens, 1)
         if ctx.rope and ctx.rope_mode == "joint":
             m, c = st.rot_query / n, st.rot_key / n  # already rotated, summed over heads
         else:
+            if self.key_weighting == "fisher":
+                if st.key_fisher is None:
+                    raise EigenError(f"--method {self.name} needs the keys' Fisher statistics, which this "
+                                     f"calibration did not collect")
+                m, c = st.key_fisher, st.key_fisher_x
+                if self.key_sharing == "shared":
+                    m, c = m.sum(0, keepdim=True), c.sum(0, keepdim=True)
+                return _oblique_heads(m, c)
             attention = self.key_weighting == "attention"
             if attention and st.key_attention is None:
                 raise EigenError(f"--method {self.name} needs attention-weighted key statistics, which this "
@@ -211,6 +239,7 @@ class LossAware:
 METHODS = {m.name: m for m in (
     Eigen(),
     LossAware("loss-aware"),
+    LossAware("loss-aware-attention", key_weighting="attention"),
     LossAware("loss-aware-uniform", key_weighting="uniform"),
     LossAware("loss-aware-shared", key_sharing="shared"),
     LossAware("query-aware-keys", values="eigen"),

@@ -242,9 +242,10 @@ def choose_ranks(config: CompressConfig, decoder: EigenDecoder, texts: Texts):
     """
     method = get_method(config.method)
     strategy = rank_strategy(config)
+    rope = decoder.family.positions == "rope"
     stats = calibrate(decoder, texts.samples, on_layer=strategy.search_hook(decoder, config),
-                      progress=config.progress,
-                      attention=method.needs_attention(config.rope_mode, decoder.family.positions == "rope"))
+                      progress=config.progress, attention=method.needs_attention(config.rope_mode, rope),
+                      fisher=method.needs_fisher(config.rope_mode, rope))
     factors = method_factors(method, decoder, stats, config.rope_mode, config.calib_seq_len)
     key_ranks, value_ranks, details = strategy.choose(decoder, factors, texts, config)
     if config.compress_layers is not None:  # the other layers fold with identity bases: the original attention

@@ -40,7 +40,8 @@ def test_compress_writes_projections_and_report(tiny_dir, text_file, tmp_path, c
     layers, meta = load_projections(out / "projections.safetensors")
     assert meta["key_ranks"] == report["ranks"]["key"] and len(layers) == 3
     assert layers[0]["k_proj.weight"].shape[0] == 2 * report["ranks"]["key"][0]  # 2 KV heads at the chosen rank
-    assert "KV cache" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "KV cache" in printed and "method loss-aware\n" in printed and report["ranks"]["method"] == "loss-aware"
     # a second run into the same directory needs --force
     assert main(_args(tiny_dir, text_file, out, "--kv-ratio", "0.5")) == 2
 

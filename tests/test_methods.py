@@ -114,7 +114,7 @@ def setup(request):
     model = tiny_model(request.param)
     decoder = decoder_from_hf(model)
     samples = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(5))
-    return model, decoder, calibrate(decoder, samples, progress=False)
+    return model, decoder, calibrate(decoder, samples, progress=False, fisher=True)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -183,12 +183,17 @@ def test_attention_statistics_only_when_a_method_reads_them():
     for a, b in zip(full, bare):
         assert b.key_attention is None and b.attention_distance is None and a.key_attention is not None
         assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("query", "key", "value", "attn_out"))
-    assert {n for n, m in METHODS.items() if m.needs_attention("pre", True)} == {
+    assert {n for n, m in METHODS.items() if m.needs_attention("pre", True)} == {"loss-aware-attention"}
+    assert {n for n, m in METHODS.items() if m.needs_fisher("pre", True)} == {
         "loss-aware", "loss-aware-shared", "query-aware-keys"}
-    assert not any(m.needs_attention("joint", True) for m in METHODS.values())
-    assert get_method("loss-aware").needs_attention("joint", False)  # no RoPE: joint does not apply
+    assert not any(m.needs_attention("joint", True) or m.needs_fisher("joint", True) for m in METHODS.values())
+    assert get_method("loss-aware-attention").needs_attention("joint", False)  # no RoPE: joint does not apply
+    assert get_method("loss-aware").needs_fisher("joint", False)
+    assert all(st.key_fisher is None for st in full)  # calibrate(fisher=False), the default
     with pytest.raises(EigenError, match="attention-weighted key statistics"):
-        method_factors(get_method("loss-aware"), decoder, bare, "pre", 48)
+        method_factors(get_method("loss-aware-attention"), decoder, bare, "pre", 48)
+    with pytest.raises(EigenError, match="the keys' Fisher statistics"):
+        method_factors(get_method("loss-aware"), decoder, full, "pre", 48)
     method_factors(get_method("loss-aware-uniform"), decoder, bare, "pre", 48)  # reads none
 
 
@@ -231,7 +236,8 @@ def test_joint_refusals_name_methods_that_exist(name):
     except EigenError as e:
         suggested = [w.strip(",") for w in str(e).split("use --method ")[1].split(", or")[0].split(" or ")]
         assert suggested and all(s in METHODS for s in suggested), str(e)
-        assert all(not get_method(s).needs_attention("joint", True) for s in suggested)
+        assert all(not (get_method(s).needs_attention("joint", True) or get_method(s).needs_fisher("joint", True))
+                   for s in suggested)
     else:
         assert name in ("eigen", "loss-aware-shared", "output-aware-values")
 
@@ -239,3 +245,55 @@ def test_joint_refusals_name_methods_that_exist(name):
 def test_unknown_method_is_one_line():
     with pytest.raises(EigenError, match="unknown --method 'svd'; choose one of: eigen"):
         get_method("svd")
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "mistral-window"])
+def test_fisher_statistics_match_direct_autograd(family):
+    """fisher_grams against autograd on zero offsets added to every layer's keys as projected,
+    float64: the same sampled next tokens (the generator replayed), the gradient of their summed
+    log-probability, and its Grams Σ g gᵀ and Σ |g|² k kᵀ per KV head, two draws per sample; the
+    decoder's weights and attention path are left as they were."""
+    from eigenkv.exporter.calibrate import fisher_grams
+    decoder = decoder_from_hf(tiny_model(family).double())
+    samples = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(4))
+    stats = calibrate(decoder, samples, progress=False, attention=False)
+    fisher_grams(decoder, samples, stats, draws=2, seed=7, progress=False)
+    assert all(p.requires_grad for p in decoder.parameters())
+    assert not any(layer.attn.differentiable for layer in decoder.layers)
+    gen = torch.Generator().manual_seed(7)
+    n = len(decoder.layers)
+    want = {name: [0.0] * n for name in ("key_fisher", "key_fisher_x")}
+    for layer in decoder.layers:
+        layer.attn.differentiable = True
+    try:
+        for row in samples:
+            for _ in range(2):
+                seen, offsets, taps = {}, {}, []
+                for i, layer in enumerate(decoder.layers):
+                    a = layer.attn
+                    def tap(m, inp, out, i=i):
+                        seen[i] = out.detach()
+                        offsets[i] = torch.zeros_like(out, requires_grad=True)
+                        return out + offsets[i]
+                    taps.append(a.projected_key.register_forward_hook(tap))
+                try:
+                    logp = torch.log_softmax(decoder(row[None]), -1)[0]
+                    y = torch.multinomial(logp.detach().exp(), 1, generator=gen)
+                    grads = torch.autograd.grad(logp.gather(1, y).sum(), list(offsets.values()))
+                finally:
+                    for t in taps:
+                        t.remove()
+                for (i, k), g in zip(seen.items(), grads):  # [1, Hkv, S, d]
+                    assert k.dim() == 4 and k.shape[1] == decoder.layers[i].attn.n_kv_heads
+                    want["key_fisher"][i] = want["key_fisher"][i] + torch.einsum("bhsd,bhse->hde", g, g)
+                    w = g.pow(2).sum(-1)
+                    want["key_fisher_x"][i] = want["key_fisher_x"][i] + torch.einsum("bhs,bhsd,bhse->hde", w, k, k)
+    finally:
+        for layer in decoder.layers:
+            layer.attn.differentiable = False
+    for name, per_layer in want.items():
+        for st, w in zip(stats, per_layer):
+            got = getattr(st, name)
+            assert got.dtype == torch.float64 and got.shape == w.shape
+            assert float(w.abs().max()) > 0
+            assert torch.allclose(got, w, rtol=1e-9, atol=1e-12 * float(w.abs().max())), name

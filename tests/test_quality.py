@@ -27,7 +27,7 @@ def llama():
     noise = torch.rand(stream.shape, generator=gen) < 0.1
     stream = torch.where(noise, torch.randint(0, 256, stream.shape, generator=gen), stream)
     samples = stream[: 8 * 64].view(8, 64)
-    stats = calibrate(decoder, samples, progress=False)
+    stats = calibrate(decoder, samples, progress=False, fisher=True)
     factors = method_factors(get_method("loss-aware"), decoder, stats, "pre", 64)
     return decoder, factors, samples, stream
 

@@ -62,7 +62,10 @@ def main() -> int:
     source, decoder, texts = load_for_tables(config)
     d = decoder.dims.head_dim
     t0 = time.perf_counter()
-    stats = calibrate(decoder, texts.samples, progress=progress)
+    rope = decoder.family.positions == "rope"
+    wanted = [(n, "pre") for n in args.methods.split(",")] + [(n, "joint") for n in args.joint_methods.split(",") if n]
+    stats = calibrate(decoder, texts.samples, progress=progress,
+                      fisher=any(get_method(n).needs_fisher(m, rope) for n, m in wanted))
     calib_s = time.perf_counter() - t0
     base = {n: perplexity(decoder, t, window, progress=progress, desc=f"original {n}") for n, t in texts.evals.items()}
     ratios = [float(r) for r in args.ratios.split(",")]

@@ -99,7 +99,7 @@ def main() -> int:
         stats = torch.load(args.stats, weights_only=False)
     else:
         from eigenkv.exporter.calibrate import calibrate
-        stats = calibrate(dec, tx.samples, progress=False)
+        stats = calibrate(dec, tx.samples, progress=False, fisher=True)
     base = {n: perplexity(dec, t, window, progress=False).value for n, t in tx.evals.items()}
     f = method_factors(get_method("loss-aware"), dec, stats, "pre", args.calib_seq_len)
     sens = sensitivity.measure(dec, f, tx.samples[:4, :256], "pre", progress=False)
