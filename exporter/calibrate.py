@@ -7,8 +7,9 @@ Gram matrices XᵀX; their eigenvectors are the right singular vectors of the st
 activations X (the paper's SVD, without materialising X). They also weigh each key by the
 attention it receives and tally the attention mass at each query-key distance, from the
 op's own attention weights (`reference.attention_probs`): the statistics of attention-weighted
-query-aware keys (`methods.py`). `fisher_grams` is the one pass over the whole model at once:
-forward and backward, for the keys' Fisher information (Fisher-weighted keys, the default).
+query-aware keys (`methods.py`). `fisher_grams` is the one pass over the whole model at once
+(forward and backward, one sample at a time, so its autograd graph spans every layer): the
+keys' Fisher information (Fisher-weighted keys, the default).
 """
 
 from __future__ import annotations
@@ -193,15 +194,15 @@ LayerCallback = Callable[[int, torch.Tensor, torch.Tensor, LayerStats], None]
 @torch.no_grad()
 def calibrate(decoder: EigenDecoder, samples: torch.Tensor, batch_size: int = 4,
               on_layer: LayerCallback | None = None, progress: bool = True,
-              attention: bool = True, fisher: bool = False) -> list[LayerStats]:
+              attention: bool = True, fisher: bool = False, fisher_draws: int = 2) -> list[LayerStats]:
     """samples [N, S] token ids -> one LayerStats per layer.
 
     attention: also measure the attention statistics (`key_attention`, `attention_distance`; about
     as much work again as the forward passes); False leaves them None, for methods that do not
     read them (`method.needs_attention`).
-    fisher: also the keys' Fisher statistics (`key_fisher`, `key_fisher_x`: `fisher_grams`, one
-    forward and backward pass of the whole model per sample, about 5 s per 1,024 tokens of the
-    135M default model on 2 cores), for methods that read them (`method.needs_fisher`).
+    fisher: also the keys' Fisher statistics (`key_fisher`, `key_fisher_x`: `fisher_grams` with
+    `fisher_draws` draws, one forward and `fisher_draws` backward passes of the whole model per
+    sample), for methods that read them (`method.needs_fisher`).
 
     on_layer(i, inputs [N, S, hidden], outputs [N, S, hidden], stats) runs after each layer,
     with that layer's uncompressed inputs and outputs (the error-budget search uses it).
@@ -223,7 +224,7 @@ def calibrate(decoder: EigenDecoder, samples: torch.Tensor, batch_size: int = 4,
             on_layer(i, hidden, out, stats[-1])
         hidden = out
     if fisher:
-        fisher_grams(decoder, samples, stats, progress=progress)
+        fisher_grams(decoder, samples, stats, draws=fisher_draws, progress=progress)
     return stats
 
 
@@ -244,8 +245,10 @@ def fisher_grams(decoder: EigenDecoder, samples: torch.Tensor, stats: list[Layer
     log-probability of those tokens, summed, is back-propagated. Its gradient g_s with respect to
     each key s as projected (pre-RoPE in RoPE models, after any QK-norm) estimates the keys'
     Fisher information E g gᵀ: ½ eᵀ F e is the second-order KL between the model's next-token
-    distributions with and without a key error e (cross terms between positions vanish in
-    expectation, so one backward pass per sample serves all of its positions). Sets, per KV head
+    distributions with and without a key error e (the cross terms between predicted positions
+    vanish in expectation, so one backward pass per draw serves all of a sample's positions; the
+    objective then keeps each key's own term, dropping the cross terms between keys). Unlike
+    `calibrate`, this holds the whole model's autograd graph for one sample at a time. Sets, per KV head
     [Hkv, d, d] float64: key_fisher = Σ g gᵀ and key_fisher_x = Σ |g|² k kᵀ, summed over samples,
     positions and draws. (The Fisher weighting of FWSVD: Hsu et al., "Language model compression
     with weighted low-rank factorization", ICLR 2022; here a full d × d Fisher per KV head of the
@@ -255,14 +258,13 @@ def fisher_grams(decoder: EigenDecoder, samples: torch.Tensor, stats: list[Layer
     for p in params:
         p.requires_grad_(False)
     grams: list[dict] = [{} for _ in decoder.layers]
-    saved: dict = {}
 
     def keep(i):
         def hook(mod, inp, out):  # out: the keys as projected [B, Hkv, S, d]
-            saved[i] = out.detach()
+            keys = out.detach()
 
-            def grad_hook(g):
-                gg, gx = _weighted_grams(saved[i], g)
+            def grad_hook(g):  # once per draw's backward pass
+                gg, gx = _weighted_grams(keys, g)
                 d = grams[i]
                 d["key_fisher"] = d["key_fisher"] + gg if "key_fisher" in d else gg
                 d["key_fisher_x"] = d["key_fisher_x"] + gx if "key_fisher_x" in d else gx
@@ -288,7 +290,7 @@ def fisher_grams(decoder: EigenDecoder, samples: torch.Tensor, stats: list[Layer
                 for draw in range(draws):  # one forward pass, a backward pass per draw
                     y = torch.multinomial(probs, 1, generator=gen)  # [S, 1]
                     logp.gather(1, y).sum().backward(retain_graph=draw < draws - 1)
-                saved.clear()
+                del h, logits, logp, probs  # [S, V] each: freed before the next sample's graph
     finally:
         for h_ in handles:
             h_.remove()

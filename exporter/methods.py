@@ -143,8 +143,9 @@ class LossAware:
     "fisher" weighs each key's error by the gradient of the log-likelihood of sampled next
     tokens with respect to that key: M = Σ_s g_s g_sᵀ (the keys' Fisher information, per KV head;
     it already holds the attention weights, the RoPE rotations and the later layers) and
-    C = Σ_s |g_s|² k_s k_sᵀ, the factorisation of Σ_s (g_sᵀ e_s)² that weighs each key by its
-    gradient's energy (`LayerStats.key_fisher`, `key_fisher_x`). The other two weigh the logit
+    C = Σ_s |g_s|² k_s k_sᵀ, a Kronecker (K-FAC-style) approximation of Σ_s (g_sᵀ e_s)² that
+    weighs each key by its gradient's energy (`LayerStats.key_fisher`, `key_fisher_x`); the cross
+    terms between keys of the second-order KL are dropped. The other two weigh the logit
     error of query/key pairs: "uniform" counts every causal pair alike; "attention"
     counts the pair (t, p) by its attention weight a_tp, the second-order term of the KL
     between the original and perturbed attention rows (KL ≈ ½ Σ_p a_tp (δ_tp - δ̄_t)², δ the

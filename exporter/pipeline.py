@@ -62,6 +62,7 @@ class CompressConfig:
     calib_text: str | tuple[str, ...] = "mix"  # `NAME_OR_FILE[:WEIGHT]` item(s), or "mix" (texts.DEFAULT_MIX)
     calib_samples: int = 16
     calib_seq_len: int = 1024
+    fisher_draws: int = 2  # sampled next tokens per position in the Fisher pass (Fisher-weighted keys)
     eval_texts: tuple[str, ...] = ("wiki", "c4", "tiny")  # tiny is in no calibration mix by default
     eval_tokens: int = 20480
     eval_window: int = 1024
@@ -133,7 +134,7 @@ class CompressConfig:
             rank_sel.check_kv_ratio(kv_ratio)
         if self.error_budget is not None and not self.error_budget > 0:
             raise EigenError(f"--error-budget must be > 0 (relative layer-output error), got {self.error_budget}")
-        for name in ("calib_samples", "calib_seq_len", "eval_window"):
+        for name in ("calib_samples", "calib_seq_len", "eval_window", "fisher_draws"):
             if getattr(self, name) < 1:
                 raise EigenError(f"--{name.replace('_', '-')} must be >= 1")
         for name, _ in parse_mix(self.calib_text):
@@ -245,12 +246,16 @@ def choose_ranks(config: CompressConfig, decoder: EigenDecoder, texts: Texts):
     rope = decoder.family.positions == "rope"
     stats = calibrate(decoder, texts.samples, on_layer=strategy.search_hook(decoder, config),
                       progress=config.progress, attention=method.needs_attention(config.rope_mode, rope),
-                      fisher=method.needs_fisher(config.rope_mode, rope))
+                      fisher=method.needs_fisher(config.rope_mode, rope), fisher_draws=config.fisher_draws)
     factors = method_factors(method, decoder, stats, config.rope_mode, config.calib_seq_len)
     key_ranks, value_ranks, details = strategy.choose(decoder, factors, texts, config)
     if config.compress_layers is not None:  # the other layers fold with identity bases: the original attention
         factors = [f if i in config.compress_layers else identity_factors(f) for i, f in enumerate(factors)]
         details["compress_layers"] = list(config.compress_layers)
+    if method.needs_fisher(config.rope_mode, rope) or method.needs_attention(config.rope_mode, rope):
+        details["key_weighting"] = method.key_weighting  # which objective `loss-aware` meant when this ran
+    if method.needs_fisher(config.rope_mode, rope):
+        details["fisher_draws"] = config.fisher_draws
     return factors, key_ranks, value_ranks, {"method": method.name, "rope_mode": config.rope_mode.value, **details}
 
 

@@ -60,6 +60,7 @@ def test_error_budget_respects_budget(tiny_dir, text_file, tmp_path):
     (["--kv-ratio", "0"], "--kv-ratio must be in (0, 1]"),
     (["--key-rank", "17"], "exceeds head_dim 16"),
     (["--calib-samples", "500"], "need 16000"),
+    (["--fisher-draws", "0"], "--fisher-draws must be >= 1"),
     (["--calib-seq-len", "4096"], "exceeds the model's maximum positions"),
     (["--compress-layers", "0,x"], "--compress-layers takes layer indices like 0,1 or 0-3"),
     (["--compress-layers", "1-3"], "--compress-layers 3 is out of range: the model has layers 0..2"),
@@ -166,6 +167,30 @@ def test_version_answers_without_importing_torch():
         from eigenkv.cli import build_parser
         build_parser().parse_args(["--version"])
     assert e.value.code == 0
+
+
+@pytest.mark.parametrize("method, attention, fisher, weighting", [
+    ("loss-aware", False, True, "fisher"), ("loss-aware-attention", True, False, "attention"),
+    ("loss-aware-uniform", False, False, None), ("eigen", False, False, None)])
+def test_compress_calibrates_the_statistics_its_method_reads(tiny_dir, text_file, tmp_path, monkeypatch,
+                                                             method, attention, fisher, weighting):
+    """The pipeline asks calibration for the attention statistics and the Fisher pass only when the
+    method reads them (each costs about as much as calibration itself); the report says which key
+    weighting `loss-aware` meant."""
+    import eigenkv.exporter.pipeline as pipeline
+    seen = []
+
+    def spy(*a, **k):
+        seen.append((k["attention"], k["fisher"], k["fisher_draws"]))
+        return real(*a, **k)
+    real = pipeline.calibrate
+    monkeypatch.setattr(pipeline, "calibrate", spy)
+    extra = ("--kv-ratio", "0.5") if method != "eigen" else ()
+    assert main(_args(tiny_dir, text_file, tmp_path / "out", "--method", method, "--fisher-draws", "3", *extra)) == 0
+    assert seen == [(attention, fisher, 3)]
+    report = json.loads((tmp_path / "out" / "compress.json").read_text())
+    assert report["ranks"]["method"] == method and report["ranks"].get("key_weighting") == weighting
+    assert report["ranks"].get("fisher_draws") == (3 if fisher else None)
 
 
 def test_joint_mode_conflict_is_refused_before_calibration(tiny_dir, text_file, tmp_path, capsys, monkeypatch):

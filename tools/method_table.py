@@ -65,6 +65,7 @@ def main() -> int:
     rope = decoder.family.positions == "rope"
     wanted = [(n, "pre") for n in args.methods.split(",")] + [(n, "joint") for n in args.joint_methods.split(",") if n]
     stats = calibrate(decoder, texts.samples, progress=progress,
+                      attention=any(get_method(n).needs_attention(m, rope) for n, m in wanted),
                       fisher=any(get_method(n).needs_fisher(m, rope) for n, m in wanted))
     calib_s = time.perf_counter() - t0
     base = {n: perplexity(decoder, t, window, progress=progress, desc=f"original {n}") for n, t in texts.evals.items()}

@@ -128,8 +128,10 @@ def main() -> int:
         label = mixes[spec] = texts.label
         span = min(256, args.calib_seq_len)  # the held-out KL curve: the last 2 windows of each text
         held_out = torch.cat([tokenize(tokenizer, read_text(n))[-2 * span:].view(2, span) for n in texts.weights])
-        stats = calibrate(decoder, texts.samples, progress=progress, fisher=any(
-            get_method(m).needs_fisher("pre", decoder.family.positions == "rope") for m in args.methods.split(",")))
+        rope, methods = decoder.family.positions == "rope", [get_method(m) for m in args.methods.split(",")]
+        stats = calibrate(decoder, texts.samples, progress=progress,
+                          attention=any(m.needs_attention("pre", rope) for m in methods),
+                          fisher=any(m.needs_fisher("pre", rope) for m in methods))
         seconds[f"calibrate {label}"] = round(time.perf_counter() - t0, 1)
         if i == 0:  # the paper's method (plain SVD, energy allocation) on the first calibration
             eigen = method_factors(get_method("eigen"), decoder, stats, "pre", args.calib_seq_len)

@@ -97,6 +97,9 @@ def main() -> int:
     tx = split_texts(cfg, tok)
     if args.stats:
         stats = torch.load(args.stats, weights_only=False)
+        if stats[0].key_fisher is None:  # saved without the Fisher pass the default method reads
+            from eigenkv.exporter.calibrate import fisher_grams
+            fisher_grams(dec, tx.samples, stats, progress=False)
     else:
         from eigenkv.exporter.calibrate import calibrate
         stats = calibrate(dec, tx.samples, progress=False, fisher=True)
