@@ -244,17 +244,17 @@ def choose_ranks(config: CompressConfig, decoder: EigenDecoder, texts: Texts):
     method = get_method(config.method)
     strategy = rank_strategy(config)
     rope = decoder.family.positions == "rope"
+    attention, fisher = method.needs_attention(config.rope_mode, rope), method.needs_fisher(config.rope_mode, rope)
     stats = calibrate(decoder, texts.samples, on_layer=strategy.search_hook(decoder, config),
-                      progress=config.progress, attention=method.needs_attention(config.rope_mode, rope),
-                      fisher=method.needs_fisher(config.rope_mode, rope), fisher_draws=config.fisher_draws)
+                      progress=config.progress, attention=attention, fisher=fisher, fisher_draws=config.fisher_draws)
     factors = method_factors(method, decoder, stats, config.rope_mode, config.calib_seq_len)
     key_ranks, value_ranks, details = strategy.choose(decoder, factors, texts, config)
     if config.compress_layers is not None:  # the other layers fold with identity bases: the original attention
         factors = [f if i in config.compress_layers else identity_factors(f) for i, f in enumerate(factors)]
         details["compress_layers"] = list(config.compress_layers)
-    if method.needs_fisher(config.rope_mode, rope) or method.needs_attention(config.rope_mode, rope):
+    if attention or fisher:
         details["key_weighting"] = method.key_weighting  # which objective `loss-aware` meant when this ran
-    if method.needs_fisher(config.rope_mode, rope):
+    if fisher:
         details["fisher_draws"] = config.fisher_draws
     return factors, key_ranks, value_ranks, {"method": method.name, "rope_mode": config.rope_mode.value, **details}
 
