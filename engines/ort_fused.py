@@ -38,8 +38,12 @@ Runtime's CPU provider), all exact against the op's reference math:
   positions by ONNX `RotaryEmbedding` (opset 23: one kernel that reads the [P, hd/2] tables by
   position, instead of gathering two [Smax, hd] tables and five elementwise passes).
 - `attention-rows` (`pre` mode): the same kernels inside an ONNX `Scan` over the B*Hkv (sequence,
-  KV head) rows, so one row's rebuilt and rotated keys ([Smax, hd]) stay in cache between the
-  three kernels instead of a [B, Hkv, Smax, hd] tensor streaming through memory three times.
+  KV head) rows, so one row's rebuilt and rotated keys ([n, hd]) stay in cache between the
+  three kernels instead of a [B, Hkv, Smax, hd] tensor streaming through memory three times. Each
+  row first slices its cache to its n = cache_lengths[b] valid slots (one Slice of keys, values
+  and slot positions), so the rebuild costs n·r_k·hd multiply-adds, not Smax·r_k·hd: a buffer
+  allocated for the whole generation (prompt + max new tokens) or a chunked prefill's early
+  chunks no longer pay for the slots not yet written.
 - `function`: leave the node (ONNX Runtime inlines the op's function).
 
 Around attention (`rewrite_file`): RMSNorms become SimplifiedLayerNormalization (`fuse_rms_norms`)
@@ -553,14 +557,17 @@ def _attention_rows(g: _Graph, layer: _Layer) -> list:
     cos, sin = _rope_tables(g, layer)
     b, body = layer.prefix + "rows/", []
     zero = g.const("axes_0", [0])
-    k = _node(body, "MatMul", [_node(body, "Reshape", ["kr", g.const(f"shape_m1_{rk}", [-1, rk])], f"{b}kr"), up_body],
-              f"{b}k_up")  # [Smax, hd]
+    n = _node(body, "Reshape", ["len", g.const("shape_1", [1])], f"{b}nonpad")  # [1]: the row's valid slots
+
+    def valid(x, width, tag):  # the row's first n slots [n, width]: nothing past them is rebuilt or read
+        rows = _node(body, "Reshape", [x, g.const(f"shape_m1_{width}", [-1, width])], f"{b}{tag}_all")
+        return _node(body, "Slice", [rows, zero, n, zero], f"{b}{tag}")
+    k = _node(body, "MatMul", [valid("kr", rk, "kr_valid"), up_body], f"{b}k_up")  # [n, hd]
     k4 = _node(body, "Reshape", [k, g.const(f"shape_11m1_{d}", [1, 1, -1, d])], f"{b}k_up4")
-    pos = _node(body, "Unsqueeze", ["pos", zero], f"{b}pos")
+    pos = _node(body, "Unsqueeze", [_node(body, "Slice", ["pos", zero, n, zero], f"{b}pos_valid"), zero], f"{b}pos")
     keys = _node(body, "RotaryEmbedding", [k4, cos, sin, pos], f"{b}k_rope")
-    values = _node(body, "Reshape", ["v", g.const(f"shape_11m1_{rv}", [1, 1, -1, rv])], f"{b}v")
-    y = _node(body, "Attention", [_node(body, "Unsqueeze", ["q", zero], f"{b}q"), keys, values, "", "", "",
-                                  _node(body, "Reshape", ["len", g.const("shape_1", [1])], f"{b}nonpad")],
+    values = _node(body, "Reshape", [valid("v", rv, "v_valid"), g.const(f"shape_11m1_{rv}", [1, 1, -1, rv])], f"{b}v")
+    y = _node(body, "Attention", [_node(body, "Unsqueeze", ["q", zero], f"{b}q"), keys, values, "", "", "", n],
               f"{b}Attention_0", is_causal=1, scale=float(layer.attrs["scale"]))
     _node(body, "Squeeze", [y, zero], f"{b}out", outputs=["out"])
     vi = helper.make_tensor_value_info

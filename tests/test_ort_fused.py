@@ -92,6 +92,18 @@ def test_rewrite_is_recorded_and_the_export_keeps_the_op(built):
         # layer's total_sequence_length is its own row's maximum (one ReduceMax over [L, B] for all)
         assert counts["ReduceMax"] == 1 and counts["Squeeze"] <= 1 and counts["Gather"] == 1  # (the embedding)
         assert not ops & {"Neg", "GatherND", "Transpose"} and counts["Reshape"] == 1  # (the flat seqlens table)
+    for scan in (n for n in engine_graph.graph.node if n.op_type == "Scan"):
+        # each (sequence, KV head) row rebuilds, rotates and reads only its valid slots: the rebuild's
+        # keys, the values and the slot positions are Slices ending at the row's length
+        body = onnx.helper.get_attribute_value(next(a for a in scan.attribute if a.name == "body"))
+        made = {o: n for n in body.node for o in n.output}
+        length = made[next(n for n in body.node if n.op_type == "Attention").input[6]]
+        assert length.op_type == "Reshape" and length.input[0] == body.input[4].name  # the row's length
+        rebuild = next(n for n in body.node if n.op_type == "MatMul")
+        rotary = next(n for n in body.node if n.op_type == "RotaryEmbedding")
+        values = made[next(n for n in body.node if n.op_type == "Attention").input[2]]
+        for sliced in (made[rebuild.input[0]], made[made[rotary.input[3]].input[0]], made[values.input[0]]):
+            assert sliced.op_type == "Slice" and sliced.input[2] == length.output[0]
     if mode == "mixed":  # the compressed layer 0 by rows; the identity-key layers on GQA, rotating as they write
         assert report["layers"] == {"attention-rows": 1, "gqa": 2} and "fell_back" not in report
         gqa = [n for n in engine_graph.graph.node if n.op_type == "GroupQueryAttention"]
