@@ -194,7 +194,7 @@ LayerCallback = Callable[[int, torch.Tensor, torch.Tensor, LayerStats], None]
 @torch.no_grad()
 def calibrate(decoder: EigenDecoder, samples: torch.Tensor, batch_size: int = 4,
               on_layer: LayerCallback | None = None, progress: bool = True,
-              attention: bool = True, fisher: bool = False, fisher_draws: int = 2) -> list[LayerStats]:
+              attention: bool = True, fisher: bool = False, fisher_draws: int = 1) -> list[LayerStats]:
     """samples [N, S] token ids -> one LayerStats per layer.
 
     attention: also measure the attention statistics (`key_attention`, `attention_distance`; about
@@ -235,7 +235,7 @@ def _weighted_grams(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, tor
     return torch.einsum("bhsd,bhse->hde", g, g), torch.einsum("bhs,bhsd,bhse->hde", w, x, x)
 
 
-def fisher_grams(decoder: EigenDecoder, samples: torch.Tensor, stats: list[LayerStats], draws: int = 2,
+def fisher_grams(decoder: EigenDecoder, samples: torch.Tensor, stats: list[LayerStats], draws: int = 1,
                  seed: int = 0, progress: bool = True) -> None:
     """The keys' Fisher statistics, set on `stats` (one LayerStats per layer) in place.
 

@@ -60,9 +60,9 @@ class CompressConfig:
     projections: str | None = None  # reuse folded attention from a projections.safetensors
     no_compress: bool = False  # the uncompressed baseline through the same code
     calib_text: str | tuple[str, ...] = "mix"  # `NAME_OR_FILE[:WEIGHT]` item(s), or "mix" (texts.DEFAULT_MIX)
-    calib_samples: int = 16
+    calib_samples: int = 32
     calib_seq_len: int = 1024
-    fisher_draws: int = 2  # sampled next tokens per position in the Fisher pass (Fisher-weighted keys)
+    fisher_draws: int = 1  # sampled next tokens per position in the Fisher pass (Fisher-weighted keys)
     eval_texts: tuple[str, ...] = ("wiki", "c4", "tiny")  # tiny is in no calibration mix by default
     eval_tokens: int = 20480
     eval_window: int = 1024

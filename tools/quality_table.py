@@ -56,7 +56,8 @@ def main() -> int:
                     help="tokens per healing window (default min(256, --calib-seq-len), as `eigenkv compress`)")
     ap.add_argument("--heal-query", action="store_true", help="healing also trains the query projections")
     ap.add_argument("--heal-eval-every", type=int, default=25, help="steps between held-out KL points")
-    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--fisher-draws", type=int, default=1, help="sampled next-token draws of the Fisher pass (default 1)")
     ap.add_argument("--calib-seq-len", type=int, default=1024)
     ap.add_argument("--eval-texts", default="wiki,c4,code,tiny")
     ap.add_argument("--eval-tokens", type=int, default=8192)
@@ -70,6 +71,8 @@ def main() -> int:
     tune_malloc()  # as the eigenkv commands do (eigenkv/malloc.py); recorded with the machine
     if args.cloze_items < 0:
         ap.error(f"--cloze-items must be >= 0 (0: no cloze), got {args.cloze_items}")
+    if args.fisher_draws < 1 or args.calib_samples < 1:
+        ap.error(f"--fisher-draws and --calib-samples must be >= 1, got {args.fisher_draws} and {args.calib_samples}")
     if args.heal_batch < 1 or (args.heal_seq_len is not None and args.heal_seq_len < 2):
         ap.error("--heal-batch must be >= 1 and --heal-seq-len >= 2 tokens")
     try:
@@ -131,7 +134,7 @@ def main() -> int:
         rope, methods = decoder.family.positions == "rope", [get_method(m) for m in args.methods.split(",")]
         stats = calibrate(decoder, texts.samples, progress=progress,
                           attention=any(m.needs_attention("pre", rope) for m in methods),
-                          fisher=any(m.needs_fisher("pre", rope) for m in methods))
+                          fisher=any(m.needs_fisher("pre", rope) for m in methods), fisher_draws=args.fisher_draws)
         seconds[f"calibrate {label}"] = round(time.perf_counter() - t0, 1)
         if i == 0:  # the paper's method (plain SVD, energy allocation) on the first calibration
             eigen = method_factors(get_method("eigen"), decoder, stats, "pre", args.calib_seq_len)
@@ -182,7 +185,7 @@ def main() -> int:
             "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, {platform.platform()}, malloc {malloc_mode()}",
             "model": source.label, "calibrations": mixes,
             "calibration": f"{args.calib_samples} x {args.calib_seq_len} tokens from the first half of each text "
-                           f"(samples shared by weight); healing draws {args.heal_batch} x {args.heal_seq_len}-token windows per step from the same "
+                           f"(samples shared by weight; Fisher pass {args.fisher_draws} draws per sample); healing draws {args.heal_batch} x {args.heal_seq_len}-token windows per step from the same "
                            f"halves by weight{' (query projections trained too)' if args.heal_query and args.heal_steps else ''}, lr {args.heal_lr} with warm-up and linear decay; held-out KL on "
                            f"2 x {min(256, args.calib_seq_len)} tokens from the end of each calibration text",
             "evaluation": {"texts": {n: "second half of the file" for n in eval_names},
