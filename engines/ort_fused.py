@@ -40,8 +40,8 @@ Runtime's CPU provider), all exact against the op's reference math:
 - `attention-rows` (`pre` mode): the same kernels inside an ONNX `Scan` over the B*Hkv (sequence,
   KV head) rows, so one row's rebuilt and rotated keys ([n, hd]) stay in cache between the
   three kernels instead of a [B, Hkv, Smax, hd] tensor streaming through memory three times. Each
-  row first slices its cache to its n = cache_lengths[b] valid slots (one Slice of keys, values
-  and slot positions), so the rebuild costs n·r_k·hd multiply-adds, not Smax·r_k·hd: a buffer
+  row first slices its cache to its n = cache_lengths[b] valid slots (one Slice each of keys,
+  values and slot positions), so the rebuild costs n·r_k·hd multiply-adds, not Smax·r_k·hd: a buffer
   allocated for the whole generation (prompt + max new tokens) or a chunked prefill's early
   chunks no longer pay for the slots not yet written.
 - `function`: leave the node (ONNX Runtime inlines the op's function).

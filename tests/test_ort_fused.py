@@ -102,8 +102,13 @@ def test_rewrite_is_recorded_and_the_export_keeps_the_op(built):
         rebuild = next(n for n in body.node if n.op_type == "MatMul")
         rotary = next(n for n in body.node if n.op_type == "RotaryEmbedding")
         values = made[next(n for n in body.node if n.op_type == "Attention").input[2]]
-        for sliced in (made[rebuild.input[0]], made[made[rotary.input[3]].input[0]], made[values.input[0]]):
-            assert sliced.op_type == "Slice" and sliced.input[2] == length.output[0]
+        names = [i.name for i in body.input]  # q, kr, v, pos, len (, up)
+        for x, source in ((rebuild.input[0], "kr"), (made[rotary.input[3]].input[0], "pos"), (values.input[0], "v")):
+            sliced = made.get(x)
+            assert sliced is not None and sliced.op_type == "Slice", x
+            assert sliced.input[2] == length.output[0] and sliced.input[1] == sliced.input[3]  # [0, n) on axis 0
+            data = made.get(sliced.input[0])  # the row's buffer, reshaped to [Smax, width] (positions: as scanned)
+            assert (data.input[0] if data is not None else sliced.input[0]) == names[["q", "kr", "v", "pos"].index(source)]
     if mode == "mixed":  # the compressed layer 0 by rows; the identity-key layers on GQA, rotating as they write
         assert report["layers"] == {"attention-rows": 1, "gqa": 2} and "fell_back" not in report
         gqa = [n for n in engine_graph.graph.node if n.op_type == "GroupQueryAttention"]

@@ -205,16 +205,21 @@ def test_quality_table(workdir):
 
 
 def test_quality_table_without_cloze(workdir):
-    """--cloze-items 0: no cloze items, column or table; a negative count is refused (exit 2, nothing written)."""
+    """--cloze-items 0: no cloze items, column or table; a negative count, no Fisher draws or no
+    calibration samples are refused (exit 2, nothing written); the draws are recorded."""
     common = ("quality_table.py", "--model", "llama", "--calibrations", "calib.txt", "--calib-samples", "2",
               "--calib-seq-len", "32", "--eval-texts", "calib.txt", "--eval-tokens", "64", "--eval-window", "32",
               "--ratios", "0.5", "--heal-ratios", "", *QUIET)
-    bad = subprocess.run([sys.executable, str(TOOLS / common[0]), *common[1:], "--cloze-items", "-1", "--out",
-                          "bad/table"], capture_output=True, text=True, cwd=workdir, timeout=300)
-    assert bad.returncode == 2 and "--cloze-items must be >= 0" in bad.stderr.strip().splitlines()[-1]
-    assert not (workdir / "bad").exists()
-    _tool(*common, "--cloze-items", "0", "--out", "quality/table", cwd=workdir)
+    for option, value, message in (("--cloze-items", "-1", "--cloze-items must be >= 0"),
+                                   ("--fisher-draws", "0", "--fisher-draws must be >= 1, got 0"),
+                                   ("--calib-samples", "0", "--calib-samples must be >= 1, got 0")):
+        bad = subprocess.run([sys.executable, str(TOOLS / common[0]), *common[1:], option, value, "--out",
+                              "bad/table"], capture_output=True, text=True, cwd=workdir, timeout=300)
+        assert bad.returncode == 2 and message in bad.stderr.strip().splitlines()[-1]
+        assert not (workdir / "bad").exists()
+    _tool(*common, "--cloze-items", "0", "--fisher-draws", "2", "--out", "quality/table", cwd=workdir)
     meta = json.loads((workdir / "quality" / "table.json").read_text())
+    assert "Fisher pass 2 draw(s) per sample" in meta["calibration"]  # loss-aware reads the keys' Fisher statistics
     assert [r["method"] for r in meta["rows"]] == ["original", "eigen (paper), energy", "loss-aware"]
     assert all(r["cloze"] is None for r in meta["rows"])
     text = (workdir / "quality" / "table.md").read_text()

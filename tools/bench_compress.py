@@ -1,7 +1,7 @@
 """Benchmark: wall time of each compress stage and peak memory (RSS) for one model.
 
     python tools/bench_compress.py [--model PATH] [--kv-ratio 0.5 | --error-budget 0.025]
-        [--calib-text wiki] [--calib-samples 16] [--calib-seq-len 1024] [--out docs/results/bench_compress.json]
+        [--calib-text wiki] [--calib-samples 32] [--calib-seq-len 1024] [--out docs/results/bench_compress.json]
 
 Stages: load (GGUF dequantisation + wrap), text (tokenize + split), calibrate (+ the
 error-budget search when chosen), decompose and rank selection (+ the KL probes of the
@@ -58,7 +58,7 @@ def main() -> int:
     g.add_argument("--error-budget", type=float, default=None, help="the paper's per-layer search (method eigen)")
     ap.add_argument("--rope-mode", default="pre", choices=("pre", "joint"))
     ap.add_argument("--calib-text", default="wiki", metavar="FILE", help="built-in text name or UTF-8 file")
-    ap.add_argument("--calib-samples", type=int, default=16, metavar="N")
+    ap.add_argument("--calib-samples", type=int, default=32, metavar="N")
     ap.add_argument("--calib-seq-len", type=int, default=1024, metavar="S")
     ap.add_argument("--out", default="docs/results/bench_compress.json", metavar="PATH", help="JSON result")
     args = ap.parse_args()
