@@ -58,7 +58,7 @@ def main() -> int:
     g.add_argument("--error-budget", type=float, default=None, help="the paper's per-layer search (method eigen)")
     ap.add_argument("--rope-mode", default="pre", choices=("pre", "joint"))
     ap.add_argument("--calib-text", default="wiki", metavar="FILE", help="built-in text name or UTF-8 file")
-    ap.add_argument("--calib-samples", type=int, default=32, metavar="N")
+    ap.add_argument("--calib-samples", type=int, default=CompressConfig.calib_samples, metavar="N")
     ap.add_argument("--calib-seq-len", type=int, default=1024, metavar="S")
     ap.add_argument("--out", default="docs/results/bench_compress.json", metavar="PATH", help="JSON result")
     args = ap.parse_args()

@@ -30,7 +30,7 @@ def main() -> int:
     ap.add_argument("--kv-ratio", type=float, default=0.5)
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"))
     ap.add_argument("--calib-text", default="wiki", metavar="FILE|NAME", help="calibration text (default wiki)")
-    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--calib-samples", type=int, default=CompressConfig.calib_samples)
     ap.add_argument("--calib-seq-len", type=int, default=1024)
     ap.add_argument("--eval-texts", default="wiki,c4", help="comma-separated built-in names or files (default wiki,c4)")
     ap.add_argument("--eval-tokens", type=int, default=8192, help="tokens of each eval text, 0 skips perplexity")

@@ -44,7 +44,7 @@ def main() -> int:
     ap.add_argument("--heal-steps", type=int, default=150, help="0 skips the healed rows")
     ap.add_argument("--heal-lr", type=float, default=1e-4)
     ap.add_argument("--calib-text", default="wiki", metavar="FILE|NAME", help="calibration text (default wiki)")
-    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--calib-samples", type=int, default=CompressConfig.calib_samples)
     ap.add_argument("--calib-seq-len", type=int, default=1024)
     ap.add_argument("--eval-texts", default="wiki,c4", help="comma-separated built-in names or files (default wiki,c4)")
     ap.add_argument("--eval-tokens", type=int, default=8192)

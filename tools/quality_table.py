@@ -56,8 +56,9 @@ def main() -> int:
                     help="tokens per healing window (default min(256, --calib-seq-len), as `eigenkv compress`)")
     ap.add_argument("--heal-query", action="store_true", help="healing also trains the query projections")
     ap.add_argument("--heal-eval-every", type=int, default=25, help="steps between held-out KL points")
-    ap.add_argument("--calib-samples", type=int, default=32)
-    ap.add_argument("--fisher-draws", type=int, default=1, help="sampled next-token draws of the Fisher pass (default 1)")
+    ap.add_argument("--calib-samples", type=int, default=CompressConfig.calib_samples)
+    ap.add_argument("--fisher-draws", type=int, default=CompressConfig.fisher_draws,
+                    help=f"sampled next-token draws of the Fisher pass (default {CompressConfig.fisher_draws})")
     ap.add_argument("--calib-seq-len", type=int, default=1024)
     ap.add_argument("--eval-texts", default="wiki,c4,code,tiny")
     ap.add_argument("--eval-tokens", type=int, default=8192)
@@ -88,6 +89,9 @@ def main() -> int:
     source = resolve_model(args.model)
     model, tokenizer = load_model(source, progress=progress)
     decoder = decoder_from_hf(model)
+    rope, methods = decoder.family.positions == "rope", [get_method(m) for m in args.methods.split(",")]
+    needs_attention, needs_fisher = (any(m.needs_attention("pre", rope) for m in methods),
+                                     any(m.needs_fisher("pre", rope) for m in methods))
     d = decoder.dims.head_dim
     eval_names = args.eval_texts.split(",")
     held = {}
@@ -133,10 +137,8 @@ def main() -> int:
         label = mixes[spec] = texts.label
         span = min(256, args.calib_seq_len)  # the held-out KL curve: the last 2 windows of each text
         held_out = torch.cat([tokenize(tokenizer, read_text(n))[-2 * span:].view(2, span) for n in texts.weights])
-        rope, methods = decoder.family.positions == "rope", [get_method(m) for m in args.methods.split(",")]
-        stats = calibrate(decoder, texts.samples, progress=progress,
-                          attention=any(m.needs_attention("pre", rope) for m in methods),
-                          fisher=any(m.needs_fisher("pre", rope) for m in methods), fisher_draws=args.fisher_draws)
+        stats = calibrate(decoder, texts.samples, progress=progress, attention=needs_attention, fisher=needs_fisher,
+                          fisher_draws=args.fisher_draws)
         seconds[f"calibrate {label}"] = round(time.perf_counter() - t0, 1)
         if i == 0:  # the paper's method (plain SVD, energy allocation) on the first calibration
             eigen = method_factors(get_method("eigen"), decoder, stats, "pre", args.calib_seq_len)
@@ -183,8 +185,7 @@ def main() -> int:
                           + " / ".join(f"{k:.4f}" for _, k in r["healing"]["held_out_kl"]) + " |")
     tables = "\n".join(lines) + ("\n\n" + "\n".join(cl) if clozes else "") + ("\n\n" + "\n".join(curves) if len(curves) > 2 else "")
     print(tables)
-    fisher_note = (f"; Fisher pass {args.fisher_draws} draw(s) per sample"
-                   if any(get_method(m).needs_fisher("pre", rope) for m in args.methods.split(",")) else "")
+    fisher_note = f"; Fisher pass {args.fisher_draws} draw(s) per sample" if needs_fisher else ""
     meta = {"command": "python " + " ".join(sys.argv),
             "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, {platform.platform()}, malloc {malloc_mode()}",
             "model": source.label, "calibrations": mixes,

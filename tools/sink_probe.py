@@ -71,7 +71,7 @@ def main() -> int:
     ap.add_argument("--stats", metavar="FILE", help="torch.save'd list of LayerStats (default: calibrate first)")
     ap.add_argument("--model", default=None, help="HF directory or .gguf (default: the embedded SmolLM2)")
     ap.add_argument("--calib-text", default="wiki", metavar="FILE|NAME", help="calibration text (default wiki)")
-    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--calib-samples", type=int, default=CompressConfig.calib_samples)
     ap.add_argument("--calib-seq-len", type=int, default=1024)
     ap.add_argument("--eval-texts", default="wiki,c4", help="comma-separated built-in names or files (default wiki,c4)")
     ap.add_argument("--eval-tokens", type=int, default=8192)
