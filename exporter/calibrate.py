@@ -9,12 +9,14 @@ attention it receives and tally the attention mass at each query-key distance, f
 op's own attention weights (`reference.attention_probs`): the statistics of attention-weighted
 query-aware keys (`methods.py`). `fisher_grams` is the one pass over the whole model at once
 (forward and backward, one sample at a time, so its autograd graph spans every layer): the
-keys' Fisher information (Fisher-weighted keys, the default).
+keys' Fisher information (Fisher-weighted keys, the default). When a method reads the Fisher
+statistics and nothing watches the layers one by one, the same hooks ride on that pass's
+forward instead of a layer-streamed pass of their own (`calibrate`).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -128,6 +130,7 @@ class _Accumulator:
         self.grams: dict[str, torch.Tensor] = {}
         self.scored: dict[str, torch.Tensor] = {}  # this batch's queries/keys as the op scores them
 
+    @torch.no_grad()  # also under the Fisher pass's autograd forward: statistics, not graph
     def score(self, name: str, x: torch.Tensor) -> None:
         """Keep q or k as scored; with both, add the attention-weighted key Gram (needs `key`'s input first)."""
         self.scored[name] = x.detach()
@@ -141,6 +144,7 @@ class _Accumulator:
         if distance is not None:
             self.grams["distance"] = self.grams["distance"] + distance if "distance" in self.grams else distance
 
+    @torch.no_grad()
     def add(self, name: str, x: torch.Tensor, n_heads: int) -> None:
         if name == "attn_out":  # [B, S, Hq*d]: one Gram over all heads
             x = x.detach().to(torch.float64).flatten(0, 1)
@@ -206,10 +210,21 @@ def calibrate(decoder: EigenDecoder, samples: torch.Tensor, batch_size: int = 4,
 
     on_layer(i, inputs [N, S, hidden], outputs [N, S, hidden], stats) runs after each layer,
     with that layer's uncompressed inputs and outputs (the error-budget search uses it).
+
+    With `fisher` and no `on_layer`, the plain and attention statistics are gathered by hooks on
+    the Fisher pass's own forward (one sample at a time, PyTorch's fused attention), not by a
+    separate layer-streamed pass: one forward of the model per sample instead of two.
     """
     if decoder.key_ranks != [decoder.dims.head_dim] * decoder.dims.n_layers or any(
             layer.attn.rope_mode not in (RopeMode.NONE, RopeMode.ROTATED) for layer in decoder.layers):
         raise ValueError("calibrate needs the uncompressed decoder")
+    if fisher and on_layer is None:
+        with ExitStack() as hooks:
+            accs = [hooks.enter_context(gram_hooks(layer.attn, attention)) for layer in decoder.layers]
+            grams = _fisher_pass(decoder, samples, draws=fisher_draws, progress=progress, desc="calibrate")
+        stats = [acc.result() for acc in accs]
+        _set_fisher(stats, grams)
+        return stats
     positions = torch.arange(samples.shape[1]).expand(samples.shape[0], -1)
     hidden = decoder.embed_inputs(samples, positions)
     stats = []
@@ -235,16 +250,44 @@ def _weighted_grams(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, tor
     return torch.einsum("bhsd,bhse->hde", g, g), torch.einsum("bhs,bhsd,bhse->hde", w, x, x)
 
 
+def sample_next_tokens(probs: torch.Tensor, generator: torch.Generator, block: int = 256) -> torch.Tensor:
+    """One token per row of probs [S, V] (non-negative, each row summing to ~1) -> [S] int64.
+
+    Inverse-CDF sampling in two levels: a uniform u per row from `generator`; the block of
+    `block` consecutive tokens whose cumulative probability (float64) first exceeds u times the
+    row's total, then the token inside that block the same way; tokens of probability 0 are never
+    drawn. The same distribution as torch.multinomial(probs, 1), which draws an exponential variate
+    for every one of the S × V entries (seconds per 1k × 49k block of rows on a CPU); this draws S
+    variates and reads probs once.
+    """
+    s, v = probs.shape
+    u = torch.rand(s, 1, generator=generator, dtype=torch.float64)
+    if v % block:
+        probs = torch.nn.functional.pad(probs, (0, block - v % block))
+    blocks = probs.view(s, -1, block)  # [S, nb, block]
+    mass = blocks.sum(-1, dtype=torch.float64)  # [S, nb]
+    cdf = mass.cumsum(-1)
+    x = u * cdf[:, -1:]  # [S, 1]
+    last = (cdf < cdf[:, -1:]).sum(-1, keepdim=True)  # the last block with mass: never past it
+    b = torch.searchsorted(cdf, x, right=True).minimum(last)  # [S, 1]
+    x = x - (cdf.gather(1, b) - mass.gather(1, b))  # u's offset inside block b
+    inner = blocks[torch.arange(s), b[:, 0]].cumsum(-1, dtype=torch.float64)  # [S, block]
+    last = (inner < inner[:, -1:]).sum(-1, keepdim=True)  # the block's last token with mass
+    t = torch.searchsorted(inner, x.contiguous(), right=True).minimum(last)
+    return (b * block + t)[:, 0]
+
+
 def fisher_grams(decoder: EigenDecoder, samples: torch.Tensor, stats: list[LayerStats], draws: int = 1,
                  seed: int = 0, progress: bool = True) -> None:
     """The keys' Fisher statistics, set on `stats` (one LayerStats per layer) in place.
 
     samples [N, S] token ids. Each sample runs through the uncompressed model with autograd (the
     differentiable attention path; the weights are not trained); `draws` times, one next token per
-    position is sampled from the model's own distribution (a generator seeded with `seed`) and the
-    log-probability of those tokens, summed, is back-propagated. Its gradient g_s with respect to
-    each key s as projected (pre-RoPE in RoPE models, after any QK-norm) estimates the keys'
-    Fisher information E g gᵀ: ½ eᵀ F e is the second-order KL between the model's next-token
+    position is sampled from the model's own distribution (`sample_next_tokens`, a generator seeded
+    with `seed`) and the log-probability of those tokens, summed, is back-propagated (its gradient
+    with respect to the logits, onehot(y) - p, is handed to the LM head directly). Its gradient
+    g_s with respect to each key s as projected (pre-RoPE in RoPE models, after any QK-norm)
+    estimates the keys' Fisher information E g gᵀ: ½ eᵀ F e is the second-order KL between the model's next-token
     distributions with and without a key error e (the cross terms between predicted positions
     vanish in expectation, so one backward pass per draw serves all of a sample's positions; the
     objective then keeps each key's own term, dropping the cross terms between keys). Unlike
@@ -254,6 +297,18 @@ def fisher_grams(decoder: EigenDecoder, samples: torch.Tensor, stats: list[Layer
     with weighted low-rank factorization", ICLR 2022; here a full d × d Fisher per KV head of the
     cache, used in the Kronecker-factored form of K-FAC, Martens & Grosse 2015: `methods.py`.)
     """
+    _set_fisher(stats, _fisher_pass(decoder, samples, draws, seed, progress))
+
+
+def _set_fisher(stats: list[LayerStats], grams: list[dict]) -> None:
+    for st, g in zip(stats, grams):
+        for name, v in g.items():
+            setattr(st, name, v)
+
+
+def _fisher_pass(decoder: EigenDecoder, samples: torch.Tensor, draws: int = 1, seed: int = 0,
+                 progress: bool = True, desc: str = "fisher") -> list[dict]:
+    """`fisher_grams`' pass: one dict per layer, {"key_fisher", "key_fisher_x"} [Hkv, d, d] float64."""
     params = [p for p in decoder.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
@@ -278,19 +333,23 @@ def fisher_grams(decoder: EigenDecoder, samples: torch.Tensor, stats: list[Layer
     gen = torch.Generator().manual_seed(seed)
     try:
         with torch.enable_grad():
-            for row in tqdm(samples, desc="fisher", unit="sample", disable=not progress):
+            for row in tqdm(samples, desc=desc, unit="sample", disable=not progress):
                 ids = row[None]
                 positions = torch.arange(ids.shape[1])[None]
                 h = decoder.embed_inputs(ids, positions).detach().requires_grad_(True)
                 for layer in decoder.layers:
                     h = layer(h, positions, decoder.rope)
-                logits = decoder.head(h)
-                logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)[0]  # [S, V]
-                probs = logp.detach().exp()
+                logits = decoder.head(h)[0]  # [S, V]
+                probs = torch.softmax(logits.detach().to(torch.promote_types(logits.dtype, torch.float32)), -1)
                 for draw in range(draws):  # one forward pass, a backward pass per draw
-                    y = torch.multinomial(probs, 1, generator=gen)  # [S, 1]
-                    logp.gather(1, y).sum().backward(retain_graph=draw < draws - 1)
-                del h, logits, logp, probs  # [S, V] each: freed before the next sample's graph
+                    y = sample_next_tokens(probs, gen)  # [S]
+                    # d/dlogits Σ_s log softmax(logits_s)[y_s] = onehot(y_s) - p_s: given directly, it
+                    # spares the [S, V] log-softmax, gather and their backward passes
+                    grad = probs.neg()
+                    grad[torch.arange(len(y)), y] += 1
+                    logits.backward(grad.to(logits.dtype), retain_graph=draw < draws - 1)
+                    del grad
+                del h, logits, probs  # [S, V] each: freed before the next sample's graph
     finally:
         for h_ in handles:
             h_.remove()
@@ -298,6 +357,4 @@ def fisher_grams(decoder: EigenDecoder, samples: torch.Tensor, stats: list[Layer
             layer.attn.differentiable = was
         for p in params:
             p.requires_grad_(True)
-    for st, g in zip(stats, grams):
-        for name, v in g.items():
-            setattr(st, name, v)
+    return grams

@@ -251,9 +251,9 @@ def test_unknown_method_is_one_line():
 def test_fisher_statistics_match_direct_autograd(family):
     """fisher_grams against autograd on zero offsets added to every layer's keys as projected,
     float64: the same sampled next tokens (the generator replayed), the gradient of their summed
-    log-probability, and its Grams Σ g gᵀ and Σ |g|² k kᵀ per KV head, two draws per sample; the
+    log-probability through log_softmax and gather (fisher_grams gives onehot - p to the head), and its Grams Σ g gᵀ and Σ |g|² k kᵀ per KV head, two draws per sample; the
     decoder's weights and attention path are left as they were."""
-    from eigenkv.exporter.calibrate import fisher_grams
+    from eigenkv.exporter.calibrate import fisher_grams, sample_next_tokens
     decoder = decoder_from_hf(tiny_model(family).double())
     samples = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(4))
     stats = calibrate(decoder, samples, progress=False, attention=False)
@@ -278,7 +278,7 @@ def test_fisher_statistics_match_direct_autograd(family):
                     taps.append(a.projected_key.register_forward_hook(tap))
                 try:
                     logp = torch.log_softmax(decoder(row[None]), -1)[0]
-                    y = torch.multinomial(logp.detach().exp(), 1, generator=gen)
+                    y = sample_next_tokens(logp.detach().exp(), gen)[:, None]
                     grads = torch.autograd.grad(logp.gather(1, y).sum(), list(offsets.values()))
                 finally:
                     for t in taps:
@@ -297,6 +297,69 @@ def test_fisher_statistics_match_direct_autograd(family):
             assert got.dtype == torch.float64 and got.shape == w.shape
             assert float(w.abs().max()) > 0
             assert torch.allclose(got, w, rtol=1e-9, atol=1e-12 * float(w.abs().max())), name
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "mistral-window"])
+def test_one_pass_calibration_matches_the_layer_streamed_pass_and_fisher_grams(family):
+    """calibrate(fisher=True) gathers the plain and attention statistics on the Fisher pass's own
+    forward (one sample at a time, PyTorch's fused attention); in float64 every statistic matches
+    the layer-streamed pass (batches of 2, the op's reference attention) followed by fisher_grams
+    with the same seed, to rtol 1e-9 (1e-5 for the attention statistics, whose attention weights
+    are reduced in float32). An on_layer callback (the error-budget search) still gets
+    every layer's inputs and outputs."""
+    from eigenkv.exporter.calibrate import fisher_grams
+    decoder = decoder_from_hf(tiny_model(family).double())
+    samples = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(8))
+    one = calibrate(decoder, samples, batch_size=2, progress=False, fisher=True, fisher_draws=2)
+    two = calibrate(decoder, samples, batch_size=2, progress=False)
+    fisher_grams(decoder, samples, two, draws=2, progress=False)
+    names = ("query", "key", "value", "rot_query", "rot_key", "attn_out", "key_attention",
+             "attention_distance", "key_fisher", "key_fisher_x")
+    for a, b in zip(one, two):
+        assert a.tokens == b.tokens == samples.numel()
+        for name in names:
+            x, y = getattr(a, name), getattr(b, name)
+            if y is None:
+                assert x is None and name in ("rot_query", "rot_key", "attention_distance"), name
+                continue
+            assert x.dtype == torch.float64 and not x.requires_grad, name
+            assert float(y.abs().max()) > 0, name
+            rtol = 1e-5 if name in ("key_attention", "attention_distance") else 1e-9  # summed in float32
+            assert torch.allclose(x, y, rtol=rtol, atol=rtol * 1e-3 * float(y.abs().max())), name
+    seen = []
+    streamed = calibrate(decoder, samples, progress=False, fisher=True, fisher_draws=2,
+                         on_layer=lambda i, inp, out, st: seen.append((i, inp.shape, out.shape)))
+    assert [i for i, _, _ in seen] == list(range(len(decoder.layers)))
+    assert all(torch.allclose(a.key_fisher, b.key_fisher, rtol=1e-9) for a, b in zip(streamed, one))
+
+
+@pytest.mark.parametrize("vocab,block", [(1000, 64), (1003, 256), (50, 256)])
+def test_next_token_sampler_draws_the_rows_distribution(vocab, block):
+    """sample_next_tokens on 100k rows of one distribution (every 7th token impossible, a vocab
+    that is or is not a multiple of the block, rows summing to 0.97 rather than 1): the empirical
+    frequencies against the probabilities, a chi-square statistic under its 0.999 quantile
+    (dof + 3.1·sqrt(2·dof) + 4, Wilson-Hilferty); zero-probability tokens never drawn; the same
+    generator seed draws the same tokens."""
+    from eigenkv.exporter.calibrate import sample_next_tokens
+    gen = torch.Generator().manual_seed(1)
+    p = torch.rand(vocab, generator=gen, dtype=torch.float64) ** 4
+    p[::7] = 0
+    p[-1] = 0  # an impossible last token: never the fallback of a rounding at the row's end
+    p = p / p.sum()
+    n = 100_000
+    rows = (0.97 * p).float().expand(n, vocab).contiguous()
+    y = sample_next_tokens(rows, torch.Generator().manual_seed(2), block=block)
+    assert y.dtype == torch.int64 and y.shape == (n,)
+    assert torch.equal(y, sample_next_tokens(rows, torch.Generator().manual_seed(2), block=block))
+    counts = torch.bincount(y, minlength=vocab).double()
+    assert counts[p == 0].sum() == 0
+    live = p > 0
+    chi2 = float(((counts[live] - n * p[live]) ** 2 / (n * p[live])).sum())
+    dof = int(live.sum()) - 1
+    assert chi2 < dof + 3.1 * (2 * dof) ** 0.5 + 4, (chi2, dof)
+    wrong = torch.roll(p, 1)  # a check that can fail: the same counts against a shifted distribution
+    live = wrong > 0
+    assert float(((counts[live] - n * wrong[live]) ** 2 / (n * wrong[live])).sum()) > 10 * dof
 
 
 def test_fisher_pass_restores_the_decoder_when_it_fails(monkeypatch):

@@ -38,7 +38,10 @@ def test_sensitivity_probes_and_prediction(llama):
     sens = sensitivity.measure(decoder, factors, samples[:4, :32], "pre", progress=False)
     d, n = decoder.dims.head_dim, decoder.dims.n_layers
     assert sens.probe_rank == d // 2 and len(sens.key_kl) == len(sens.value_kl) == n
-    assert all(k > 0 for k in sens.key_kl + sens.value_kl)  # cutting half of anything costs something
+    # KL ≥ 0 up to float32 rounding (this tiny model's keys can lose next to nothing at d/2: one
+    # layer's key probe measures ~1e-9 with some Fisher draws); cutting half of them all costs something
+    assert all(k > -1e-7 for k in sens.key_kl + sens.value_kl)
+    assert sum(sens.key_kl) > 1e-8 and min(sens.value_kl) > 1e-6
     # probe 0 by hand: fold only layer 0's values at d/2 and compare the KL
     layer_only = fold(decoder, factors, [d] * n, [d // 2] + [d] * (n - 1), "pre")
     ref = torch.log_softmax(decoder(samples[:4, :32]), -1)
@@ -46,7 +49,7 @@ def test_sensitivity_probes_and_prediction(llama):
     assert float(kl_divergence(ref, layer_only(samples[:4, :32]))) == pytest.approx(sens.value_kl[0], rel=1e-2)
     keys, values = sens.predicted(factors)
     for curve, kl in zip(keys + values, sens.key_kl + sens.value_kl):
-        assert float(curve[d // 2]) == pytest.approx(kl, rel=1e-9) and float(curve[d]) == 0.0
+        assert float(curve[d // 2]) == pytest.approx(max(kl, 0.0), rel=1e-9) and float(curve[d]) == 0.0
         assert bool((curve[:-1] >= curve[1:] - 1e-15).all())  # non-increasing in rank
     for ratio in (0.75, 0.5, 0.3):
         kr, vr = rank_sel.allocate(keys, values, ratio)
@@ -56,7 +59,8 @@ def test_sensitivity_probes_and_prediction(llama):
     assert some.key_kl[:-1] == some.value_kl[:-1] == [None] * (n - 1)
     assert (some.key_kl[-1], some.value_kl[-1]) == (sens.key_kl[-1], sens.value_kl[-1])
     keys, values = some.predicted(factors)
-    assert keys[:-1] == values[:-1] == [None] * (n - 1) and float(keys[-1][d // 2]) == pytest.approx(sens.key_kl[-1])
+    assert keys[:-1] == values[:-1] == [None] * (n - 1)
+    assert float(keys[-1][d // 2]) == pytest.approx(max(sens.key_kl[-1], 0.0))
 
 
 def test_healing_lowers_kl_and_trains_only_folded_tensors(llama):
