@@ -1,7 +1,8 @@
-"""Layer-streamed calibration: Gram matrices of each layer's attention activations.
+"""Calibration: Gram matrices of each layer's attention activations.
 
 Samples are pushed through the *uncompressed* decoder one layer at a time, so only one
-layer's activations (plus the hidden states between layers) live in memory. Forward
+layer's activations (plus the hidden states between layers) live in memory, unless the Fisher
+pass runs (below), which carries the same hooks on its whole-model forward. Forward
 hooks, attached inside a context manager that always removes them, accumulate float64
 Gram matrices XᵀX; their eigenvectors are the right singular vectors of the stacked
 activations X (the paper's SVD, without materialising X). They also weigh each key by the
@@ -258,22 +259,29 @@ def sample_next_tokens(probs: torch.Tensor, generator: torch.Generator, block: i
     row's total, then the token inside that block the same way; tokens of probability 0 are never
     drawn. The same distribution as torch.multinomial(probs, 1), which draws an exponential variate
     for every one of the S × V entries (seconds per 1k × 49k block of rows on a CPU); this draws S
-    variates and reads probs once.
+    variates and reads probs once, without copying it. Raises ValueError when a row's total is not
+    a positive finite number (NaN or inf logits upstream).
     """
     s, v = probs.shape
-    u = torch.rand(s, 1, generator=generator, dtype=torch.float64)
-    if v % block:
-        probs = torch.nn.functional.pad(probs, (0, block - v % block))
-    blocks = probs.view(s, -1, block)  # [S, nb, block]
-    mass = blocks.sum(-1, dtype=torch.float64)  # [S, nb]
+    probs = probs.contiguous()
+    nb, full = -(-v // block), v // block * block
+    mass = torch.zeros(s, nb, dtype=torch.float64)  # [S, nb] probability of each block
+    mass[:, :v // block] = probs[:, :full].view(s, -1, block).sum(-1, dtype=torch.float64)
+    if full < v:
+        mass[:, -1] = probs[:, full:].sum(-1, dtype=torch.float64)
     cdf = mass.cumsum(-1)
-    x = u * cdf[:, -1:]  # [S, 1]
-    last = (cdf < cdf[:, -1:]).sum(-1, keepdim=True)  # the last block with mass: never past it
-    b = torch.searchsorted(cdf, x, right=True).minimum(last)  # [S, 1]
-    x = x - (cdf.gather(1, b) - mass.gather(1, b))  # u's offset inside block b
-    inner = blocks[torch.arange(s), b[:, 0]].cumsum(-1, dtype=torch.float64)  # [S, block]
+    total = cdf[:, -1:]
+    if not bool((torch.isfinite(total) & (total > 0)).all()):
+        raise ValueError("sample_next_tokens: every row needs a positive, finite total probability")
+    x = torch.rand(s, 1, generator=generator, dtype=torch.float64) * total  # [S, 1]
+    last = (cdf < total).sum(-1, keepdim=True)  # the last block with mass: never past it
+    b = torch.searchsorted(cdf, x, right=True).minimum(last)  # [S, 1]: cdf[b - 1] <= x < cdf[b]
+    before = torch.where(b > 0, cdf.gather(1, (b - 1).clamp_min(0)), 0.0)
+    x = (x - before).clamp_min(0)  # u's offset inside block b, measured from the boundary searched
+    idx = b * block + torch.arange(block)  # [S, block] the block's tokens (the last block may be short)
+    inner = probs.gather(1, idx.clamp_max(v - 1)).to(torch.float64).masked_fill(idx >= v, 0).cumsum(-1)
     last = (inner < inner[:, -1:]).sum(-1, keepdim=True)  # the block's last token with mass
-    t = torch.searchsorted(inner, x.contiguous(), right=True).minimum(last)
+    t = torch.searchsorted(inner, x, right=True).minimum(last)
     return (b * block + t)[:, 0]
 
 
@@ -285,17 +293,18 @@ def fisher_grams(decoder: EigenDecoder, samples: torch.Tensor, stats: list[Layer
     differentiable attention path; the weights are not trained); `draws` times, one next token per
     position is sampled from the model's own distribution (`sample_next_tokens`, a generator seeded
     with `seed`) and the log-probability of those tokens, summed, is back-propagated (its gradient
-    with respect to the logits, onehot(y) - p, is handed to the LM head directly). Its gradient
-    g_s with respect to each key s as projected (pre-RoPE in RoPE models, after any QK-norm)
-    estimates the keys' Fisher information E g gᵀ: ½ eᵀ F e is the second-order KL between the model's next-token
-    distributions with and without a key error e (the cross terms between predicted positions
-    vanish in expectation, so one backward pass per draw serves all of a sample's positions; the
-    objective then keeps each key's own term, dropping the cross terms between keys). Unlike
-    `calibrate`, this holds the whole model's autograd graph for one sample at a time. Sets, per KV head
-    [Hkv, d, d] float64: key_fisher = Σ g gᵀ and key_fisher_x = Σ |g|² k kᵀ, summed over samples,
-    positions and draws. (The Fisher weighting of FWSVD: Hsu et al., "Language model compression
-    with weighted low-rank factorization", ICLR 2022; here a full d × d Fisher per KV head of the
-    cache, used in the Kronecker-factored form of K-FAC, Martens & Grosse 2015: `methods.py`.)
+    with respect to the logits, onehot(y) - p, is handed to the LM head directly). Its gradient g_s
+    with respect to each key s as projected (pre-RoPE in RoPE models, after any QK-norm) estimates
+    the keys' Fisher information E g gᵀ: ½ eᵀ F e is the second-order KL between the model's
+    next-token distributions with and without a key error e (the cross terms between predicted
+    positions vanish in expectation, so one backward pass per draw serves all of a sample's
+    positions; the objective then keeps each key's own term, dropping the cross terms between keys).
+    Unlike the layer-streamed statistics, this holds the whole model's autograd graph for one sample
+    at a time. Sets, per KV head [Hkv, d, d] float64: key_fisher = Σ g gᵀ and key_fisher_x = Σ |g|²
+    k kᵀ, summed over samples, positions and draws. (The Fisher weighting of FWSVD: Hsu et al.,
+    "Language model compression with weighted low-rank factorization", ICLR 2022; here a full d × d
+    Fisher per KV head of the cache, used in the Kronecker-factored form of K-FAC, Martens & Grosse
+    2015: `methods.py`.)
     """
     _set_fisher(stats, _fisher_pass(decoder, samples, draws, seed, progress))
 

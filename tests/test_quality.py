@@ -38,10 +38,10 @@ def test_sensitivity_probes_and_prediction(llama):
     sens = sensitivity.measure(decoder, factors, samples[:4, :32], "pre", progress=False)
     d, n = decoder.dims.head_dim, decoder.dims.n_layers
     assert sens.probe_rank == d // 2 and len(sens.key_kl) == len(sens.value_kl) == n
-    # KL ≥ 0 up to float32 rounding (this tiny model's keys can lose next to nothing at d/2: one
-    # layer's key probe measures ~1e-9 with some Fisher draws); cutting half of them all costs something
+    # KL >= 0 up to float32 rounding: this tiny model's keys lose next to nothing at d/2 (1e-7 to
+    # -2e-9 nats, the float32 floor, by layer and Fisher draws), its values 4e-5 to 8e-5
     assert all(k > -1e-7 for k in sens.key_kl + sens.value_kl)
-    assert sum(sens.key_kl) > 1e-8 and min(sens.value_kl) > 1e-6
+    assert min(sens.value_kl) > 1e-6
     # probe 0 by hand: fold only layer 0's values at d/2 and compare the KL
     layer_only = fold(decoder, factors, [d] * n, [d // 2] + [d] * (n - 1), "pre")
     ref = torch.log_softmax(decoder(samples[:4, :32]), -1)
