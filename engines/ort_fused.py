@@ -32,9 +32,8 @@ Runtime's CPU provider), all exact against the op's reference math:
   the scores and every key's norm (what eviction reads) are the same.
 - `attention` (keys cached ready to score, any widths: rank-space keys with r_v != r_k): the
   cache writes stay `TensorScatter` (in place) and attention is ONNX `Attention` (opset 24) over
-  the buffers' first max(cache_lengths) slots (ONNX Runtime's CPU kernel scores every slot it is
-  given; `nonpad_kv_seqlen` only masks) with `nonpad_kv_seqlen` = valid slots after the write and
-  `is_causal=1` (bottom-right aligned: new query s sees slots 0..cache_lengths[i] + s). In `pre` mode
+  the whole buffers with `nonpad_kv_seqlen` = valid slots after the write and `is_causal=1`
+  (bottom-right aligned: new query s sees slots 0..cache_lengths[i] + s). In `pre` mode
   (rank-r pre-RoPE keys) the keys are first rebuilt `K_r @ key_up` and rotated at their slot
   positions by ONNX `RotaryEmbedding` (opset 23: one kernel that reads the [P, hd/2] tables by
   position, instead of gathering two [Smax, hd] tables and five elementwise passes).
@@ -492,22 +491,11 @@ def _merged_heads(g: _Graph, layer: _Layer, hq: int, d: int):
 
 
 def _attention(g: _Graph, layer: _Layer) -> list:
-    """ONNX Attention (opset 24) after the TensorScatter writes, over the buffers' first
-    max(cache_lengths) slots: ONNX Runtime's CPU kernel scores, masks and softmaxes every slot it
-    is given (nonpad_kv_seqlen only masks), so the slots no sequence has written yet are cut off
-    first (and, in `pre` mode, never rebuilt or rotated)."""
+    """ONNX Attention (opset 24) over the whole buffers after the TensorScatter writes."""
     p, nodes = layer.prefix + "fused/", []
+    keys = _rope_keys(g, layer, nodes) if layer.pre else layer.inputs["key_cache"]
     nonpad = _node(nodes, "Cast", [layer.inputs["cache_lengths"]], f"{p}nonpad_kv_seqlen", to=TensorProto.INT64)
-    most = _node(nodes, "ReduceMax", [nonpad], f"{p}kv_valid_max", keepdims=1)  # [1]
-    axis, zero = g.const("axes_2", [2]), g.const("axes_0", [0])
-
-    def valid(x, tag):  # [B, Hkv, max n, ...]: the slots some sequence has written
-        return _node(nodes, "Slice", [x, zero, most, axis], f"{p}{tag}_valid")
-    keys = valid(layer.inputs["key_cache"], "key_cache")
-    if layer.pre:
-        keys = _rope_keys(g, layer, nodes, keys, valid(layer.inputs["slot_positions"], "slot_positions"))
-    _node(nodes, "Attention", [layer.inputs["query"], keys, valid(layer.inputs["value_cache"], "value_cache"),
-                               "", "", "", nonpad],
+    _node(nodes, "Attention", [layer.inputs["query"], keys, layer.inputs["value_cache"], "", "", "", nonpad],
           layer.prefix + "Attention_0", outputs=[layer.node.output[0]], is_causal=1, scale=float(layer.attrs["scale"]))
     return nodes
 
@@ -525,14 +513,14 @@ def _rope_tables(g: _Graph, layer: _Layer) -> list[str]:
     return out
 
 
-def _rope_keys(g: _Graph, layer: _Layer, nodes: list, kr: str, positions: str) -> str:
-    """Pre mode: rope(K_r @ key_up) at the slot positions: kr [B, Hkv, S, r_k] and positions
-    [B, Hkv, S] (the buffers' first S slots) -> [B, Hkv, S, hd]."""
+def _rope_keys(g: _Graph, layer: _Layer, nodes: list) -> str:
+    """Pre mode: rope(K_r @ key_up) at the slot positions -> [B, Hkv, Smax, hd]."""
     p = layer.prefix + "fused/"
-    k = _node(nodes, "MatMul", [kr, layer.inputs["key_up"]], f"{p}k_up")  # [B, Hkv, S, hd]
-    flat_k = _node(nodes, "Reshape", [k, g.const("shape_rope4", [-1, 1, 0, 0])], f"{p}k_up_rows")  # [B*Hkv, 1, S, hd]
-    pos64 = _node(nodes, "Cast", [positions], f"{p}slot_pos_i64", to=TensorProto.INT64)
-    flat_pos = _node(nodes, "Flatten", [pos64], f"{p}slot_pos_rows", axis=2)  # [B*Hkv, S]
+    kr = layer.inputs["key_cache"]
+    k = _node(nodes, "MatMul", [kr, layer.inputs["key_up"]], f"{p}k_up")  # [B, Hkv, Smax, hd]
+    flat_k = _node(nodes, "Reshape", [k, g.const("shape_rope4", [-1, 1, 0, 0])], f"{p}k_up_rows")  # [B*Hkv,1,Smax,hd]
+    pos64 = _node(nodes, "Cast", [layer.inputs["slot_positions"]], f"{p}slot_pos_i64", to=TensorProto.INT64)
+    flat_pos = _node(nodes, "Flatten", [pos64], f"{p}slot_pos_rows", axis=2)  # [B*Hkv, Smax]
     cos, sin = _rope_tables(g, layer)
     rot = _node(nodes, "RotaryEmbedding", [flat_k, cos, sin, flat_pos], f"{p}k_rope_rows")
     return _node(nodes, "Reshape", [rot, _node(nodes, "Shape", [k], f"{p}k_up_shape")], f"{p}k_rope")

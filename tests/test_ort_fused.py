@@ -243,53 +243,6 @@ def test_gqa_variants_match(built, variant, tmp_path, monkeypatch):
     assert np.abs(got - function).max() <= TOL_ENGINES
 
 
-def test_attention_formulation_reads_only_the_written_slots(built, tmp_path, monkeypatch):
-    """The `attention` formulation (joint mode's; `pre` mode's when planned instead of rows) hands
-    ONNX Attention the buffers' first max(cache_lengths) slots, since ONNX Runtime's CPU kernel
-    scores every slot it is given: its values (and joint keys) are Slices [0, max n) on the
-    sequence axis, `pre` keys rebuilt and rotated from sliced rank-space keys and slot positions;
-    vs the function engine on right-padded prompts of different lengths, chunked prefill and
-    decode (rows shorter than the longest, early chunks far from the buffer's end), same tolerance."""
-    from onnx import helper
-
-    from eigenkv.engines import ort
-    from eigenkv.manifest import read_manifest
-    from eigenkv.plugins.spec import RopeMode
-    if built["mode"] not in ("pre", "joint"):
-        pytest.skip("the attention formulation: pre and joint modes")
-    monkeypatch.setattr(ort_fused, "DEFAULT_PLAN", {**ort_fused.DEFAULT_PLAN, RopeMode.PRE: ort_fused.ATTENTION})
-    fields = ort.build(built["graph"], read_manifest(built["graph"]), tmp_path)
-    assert fields["runtime"]["attention_rewrite"]["layers"] == {"attention": 3}
-    graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
-    made = {o: n for n in graph.graph.node for o in n.output}
-    attention = [n for n in graph.graph.node if n.op_type == "Attention"]
-    assert len(attention) == 3
-    for att in attention:
-        most = [n for n in graph.graph.node if n.op_type == "ReduceMax" and n.input[0] == att.input[6]]
-        keepdims = [helper.get_attribute_value(a) for a in most[0].attribute if a.name == "keepdims"] if most else []
-        assert len(most) == 1 and keepdims in ([], [1])  # keepdims (default 1): [1]
-        cut = [n for n in graph.graph.node if n.op_type == "Slice" and n.input[2] == most[0].output[0]]
-        assert len(cut) == (3 if built["mode"] == "pre" else 2)  # keys, values (, slot positions)
-        assert all(_int_init(graph, n.input[1]) == [0] and _int_init(graph, n.input[3]) == [2] for n in cut)
-        assert made[att.input[2]] in cut  # values
-        if built["mode"] == "joint":
-            assert made[att.input[1]] in cut
-        else:  # MatMul(K_r[:max n], key_up) -> RotaryEmbedding at slot_positions[:max n]
-            rebuild = next(n for n in graph.graph.node if n.op_type == "MatMul" and made.get(n.input[0]) in cut)
-            assert rebuild.name.startswith(att.name.rsplit("Attention_0", 1)[0])
-    shutil.copyfile(built["root"] / "fused" / "config.json", tmp_path / "config.json")
-    engine = load_engine(tmp_path)
-    rng = np.random.default_rng(7)
-    prompts = [list(rng.integers(0, 256, n)) for n in (5, 17, 9)]
-    got, function = _steps(engine, prompts, 4, 12), _steps(built["function"], prompts, 4, 12)
-    assert np.abs(got - function).max() <= TOL_ENGINES
-
-
-def _int_init(graph, name):
-    init = next((t for t in graph.graph.initializer if t.name == name), None)
-    return None if init is None else onnx.numpy_helper.to_array(init).tolist()
-
-
 def test_rewrite_plans_and_fallbacks(built):
     """`function` leaves the graph alone; GQA is refused where keys are pre-RoPE (unless their key_up
     is the identity, which needs the tables loaded) or widths differ."""
