@@ -325,6 +325,7 @@ def compress(config: CompressConfig, source: ModelSource | None = None) -> Compr
                     "heal": round(t_heal - t_fold, 2)},
         "perplexity": {},
     }
+    t_eval = time.perf_counter()
     for name, tokens in evals.items():
         before = perplexity(decoder, tokens, config.eval_window, progress=config.progress, desc=f"ppl {name} original")
         after = before if folded is decoder else perplexity(folded, tokens, config.eval_window,
@@ -332,6 +333,7 @@ def compress(config: CompressConfig, source: ModelSource | None = None) -> Compr
         report["perplexity"][name] = {"original": round(before.value, 4), "folded": round(after.value, 4),
                                       "increase_pct": round(100 * (after.value / before.value - 1), 2),
                                       "tokens": before.tokens, "window": before.window}
+    report["seconds"]["evaluate"] = round(time.perf_counter() - t_eval, 2)  # perplexity before/after
     report["config"] = {k: v for k, v in asdict(config).items() if k != "progress"}
     report["config"]["rope_mode"] = config.rope_mode.value
     return CompressResult(folded, decoder, key_ranks, value_ranks, report)

@@ -35,6 +35,9 @@ def test_compress_writes_projections_and_report(tiny_dir, text_file, tmp_path, c
     report = json.loads((out / "compress.json").read_text())
     assert report["kv_ratio"] == pytest.approx(0.5, abs=1 / 32)
     assert len(report["ranks"]["key"]) == 3
+    # every stage timed (seconds), the perplexity before/after (none here: no evaluation text) too
+    assert list(report["seconds"]) == ["load", "calibrate_decompose_fold", "heal", "evaluate"]
+    assert all(v >= 0 for v in report["seconds"].values())
     assert (out / "projections.safetensors").stat().st_size > 0
     from eigenkv.artifacts import load_projections
     layers, meta = load_projections(out / "projections.safetensors")
