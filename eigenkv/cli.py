@@ -107,6 +107,12 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heal-query", action="store_true",
                    help="healing also trains every layer's query projection (full width, so the KV cache is "
                         "unchanged); default: only the tensors the fold created")
+    p.add_argument("--no-output-refit", action="store_true",
+                   help="keep the fold's W_o: skip the sequential refit that fits each compressed layer's W_o, in "
+                        "layer order, to the original attention output from the inputs the compressed model gives "
+                        "it (closed-form least squares; on by default for output-aware methods)")
+    p.add_argument("--refit-samples", type=int, default=16, metavar="N",
+                   help="calibration sequences the W_o refit reads (default 16)")
     p.add_argument("--validation-tokens", type=int, default=8192, metavar="T",
                    help="tokens of validation text for --max-ppl-increase (default 8192)")
     p.add_argument("--rope-mode", choices=("pre", "joint"), default="pre",
@@ -153,6 +159,7 @@ def _config(args):
                           max_ppl_increase=args.max_ppl_increase, method=args.method, allocation=args.allocation,
                           heal_steps=args.heal_steps, heal_lr=args.heal_lr, heal_batch=args.heal_batch,
                           heal_seq_len=args.heal_seq_len, heal_query=args.heal_query,
+                          output_refit=not args.no_output_refit, refit_samples=args.refit_samples,
                           validation_tokens=args.validation_tokens,
                           rope_mode=args.rope_mode, calib_text=tuple(args.calib_text), calib_samples=args.calib_samples,
                           fisher_draws=args.fisher_draws,
@@ -191,6 +198,15 @@ def _cmd_compress(args) -> int:
     return 0
 
 
+def _print_refit(refit: dict | None) -> None:
+    """One line on the sequential W_o refit, when it ran (the report's `output_refit`)."""
+    if refit and refit.get("applied"):
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        print(f"W_o refit on the compressed model's inputs: {len(refit['layers'])} layers, {refit['tokens']} tokens, "
+              f"{refit['seconds']:.0f} s; relative residual {mean(refit['relative_residual_before']):.4f} -> "
+              f"{mean(refit['relative_residual_after']):.4f} (mean over layers)")
+
+
 def _print_summary(r: dict, out) -> None:
     kv = r["kv_bytes_per_token_fp16"]
     print(f"\n{r['source_model']} ({r['model_type']}, {r['n_layers']} layers), rope mode {r['rope_mode']}, "
@@ -202,6 +218,7 @@ def _print_summary(r: dict, out) -> None:
         rises = ", ".join(f"{n} {v:+.1f}% ({budget['validation_tokens'][n]} tokens)"
                           for n, v in budget["validation_increase_pct"].items())
         print(f"quality budget {100 * budget['max_ppl_increase']:.1f}% on the worst text: validation rise {rises}")
+    _print_refit(r.get("output_refit"))
     if r.get("healing"):
         h = r["healing"]
         print(f"healing: {h['steps']} steps in {h['seconds']:.0f} s, KL {h['kl_first']:.4f} -> {h['kl_last']:.4f}")
@@ -250,6 +267,7 @@ def _cmd_export(args) -> int:
                                       f"{v['torch_float32_max_abs_logit_diff_vs_float64']:.2e})")
     print(f"validation vs torch: prefill max |logit diff| {v['prefill_max_abs_logit_diff']:.2e}{detail}; "
           f"{v['decode_steps']} greedy tokens {'identical' if v['decode_tokens_equal'] else 'DIFFER'}")
+    _print_refit(manifest.report.get("output_refit"))
     for name, p in manifest.report["perplexity"].items():
         print(f"perplexity {name}: {p['original']:.3f} -> {p['folded']:.3f} ({p['increase_pct']:+.1f}%)")
     calibrated = (manifest.report.get("calibration") or {}).get("seq_len")

@@ -210,7 +210,7 @@ def _export(config: ExportConfig, out: Path, max_seq_len: int, source: ModelSour
 
 
 PROJECTIONS_SUFFIX = ".projections.safetensors"  # OUT.onnx -> OUT.projections.safetensors (Files.projections)
-REPORT_SECTIONS = ("ranks", "healing", "calibration", "perplexity")  # copied from the compress report
+REPORT_SECTIONS = ("ranks", "output_refit", "healing", "calibration", "perplexity")  # copied from the compress report
 FP32_LOGIT_TOLERANCE = 1e-3  # max |logit diff| of the fp32 graph
 FP16_RELATIVE_TOLERANCE = 0.05  # fp16 graphs: max |logit diff| <= this x max |torch logit|
 

@@ -1,4 +1,4 @@
-"""The compress stage: model -> calibrate -> factors (--method) -> ranks -> fold [-> heal] -> perplexity.
+"""The compress stage: model -> calibrate -> factors (--method) -> ranks -> fold -> W_o refit [-> heal] -> perplexity.
 
 `compress(CompressConfig[, ModelSource])` returns the folded decoder with a report;
 `run_compress` also writes `projections.safetensors` and `compress.json` into an output
@@ -25,6 +25,7 @@ from eigenkv.exporter.fold import attention_from_tensors, fold
 from eigenkv.exporter.heal import HealSettings, heal
 from eigenkv.exporter.methods import get_method, method_factors
 from eigenkv.exporter.quality import validation_rise
+from eigenkv.exporter.refit import refit_outputs, refittable_layers
 from eigenkv.exporter.perplexity import perplexity
 from eigenkv.exporter.families import Dims, family_for, registered
 from eigenkv.exporter.rank_strategies import chosen_strategies, rank_strategy
@@ -33,6 +34,7 @@ from eigenkv.exporter.texts import Texts, parse_mix, split_texts
 from eigenkv.plugins.spec import RopeMode
 
 COMPRESS_ROPE_MODES = (RopeMode.PRE, RopeMode.JOINT)  # what the compress stage folds into
+REFIT_TOKENS_PER_INPUT = 2  # the W_o refit needs at least this many tokens per o_proj input, else it is skipped
 
 
 @dataclass
@@ -56,6 +58,8 @@ class CompressConfig:
     heal_batch: int = 2  # token windows per healing step
     heal_seq_len: int | None = None  # tokens per healing window; None: min(256, calib_seq_len)
     heal_query: bool = False  # healing also trains every layer's query projection
+    output_refit: bool = True  # refit W_o of output-aware layers on the compressed model's own inputs (refit.py)
+    refit_samples: int = 16  # calibration windows the refit's least squares reads (the first ones)
     validation_tokens: int = 8192  # --max-ppl-increase judges on this many held-out tokens
     projections: str | None = None  # reuse folded attention from a projections.safetensors
     no_compress: bool = False  # the uncompressed baseline through the same code
@@ -134,7 +138,7 @@ class CompressConfig:
             rank_sel.check_kv_ratio(kv_ratio)
         if self.error_budget is not None and not self.error_budget > 0:
             raise EigenError(f"--error-budget must be > 0 (relative layer-output error), got {self.error_budget}")
-        for name in ("calib_samples", "calib_seq_len", "eval_window", "fisher_draws"):
+        for name in ("calib_samples", "calib_seq_len", "eval_window", "fisher_draws", "refit_samples"):
             if getattr(self, name) < 1:
                 raise EigenError(f"--{name.replace('_', '-')} must be >= 1")
         for name, _ in parse_mix(self.calib_text):
@@ -259,6 +263,30 @@ def choose_ranks(config: CompressConfig, decoder: EigenDecoder, texts: Texts):
     return factors, key_ranks, value_ranks, {"method": method.name, "rope_mode": config.rope_mode.value, **details}
 
 
+def _output_refit(config: CompressConfig, decoder: EigenDecoder, folded: EigenDecoder, factors: list,
+                  texts: Texts) -> dict:
+    """The sequential W_o refit (`refit.refit_outputs`) of the compressed layers whose values are
+    output-aware, on the first `refit_samples` calibration windows -> the report's entry (what
+    ran, or why nothing did: also when those windows hold fewer than REFIT_TOKENS_PER_INPUT tokens
+    per o_proj input, where least squares would fit the calibration text rather than the model). The paper's method keeps its own W_o (value_up folded in), and a
+    --max-ppl-increase search, which validated folds without the refit, keeps what it validated."""
+    if not config.output_refit:
+        return {"applied": False, "reason": "--no-output-refit"}
+    if config.max_ppl_increase is not None:
+        return {"applied": False, "reason": "--max-ppl-increase validated the fold without it"}
+    layers = refittable_layers(folded, factors)
+    if not layers:
+        return {"applied": False, "reason": f"no compressed layer has output-aware values (--method {config.method})"}
+    samples = texts.samples[: config.refit_samples]
+    width = max(folded.layers[i].attn.o_proj.in_features for i in layers)
+    if samples.numel() < REFIT_TOKENS_PER_INPUT * width:
+        return {"applied": False, "reason": f"{samples.numel()} calibration tokens are too few for a least-squares "
+                                            f"W_o of {width} inputs (needs {REFIT_TOKENS_PER_INPUT * width}: raise "
+                                            "--refit-samples or --calib-samples)"}
+    report = refit_outputs(folded, decoder, samples, layers=layers, progress=config.progress)
+    return {"applied": True, **report.summary()}
+
+
 def compress(config: CompressConfig, source: ModelSource | None = None) -> CompressResult:
     """Load, calibrate, fold [, heal] and measure one model -> CompressResult with the report.
 
@@ -292,6 +320,8 @@ def compress(config: CompressConfig, source: ModelSource | None = None) -> Compr
         folded = fold(decoder, factors, key_ranks, value_ranks, config.rope_mode)
     key_ranks, value_ranks = folded.key_ranks, folded.value_ranks
     t_fold = time.perf_counter()
+    refit = None if config.no_compress or config.projections else _output_refit(config, decoder, folded, factors, texts)
+    t_refit = time.perf_counter()
     healed = None
     if config.heal_steps:
         settings = HealSettings(steps=config.heal_steps, lr=config.heal_lr, batch_size=config.heal_batch,
@@ -320,9 +350,10 @@ def compress(config: CompressConfig, source: ModelSource | None = None) -> Compr
         "kv_ratio": round(rank_sel.kv_ratio(key_ranks, value_ranks, dims.head_dim), 6),
         "kv_bytes_per_token_fp16": {"original": layout.original_bytes_per_token("fp16"),
                                      "compressed": layout.bytes_per_token("fp16")},
+        "output_refit": refit,
         "healing": None if healed is None else healed.summary(),
         "seconds": {"load": round(t_load - t0, 2), "calibrate_decompose_fold": round(t_fold - t_load, 2),
-                    "heal": round(t_heal - t_fold, 2)},
+                    "output_refit": round(t_refit - t_fold, 2), "heal": round(t_heal - t_refit, 2)},
         "perplexity": {},
     }
     t_eval = time.perf_counter()
@@ -353,7 +384,7 @@ def run_compress(config: CompressConfig, out_dir: Path, force: bool = False) -> 
     r = result.report
     meta = {k: r[k] for k in ("model_type", "source_hash", "rope_mode", "n_layers", "n_kv_heads", "head_dim",
                               "calibration")}
-    meta.update(method=r["ranks"]["method"], healing=r["healing"])
+    meta.update(method=r["ranks"]["method"], healing=r["healing"], output_refit=r["output_refit"])
     save_projections(out_dir / "projections.safetensors", result.folded, meta)
     write_json(out_dir / "compress.json", r)
     return r

@@ -36,7 +36,7 @@ def test_compress_writes_projections_and_report(tiny_dir, text_file, tmp_path, c
     assert report["kv_ratio"] == pytest.approx(0.5, abs=1 / 32)
     assert len(report["ranks"]["key"]) == 3
     # every stage timed (seconds), the perplexity before/after (none here: no evaluation text) too
-    assert list(report["seconds"]) == ["load", "calibrate_decompose_fold", "heal", "evaluate"]
+    assert list(report["seconds"]) == ["load", "calibrate_decompose_fold", "output_refit", "heal", "evaluate"]
     assert all(v >= 0 for v in report["seconds"].values())
     assert (out / "projections.safetensors").stat().st_size > 0
     from eigenkv.artifacts import load_projections
@@ -194,6 +194,30 @@ def test_compress_calibrates_the_statistics_its_method_reads(tiny_dir, text_file
     report = json.loads((tmp_path / "out" / "compress.json").read_text())
     assert report["ranks"]["method"] == method and report["ranks"].get("key_weighting") == weighting
     assert report["ranks"].get("fisher_draws") == (3 if fisher else None)
+    # the sequential W_o refit runs for output-aware values (every method but the paper's)
+    assert report["output_refit"]["applied"] is (method != "eigen")
+
+
+def test_output_refit_runs_by_default_and_is_recorded(tiny_dir, text_file, tmp_path):
+    """The default compress refits the compressed layers' W_o on --refit-samples windows and records
+    the residuals; --no-output-refit, too few tokens per o_proj input (here 2 x 64) keep the
+    fold's W_o and say why; --refit-samples 0 is refused."""
+    assert main(_args(tiny_dir, text_file, tmp_path / "a", "--kv-ratio", "0.5", "--calib-samples", "8",
+                      "--refit-samples", "6")) == 0
+    report = json.loads((tmp_path / "a" / "compress.json").read_text())
+    refit = report["output_refit"]
+    assert refit["applied"] and refit["tokens"] == 6 * 32 and refit["layers"]
+    d = report["head_dim"]
+    assert all(report["ranks"]["key"][i] < d or report["ranks"]["value"][i] < d for i in refit["layers"])
+    assert all(a <= b + 1e-9 for a, b in zip(refit["relative_residual_after"], refit["relative_residual_before"]))
+    assert main(_args(tiny_dir, text_file, tmp_path / "b", "--kv-ratio", "0.5", "--no-output-refit")) == 0
+    report = json.loads((tmp_path / "b" / "compress.json").read_text())
+    assert report["output_refit"] == {"applied": False, "reason": "--no-output-refit"}
+    assert main(_args(tiny_dir, text_file, tmp_path / "c", "--kv-ratio", "0.5", "--refit-samples", "0")) == 2
+    assert not (tmp_path / "c").exists()
+    assert main(_args(tiny_dir, text_file, tmp_path / "d", "--kv-ratio", "0.5", "--refit-samples", "1")) == 0
+    reason = json.loads((tmp_path / "d" / "compress.json").read_text())["output_refit"]["reason"]
+    assert reason.startswith("32 calibration tokens are too few for a least-squares W_o of")
 
 
 def test_joint_mode_conflict_is_refused_before_calibration(tiny_dir, text_file, tmp_path, capsys, monkeypatch):

@@ -172,8 +172,9 @@ def test_method_table(workdir):
 
 
 def test_quality_table(workdir):
-    """Two calibrations (one text; a two-text mix), one ratio with a healed row and its held-out KL
-    curve, cloze accuracy on the rows at the cloze ratio."""
+    """Two calibrations (one text; a two-text mix), one ratio with rows before and after the W_o
+    refit, a healed row (from the refitted fold) and its held-out KL curve, cloze accuracy on the
+    rows at the cloze ratio."""
     (workdir / "other.txt").write_text("Pack my box with five dozen liquor jugs! " * 90)
     run = _tool("quality_table.py", "--model", "llama", "--calibrations", "calib.txt", "calib.txt:1,other.txt:3",
                 "--calib-samples", "2", "--calib-seq-len", "32", "--eval-texts", "calib.txt,other.txt",
@@ -186,15 +187,18 @@ def test_quality_table(workdir):
     rows = meta["rows"]
     assert [(r["calibration"], r["method"], bool(r["healing"])) for r in rows] == [
         ("-", "original", False), ("calib.txt:1", "eigen (paper), energy", False),
-        *[(c, m, h) for c in ("calib.txt:1", "calib.txt:0.25,other.txt:0.75")
-          for m in ("loss-aware", "loss-aware-uniform") for h in (False, True)]]
-    assert rows[2]["ppl"] != rows[4]["ppl"]  # the two key weightings give different bases
+        *[(c, m + tail, h) for c in ("calib.txt:1", "calib.txt:0.25,other.txt:0.75")
+          for m in ("loss-aware", "loss-aware-uniform")
+          for tail, h in (("", False), (" + W_o refit", False), (" + W_o refit", True))]]
+    assert rows[2]["ppl"] != rows[5]["ppl"]  # the two key weightings give different bases
+    assert rows[2]["ppl"] != rows[3]["ppl"] and rows[2]["key_ranks"] == rows[3]["key_ranks"]  # the refit changed W_o
+    assert any(k.startswith("refit calib.txt:1 loss-aware 0.5") for k in meta["seconds"])
     assert meta["evaluation"]["tokens_scored"] == {"calib.txt": 62, "other.txt": 62}
     _assert_malloc_recorded(meta["machine"])
     for r in rows:
         assert set(r["ppl"]) == {"calib.txt", "other.txt"} and all(v > 1 for v in r["ppl"].values())
         assert r["cloze"] is not None and 0 <= r["cloze"]["other.txt"] <= 1  # every row here is at the cloze ratio
-    healed = rows[3]["healing"]
+    healed = rows[4]["healing"]
     assert [s for s, _ in healed["held_out_kl"]] == [0, 1, 2] and healed["steps"] == 2
     assert (healed["batch"], healed["seq_len"]) == (3, 16) and "3 x 16-token windows" in meta["calibration"]
     assert healed["query"] is True and "(query projections trained too)" in meta["calibration"]
@@ -220,12 +224,13 @@ def test_quality_table_without_cloze(workdir):
     _tool(*common, "--cloze-items", "0", "--fisher-draws", "2", "--out", "quality/table", cwd=workdir)
     meta = json.loads((workdir / "quality" / "table.json").read_text())
     assert "Fisher pass 2 draw(s) per sample" in meta["calibration"]  # loss-aware reads the keys' Fisher statistics
-    assert [r["method"] for r in meta["rows"]] == ["original", "eigen (paper), energy", "loss-aware"]
+    assert [r["method"] for r in meta["rows"]] == ["original", "eigen (paper), energy", "loss-aware",
+                                                   "loss-aware + W_o refit"]
     assert all(r["cloze"] is None for r in meta["rows"])
     text = (workdir / "quality" / "table.md").read_text()
     assert "No cloze items." in text and "| cloze" not in text
     tables = [t for t in text.split("\n\n") if t.startswith("|")]
-    assert len(tables) == 1 and len(_table(tables[0])) == 2 + 3
+    assert len(tables) == 1 and len(_table(tables[0])) == 2 + 4
 
 
 def test_ppl_table(workdir):

@@ -33,6 +33,7 @@ from eigenkv.exporter.heal import HealSettings, heal
 from eigenkv.exporter.methods import get_method, method_factors
 from eigenkv.exporter.perplexity import perplexity
 from eigenkv.exporter.pipeline import CompressConfig, heal_window
+from eigenkv.exporter.refit import refit_outputs, refittable_layers
 from eigenkv.exporter.sources import load_model, read_text, resolve_model, tokenize
 from eigenkv.exporter.texts import mix_label, split_texts
 from eigenkv.exporter.zero_shot import cloze_accuracy, cloze_items
@@ -56,6 +57,10 @@ def main() -> int:
                     help="tokens per healing window (default min(256, --calib-seq-len), as `eigenkv compress`)")
     ap.add_argument("--heal-query", action="store_true", help="healing also trains the query projections")
     ap.add_argument("--heal-eval-every", type=int, default=25, help="steps between held-out KL points")
+    ap.add_argument("--refit", choices=("none", "both", "only"), default="both",
+                    help="rows without the sequential W_o refit (none), with it (only; healing starts from it), or "
+                         "both side by side (default; healing starts from the refitted fold)")
+    ap.add_argument("--refit-samples", type=int, default=CompressConfig.refit_samples)
     ap.add_argument("--calib-samples", type=int, default=CompressConfig.calib_samples)
     ap.add_argument("--fisher-draws", type=int, default=CompressConfig.fisher_draws,
                     help=f"sampled next-token draws of the Fisher pass (default {CompressConfig.fisher_draws})")
@@ -74,6 +79,8 @@ def main() -> int:
         ap.error(f"--cloze-items must be >= 0 (0: no cloze), got {args.cloze_items}")
     if args.fisher_draws < 1:
         ap.error(f"--fisher-draws must be >= 1, got {args.fisher_draws}")
+    if args.refit_samples < 1:
+        ap.error(f"--refit-samples must be >= 1, got {args.refit_samples}")
     if args.calib_samples < 1:
         ap.error(f"--calib-samples must be >= 1, got {args.calib_samples}")
     if args.heal_batch < 1 or (args.heal_seq_len is not None and args.heal_seq_len < 2):
@@ -152,15 +159,29 @@ def main() -> int:
             seconds[f"factors+probes {label} {method}"] = round(time.perf_counter() - t1, 1)
             for ratio in ratios:
                 kr, vr = rank_sel.allocate(*curves, ratio)
-                add(label, method, fold(decoder, factors, kr, vr, "pre"), kr, vr, cloze=ratio == args.cloze_ratio)
+                cloze = ratio == args.cloze_ratio
+
+                def folded_model():
+                    model_ = fold(decoder, factors, kr, vr, "pre")
+                    if args.refit != "none":
+                        t2 = time.perf_counter()
+                        refit_outputs(model_, decoder, texts.samples[: args.refit_samples],
+                                      layers=refittable_layers(model_, factors))
+                        seconds[f"refit {label} {method} {ratio}"] = round(time.perf_counter() - t2, 1)
+                    return model_
+                if args.refit != "only":
+                    add(label, method, fold(decoder, factors, kr, vr, "pre"), kr, vr, cloze=cloze)
+                if args.refit != "none":
+                    add(label, f"{method} + W_o refit", folded_model(), kr, vr, cloze=cloze)
                 if ratio in heal_ratios and args.heal_steps:
-                    folded = fold(decoder, factors, kr, vr, "pre")
+                    folded = folded_model()
                     settings = HealSettings(steps=args.heal_steps, lr=args.heal_lr, batch_size=args.heal_batch,
                                             seq_len=args.heal_seq_len, eval_every=args.heal_eval_every,
                                             query=args.heal_query)
                     report = heal(folded, decoder, texts.calibration, settings, progress=progress,
                                   weights=texts.weights, held_out=held_out)
-                    add(label, method, folded, kr, vr, report, cloze=ratio == args.cloze_ratio)
+                    add(label, method if args.refit == "none" else f"{method} + W_o refit", folded, kr, vr, report,
+                        cloze=cloze)
 
     lines = ["| calibration | method | healing | KV ratio | " + " | ".join(f"ppl {n} (rise)" for n in eval_names) + " |",
              "|" + "---|" * (4 + len(eval_names))]
