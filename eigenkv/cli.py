@@ -112,7 +112,7 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
                         "layer order, to the original attention output from the inputs the compressed model gives "
                         "it (closed-form least squares; on by default for output-aware methods)")
     p.add_argument("--refit-samples", type=int, default=16, metavar="N",
-                   help="calibration sequences the W_o refit reads (default 16)")
+                   help="calibration sequences the W_o refit reads, the first ones, at most --calib-samples (default 16)")
     p.add_argument("--validation-tokens", type=int, default=8192, metavar="T",
                    help="tokens of validation text for --max-ppl-increase (default 8192)")
     p.add_argument("--rope-mode", choices=("pre", "joint"), default="pre",

@@ -193,7 +193,8 @@ def _export(config: ExportConfig, out: Path, max_seq_len: int, source: ModelSour
         has_grams = save_key_grams(folded, tmp / gram_name)
         from eigenkv.artifacts import save_projections  # the folded attention tensors: `eigenkv build --backend torch`
         save_projections(tmp / (out.stem + PROJECTIONS_SUFFIX), folded, {k: result.report[k] for k in (
-            "model_type", "source_hash", "rope_mode", "n_layers", "n_kv_heads", "head_dim", "calibration")})
+            "model_type", "source_hash", "rope_mode", "n_layers", "n_kv_heads", "head_dim", "calibration",
+            "output_refit")})
         t3 = time.perf_counter()
         seconds = {"compress": round(t1 - t0, 2), "export": round(t2 - t1, 2), "validate": round(t3 - t2, 2)}
         manifest = _manifest(config, result.report, folded, layout, source, out, gram_name if has_grams else None,

@@ -234,7 +234,8 @@ def _saved(config: CompressConfig, decoder: EigenDecoder, source_hash: str):
                                      for layer, t in zip(decoder.layers, layers)])
     details = {"method": meta.get("method", "projections file"), "allocation": "projections file",
                "projections": str(config.projections), "rope_mode": meta["rope_mode"],
-               "calibration": meta.get("calibration")}  # None: a file written before it was recorded
+               "calibration": meta.get("calibration"),  # None: a file written before it was recorded
+               "output_refit": meta.get("output_refit")}  # what the file's own compress run refitted
     return folded, details
 
 
@@ -320,7 +321,8 @@ def compress(config: CompressConfig, source: ModelSource | None = None) -> Compr
         folded = fold(decoder, factors, key_ranks, value_ranks, config.rope_mode)
     key_ranks, value_ranks = folded.key_ranks, folded.value_ranks
     t_fold = time.perf_counter()
-    refit = None if config.no_compress or config.projections else _output_refit(config, decoder, folded, factors, texts)
+    refit = (None if config.no_compress else details.pop("output_refit", None) if config.projections
+             else _output_refit(config, decoder, folded, factors, texts))
     t_refit = time.perf_counter()
     healed = None
     if config.heal_steps:

@@ -19,7 +19,7 @@ code but hurt c4 and the held-out stories).
 
 Cost: one forward of each model over the samples (layer by layer), plus per refitted layer a
 [Hq·r_v]² Gram accumulated in the model's precision (at least float32) per chunk and float64 across chunks; memory: the two
-residual streams and the layer's o_proj inputs, [N·S, hidden] floats each.
+residual streams, [N·S, hidden] floats each, and the layer's o_proj inputs, [N·S, Hq·r_v].
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class RefitReport:
     tokens: int  # calibration tokens per layer's least squares
     seconds: float
     ridge: float
-    residual_before: list[float]  # per refitted layer: Σ||y - W_o a - b||² / Σ||y||² with the fold's W_o
+    residual_before: list[float]  # per refitted layer: Σ||y - b - W_o a||² / Σ||y - b||² with the fold's W_o
     residual_after: list[float]  # the same with W_o'
 
     def summary(self) -> dict:
@@ -89,6 +89,8 @@ def refit_outputs(folded: EigenDecoder, original: EigenDecoder, samples: torch.T
     if any(not 0 <= i < n_layers for i in todo):
         raise ValueError(f"layers must be in 0..{n_layers - 1}, got {todo}")
     t0 = time.perf_counter()
+    if not todo:
+        return RefitReport([], int(samples.numel()), 0.0, ridge, [], [])
     batches = samples.split(chunk)
     positions = [torch.arange(b.shape[1]).expand_as(b) for b in batches]
     h_orig = [original.embed_inputs(b, p) for b, p in zip(batches, positions)]
@@ -104,26 +106,28 @@ def refit_outputs(folded: EigenDecoder, original: EigenDecoder, samples: torch.T
         o_proj = lc.attn.o_proj
         width, hidden = o_proj.in_features, o_proj.out_features
         bias = None if o_proj.bias is None else o_proj.bias.detach().to(torch.float64)
+        if lc.attn is lo.attn or o_proj is lo.attn.o_proj:
+            raise ValueError(f"layer {i}: the folded model shares its attention with the original; refit a fold")
         captured = []
-        hook = o_proj.register_forward_hook(lambda mod, args, out: captured.append(args[0]))
         gram = torch.zeros(width, width, dtype=torch.float64)
         cross = torch.zeros(width, hidden, dtype=torch.float64)
         energy = 0.0
-        try:
-            for j, (h, p) in enumerate(zip(h_orig, positions)):
-                y = lo.attn(lo.attn_norm(h), p, original.rope)
-                h_orig[j] = lo.mlp_block(h + lo.attn_post_norm(y))
+        for j, (h, p) in enumerate(zip(h_orig, positions)):
+            y = lo.attn(lo.attn_norm(h), p, original.rope)
+            h_orig[j] = lo.mlp_block(h + lo.attn_post_norm(y))
+            hook = o_proj.register_forward_hook(lambda mod, args, out: captured.append(args[0]))
+            try:
                 lc.attn(lc.attn_norm(h_comp[j]), p, folded.rope)
-                a = captured[-1].reshape(-1, width)
-                a = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a  # float32 or the model's float64
-                t = y.reshape(-1, hidden).to(a.dtype)
-                if bias is not None:
-                    t = t - bias.to(a.dtype)
-                gram += (a.T @ a).double()
-                cross += (a.T @ t).double()
-                energy += float(t.double().pow(2).sum())
-        finally:
-            hook.remove()
+            finally:
+                hook.remove()
+            a = captured[j].reshape(-1, width)
+            a = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a  # float32 or the model's float64
+            t = y.reshape(-1, hidden).to(a.dtype)
+            if bias is not None:
+                t = t - bias.to(a.dtype)
+            gram += (a.T @ a).double()
+            cross += (a.T @ t).double()
+            energy += float(t.double().pow(2).sum())
         w_old = o_proj.weight.detach().to(torch.float64).T  # [width, hidden]
         w_new = _solve(gram, cross, ridge)
         # Σ||t - a w||² = Σ||t||² - 2 tr(wᵀ Σaᵀt) + tr(wᵀ Σaᵀa w): no second pass over the tokens

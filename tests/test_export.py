@@ -210,6 +210,9 @@ def test_projections_reuse_and_foreign_projections(workdir, tmp_path, capsys):
     # the export command's own (4 x 32), which calibrated nothing
     calibration = manifest["report"]["calibration"]
     assert (calibration["samples"], calibration["seq_len"]) == (3, 40)
+    # and the W_o refit that file's compress run made (the export refitted nothing itself)
+    refit = json.loads((proj_dir / "compress.json").read_text())["output_refit"]
+    assert refit["applied"] and manifest["report"]["output_refit"] == refit
     capsys.readouterr()
     other = tmp_path / "other.onnx"
     assert _export(workdir, "qwen2", other, "--projections", str(proj_dir / "projections.safetensors")) == 2

@@ -58,6 +58,27 @@ def test_refit_is_least_squares_on_the_compressed_models_own_inputs(family):
     assert all(torch.equal(w, layer.attn.o_proj.weight) for w, layer in zip(original_w, decoder.layers))
 
 
+@pytest.mark.parametrize("family", ["llama", "opt", "gemma3_text"])
+@torch.no_grad()
+def test_layers_left_out_carry_the_compressed_stream(family):
+    """Refitting layers 0 and 2 only: layer 1 (compressed, not refitted) keeps its module and still
+    feeds layer 2 the compressed model's stream, so layer 2's W_o' is lstsq on the inputs of the
+    whole compressed model (hooks; float64, 1e-8)."""
+    decoder, samples, factors = _setup(family)
+    d, n = decoder.dims.head_dim, decoder.dims.n_layers
+    assert n >= 3
+    folded = fold(decoder, factors, [d // 2] * n, [d // 2] * n, "pre")
+    kept = folded.layers[1].attn.o_proj
+    report = refit_outputs(folded, decoder, samples, layers=[0, 2], ridge=0.0, chunk=4)
+    assert report.layers == [0, 2] and folded.layers[1].attn.o_proj is kept
+    for i in (0, 2):
+        a = _captured(folded, samples, folded.layers[i].attn.o_proj, output=False)
+        y = _captured(decoder, samples, decoder.layers[i].attn, output=True)
+        o = folded.layers[i].attn.o_proj
+        best = torch.linalg.lstsq(a, y - (0 if o.bias is None else o.bias)).solution.T
+        assert (o.weight - best).abs().max().item() <= 1e-8, (family, i)
+
+
 @torch.no_grad()
 def test_refit_of_an_exact_fold_keeps_w_o_and_skips_what_it_is_not_asked():
     """At full rank the fold is the original model: after the refit it still is (logits within
@@ -93,3 +114,6 @@ def test_refit_refuses_bad_arguments():
         refit_outputs(folded, decoder, samples[:0])
     with pytest.raises(ValueError, match="layers must be in"):
         refit_outputs(folded, decoder, samples, layers=[n])
+    with pytest.raises(ValueError, match="shares its attention with the original"):
+        refit_outputs(decoder, decoder, samples, layers=[0])
+    assert refit_outputs(folded, decoder, samples, layers=[]).layers == []

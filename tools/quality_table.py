@@ -171,10 +171,11 @@ def main() -> int:
                     return model_
                 if args.refit != "only":
                     add(label, method, fold(decoder, factors, kr, vr, "pre"), kr, vr, cloze=cloze)
-                if args.refit != "none":
-                    add(label, f"{method} + W_o refit", folded_model(), kr, vr, cloze=cloze)
+                refitted = folded_model() if args.refit != "none" else None
+                if refitted is not None:
+                    add(label, f"{method} + W_o refit", refitted, kr, vr, cloze=cloze)
                 if ratio in heal_ratios and args.heal_steps:
-                    folded = folded_model()
+                    folded = refitted if refitted is not None else folded_model()  # healing trains it in place
                     settings = HealSettings(steps=args.heal_steps, lr=args.heal_lr, batch_size=args.heal_batch,
                                             seq_len=args.heal_seq_len, eval_every=args.heal_eval_every,
                                             query=args.heal_query)
