@@ -58,8 +58,8 @@ class CompressConfig:
     heal_batch: int = 2  # token windows per healing step
     heal_seq_len: int | None = None  # tokens per healing window; None: min(256, calib_seq_len)
     heal_query: bool = False  # healing also trains every layer's query projection
-    output_refit: bool = True  # refit W_o of output-aware layers on the compressed model's own inputs (refit.py)
-    refit_samples: int = 16  # calibration windows the refit's least squares reads (the first ones)
+    output_refit: bool = False  # refit W_o of output-aware layers on the compressed model's own inputs (refit.py)
+    refit_samples: int = 32  # calibration windows the refit's least squares reads (the first ones)
     validation_tokens: int = 8192  # --max-ppl-increase judges on this many held-out tokens
     projections: str | None = None  # reuse folded attention from a projections.safetensors
     no_compress: bool = False  # the uncompressed baseline through the same code
@@ -272,7 +272,7 @@ def _output_refit(config: CompressConfig, decoder: EigenDecoder, folded: EigenDe
     per o_proj input, where least squares would fit the calibration text rather than the model). The paper's method keeps its own W_o (value_up folded in), and a
     --max-ppl-increase search, which validated folds without the refit, keeps what it validated."""
     if not config.output_refit:
-        return {"applied": False, "reason": "--no-output-refit"}
+        return {"applied": False, "reason": "off (--output-refit turns it on)"}
     if config.max_ppl_increase is not None:
         return {"applied": False, "reason": "--max-ppl-increase validated the fold without it"}
     layers = refittable_layers(folded, factors)

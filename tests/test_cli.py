@@ -194,28 +194,28 @@ def test_compress_calibrates_the_statistics_its_method_reads(tiny_dir, text_file
     report = json.loads((tmp_path / "out" / "compress.json").read_text())
     assert report["ranks"]["method"] == method and report["ranks"].get("key_weighting") == weighting
     assert report["ranks"].get("fisher_draws") == (3 if fisher else None)
-    # the sequential W_o refit runs for output-aware values (every method but the paper's)
-    assert report["output_refit"]["applied"] is (method != "eigen")
+    assert report["output_refit"] == {"applied": False, "reason": "off (--output-refit turns it on)"}
 
 
-def test_output_refit_runs_by_default_and_is_recorded(tiny_dir, text_file, tmp_path):
-    """The default compress refits the compressed layers' W_o on --refit-samples windows and records
-    the residuals; --no-output-refit, too few tokens per o_proj input (here 2 x 64) keep the
-    fold's W_o and say why; --refit-samples 0 is refused."""
+def test_output_refit_runs_when_asked_and_is_recorded(tiny_dir, text_file, tmp_path):
+    """--output-refit refits the compressed layers' W_o on --refit-samples windows and records the
+    residuals; without it, or with too few tokens per o_proj input (here 2 x 64), the fold's W_o
+    stays and the report says why; --refit-samples 0 is refused."""
     assert main(_args(tiny_dir, text_file, tmp_path / "a", "--kv-ratio", "0.5", "--calib-samples", "8",
-                      "--refit-samples", "6")) == 0
+                      "--output-refit", "--refit-samples", "6")) == 0
     report = json.loads((tmp_path / "a" / "compress.json").read_text())
     refit = report["output_refit"]
     assert refit["applied"] and refit["tokens"] == 6 * 32 and refit["layers"]
     d = report["head_dim"]
     assert all(report["ranks"]["key"][i] < d or report["ranks"]["value"][i] < d for i in refit["layers"])
     assert all(a <= b + 1e-9 for a, b in zip(refit["relative_residual_after"], refit["relative_residual_before"]))
-    assert main(_args(tiny_dir, text_file, tmp_path / "b", "--kv-ratio", "0.5", "--no-output-refit")) == 0
+    assert main(_args(tiny_dir, text_file, tmp_path / "b", "--kv-ratio", "0.5")) == 0
     report = json.loads((tmp_path / "b" / "compress.json").read_text())
-    assert report["output_refit"] == {"applied": False, "reason": "--no-output-refit"}
+    assert report["output_refit"] == {"applied": False, "reason": "off (--output-refit turns it on)"}
     assert main(_args(tiny_dir, text_file, tmp_path / "c", "--kv-ratio", "0.5", "--refit-samples", "0")) == 2
     assert not (tmp_path / "c").exists()
-    assert main(_args(tiny_dir, text_file, tmp_path / "d", "--kv-ratio", "0.5", "--refit-samples", "1")) == 0
+    assert main(_args(tiny_dir, text_file, tmp_path / "d", "--kv-ratio", "0.5", "--output-refit",
+                      "--refit-samples", "1")) == 0
     reason = json.loads((tmp_path / "d" / "compress.json").read_text())["output_refit"]["reason"]
     assert reason.startswith("32 calibration tokens are too few for a least-squares W_o of")
 

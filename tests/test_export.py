@@ -200,7 +200,7 @@ def test_projections_reuse_and_foreign_projections(workdir, tmp_path, capsys):
     proj_dir = tmp_path / "proj"
     assert main(["compress", "-o", str(proj_dir), "--model", str(_ensure_model(workdir, "llama")), "--calib-text",
                  str(workdir / "calib.txt"), "--calib-samples", "3", "--calib-seq-len", "40", "--eval-tokens", "0",
-                 "--key-rank", "5", "--value-rank", "7", "--no-progress"]) == 0
+                 "--key-rank", "5", "--value-rank", "7", "--output-refit", "--no-progress"]) == 0
     out = tmp_path / "m.onnx"
     assert _export(workdir, "llama", out, "--projections", str(proj_dir / "projections.safetensors"),
                    "--max-seq-len", "64") == 0

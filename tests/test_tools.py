@@ -181,6 +181,7 @@ def test_quality_table(workdir):
                 "--eval-tokens", "64", "--eval-window", "32", "--cloze-texts", "other.txt", "--cloze-items", "5",
                 "--ratios", "0.5", "--heal-ratios", "0.5", "--heal-steps", "2", "--heal-eval-every", "1",
                 "--heal-batch", "3", "--heal-seq-len", "16", "--heal-query", "--methods", "loss-aware,loss-aware-uniform",
+                "--refit", "both",
                 *QUIET, "--out", "quality/table", cwd=workdir)
     meta = json.loads((workdir / "quality" / "table.json").read_text())
     assert meta["calibrations"] == {"calib.txt": "calib.txt:1", "calib.txt:1,other.txt:3": "calib.txt:0.25,other.txt:0.75"}
@@ -221,7 +222,7 @@ def test_quality_table_without_cloze(workdir):
                               "bad/table"], capture_output=True, text=True, cwd=workdir, timeout=300)
         assert bad.returncode == 2 and message in bad.stderr.strip().splitlines()[-1]
         assert not (workdir / "bad").exists()
-    _tool(*common, "--cloze-items", "0", "--fisher-draws", "2", "--out", "quality/table", cwd=workdir)
+    _tool(*common, "--cloze-items", "0", "--fisher-draws", "2", "--refit", "both", "--out", "quality/table", cwd=workdir)
     meta = json.loads((workdir / "quality" / "table.json").read_text())
     assert "Fisher pass 2 draw(s) per sample" in meta["calibration"]  # loss-aware reads the keys' Fisher statistics
     assert [r["method"] for r in meta["rows"]] == ["original", "eigen (paper), energy", "loss-aware",

@@ -57,9 +57,9 @@ def main() -> int:
                     help="tokens per healing window (default min(256, --calib-seq-len), as `eigenkv compress`)")
     ap.add_argument("--heal-query", action="store_true", help="healing also trains the query projections")
     ap.add_argument("--heal-eval-every", type=int, default=25, help="steps between held-out KL points")
-    ap.add_argument("--refit", choices=("none", "both", "only"), default="both",
-                    help="rows without the sequential W_o refit (none), with it (only; healing starts from it), or "
-                         "both side by side (default; healing starts from the refitted fold)")
+    ap.add_argument("--refit", choices=("none", "both", "only"), default="none",
+                    help="rows without the sequential W_o refit (`--output-refit`; none, the default), with it (only; "
+                         "healing starts from it), or both side by side (healing starts from the refitted fold)")
     ap.add_argument("--refit-samples", type=int, default=CompressConfig.refit_samples)
     ap.add_argument("--calib-samples", type=int, default=CompressConfig.calib_samples)
     ap.add_argument("--fisher-draws", type=int, default=CompressConfig.fisher_draws,
