@@ -110,6 +110,9 @@ class CompressConfig:
             raise EigenError(f"--allocation must be loss or energy, got {self.allocation!r}")
         if self.heal_steps < 0 or not self.heal_lr > 0:
             raise EigenError("--heal-steps must be >= 0 and --heal-lr > 0")
+        if self.output_refit and (self.max_ppl_increase is not None or self.projections or self.no_compress):
+            raise EigenError("--output-refit refits a fold made in this run: not with --max-ppl-increase (its search "
+                             "validates folds without the refit), --projections or --no-compress")
         if self.heal_query and not self.heal_steps:
             raise EigenError("--heal-query trains the query projections while healing: pass --heal-steps N > 0 with it")
         if self.heal_batch < 1 or (self.heal_seq_len is not None and self.heal_seq_len < 2):
@@ -269,12 +272,11 @@ def _output_refit(config: CompressConfig, decoder: EigenDecoder, folded: EigenDe
     """The sequential W_o refit (`refit.refit_outputs`) of the compressed layers whose values are
     output-aware, on the first `refit_samples` calibration windows -> the report's entry (what
     ran, or why nothing did: also when those windows hold fewer than REFIT_TOKENS_PER_INPUT tokens
-    per o_proj input, where least squares would fit the calibration text rather than the model). The paper's method keeps its own W_o (value_up folded in), and a
-    --max-ppl-increase search, which validated folds without the refit, keeps what it validated."""
+    per o_proj input, where least squares would fit the calibration text rather than the model).
+    The paper's method keeps its own W_o (value_up folded in); `resolved()` refuses the refit with
+    --max-ppl-increase, whose search validated folds without it."""
     if not config.output_refit:
         return {"applied": False, "reason": "off (--output-refit turns it on)"}
-    if config.max_ppl_increase is not None:
-        return {"applied": False, "reason": "--max-ppl-increase validated the fold without it"}
     layers = refittable_layers(folded, factors)
     if not layers:
         return {"applied": False, "reason": f"no compressed layer has output-aware values (--method {config.method})"}

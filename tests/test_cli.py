@@ -200,7 +200,8 @@ def test_compress_calibrates_the_statistics_its_method_reads(tiny_dir, text_file
 def test_output_refit_runs_when_asked_and_is_recorded(tiny_dir, text_file, tmp_path):
     """--output-refit refits the compressed layers' W_o on --refit-samples windows and records the
     residuals; without it, or with too few tokens per o_proj input (here 2 x 64), the fold's W_o
-    stays and the report says why; --refit-samples 0 is refused."""
+    stays and the report says why; --refit-samples 0 and --output-refit with --max-ppl-increase
+    are refused (exit 2, nothing written)."""
     assert main(_args(tiny_dir, text_file, tmp_path / "a", "--kv-ratio", "0.5", "--calib-samples", "8",
                       "--output-refit", "--refit-samples", "6")) == 0
     report = json.loads((tmp_path / "a" / "compress.json").read_text())
@@ -213,6 +214,7 @@ def test_output_refit_runs_when_asked_and_is_recorded(tiny_dir, text_file, tmp_p
     report = json.loads((tmp_path / "b" / "compress.json").read_text())
     assert report["output_refit"] == {"applied": False, "reason": "off (--output-refit turns it on)"}
     assert main(_args(tiny_dir, text_file, tmp_path / "c", "--kv-ratio", "0.5", "--refit-samples", "0")) == 2
+    assert main(_args(tiny_dir, text_file, tmp_path / "c", "--max-ppl-increase", "0.5", "--output-refit")) == 2
     assert not (tmp_path / "c").exists()
     assert main(_args(tiny_dir, text_file, tmp_path / "d", "--kv-ratio", "0.5", "--output-refit",
                       "--refit-samples", "1")) == 0
