@@ -291,7 +291,7 @@ def _output_refit(config: CompressConfig, decoder: EigenDecoder, folded: EigenDe
 
 
 def compress(config: CompressConfig, source: ModelSource | None = None) -> CompressResult:
-    """Load, calibrate, fold [, heal] and measure one model -> CompressResult with the report.
+    """Load, calibrate, fold [, refit W_o] [, heal] and measure one model -> CompressResult with the report.
 
     config: validated here (`resolved()`; the caller's object is not changed); source: the
     model of config.model when the caller already resolved it (`sources.resolve_model`), so it

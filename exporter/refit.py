@@ -18,8 +18,9 @@ output, not the drifted stream's residual (measured: correcting the drift too he
 code but hurt c4 and the held-out stories).
 
 Cost: one forward of each model over the samples (layer by layer), plus per refitted layer a
-[Hq·r_v]² Gram accumulated in the model's precision (at least float32) per chunk and float64 across chunks; memory: the two
-residual streams, [N·S, hidden] floats each, and the layer's o_proj inputs, [N·S, Hq·r_v].
+[Hq·r_v]² Gram accumulated in the model's precision (at least float32) per chunk and in float64
+across chunks; memory: the two residual streams, [N·S, hidden] floats each, and the layer's
+o_proj inputs, [N·S, Hq·r_v].
 """
 
 from __future__ import annotations
