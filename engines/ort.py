@@ -168,10 +168,12 @@ def build(graph: Path, manifest: Manifest, out_dir: Path, attention: str = "fuse
 
     def smoke_run() -> None:  # a kernel refusing some shape fails here, not in `run`
         engine = OrtEngine(model, manifest.layout, manifest.io, manifest.precision)
-        cache = engine.new_cache(2, 4)
+        cache = engine.new_cache(2, 5)
         engine.step(cache, np.zeros((2, 2), np.int64), np.tile(np.arange(2), (2, 1)))
         cache.advance(np.array([2, 1]))  # uneven lengths, then a multi-token step over them
         engine.step(cache, np.zeros((2, 2), np.int64), np.array([[2, 3], [1, 2]]))
+        cache.advance(np.array([2, 2]))  # and a decode step (formulations may branch on the step's length)
+        engine.step(cache, np.zeros((2, 1), np.int64), np.array([[4], [3]]))
 
     def drop_model() -> None:
         for stale in Path(out_dir).glob(MODEL_FILE + "*"):

@@ -1,6 +1,7 @@
 """The ORT engine's attention rewrite (engines/ort_fused.py): fused ONNX Runtime kernels in place of
 the op's ONNX function, per mode (`--no-compress` -> GroupQueryAttention in shared-buffer mode;
-kv-ratio 0.5 `pre` -> MatMul + RotaryEmbedding + Attention per (sequence, KV head) row; `joint`
+kv-ratio 0.5 `pre` -> an If on the step's length: decode steps MatMul + RotaryEmbedding + Attention
+over the whole buffers, multi-token steps the same per (sequence, KV head) row; `joint`
 with r_k != r_v -> Attention). Each fused engine must match the engine built without the rewrite
 (the op's function) step by step, and a float64 torch model, also after `KVCache.keep` moved
 random slots (any order) and on multi-token steps over a compacted cache."""
@@ -12,6 +13,7 @@ from collections import Counter
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import pytest
 import torch
 from tiny_models import export_tiny, folded_for_manifest
@@ -33,8 +35,9 @@ MODES = {"rotated": ["--no-compress"], "pre": ["--kv-ratio", "0.5", "--rope-mode
 ROPE_MODE = {"rotated": "rotated", "pre": "pre", "joint": "joint", "mixed": "pre"}  # the manifest's
 OPS = {"rotated": "GroupQueryAttention", "pre": "Attention", "joint": "Attention",
        "mixed": "GroupQueryAttention+Attention"}  # runtime["attention"] (in OP_NAMES order)
-KERNELS = {"rotated": {"GroupQueryAttention"}, "pre": {"Scan"}, "joint": {"Attention"},
-           "mixed": {"Scan", "GroupQueryAttention"}}  # in the saved engine graph
+KERNELS = {"rotated": {"GroupQueryAttention"}, "pre": {"If", "Scan", "Attention", "RotaryEmbedding"},
+           "joint": {"Attention"}, "mixed": {"If", "Scan", "GroupQueryAttention"}}  # in the saved engine graph
+# (branches included)
 
 
 @pytest.fixture(scope="module", params=list(MODES))
@@ -67,7 +70,8 @@ def test_rewrite_is_recorded_and_the_export_keeps_the_op(built):
     assert json.loads((root / "function" / "config.json").read_text())["runtime"]["attention"] == "function"
     engine_graph = onnx.load(str(root / "fused" / "model.onnx"), load_external_data=False)
     ops = {n.op_type for n in engine_graph.graph.node}
-    assert KERNELS[mode] <= ops and "LowRankAttention" not in ops and not engine_graph.functions
+    all_ops = {n.op_type for n in ort_fused._all_nodes(engine_graph.graph)}
+    assert KERNELS[mode] <= all_ops and "LowRankAttention" not in all_ops and not engine_graph.functions
     # every RMSNorm (2 per layer + the final one) became ONNX Runtime's fused norm, all but the
     # first (on the embedding) with the residual Add before it
     report = runtime["attention_rewrite"]
@@ -92,7 +96,22 @@ def test_rewrite_is_recorded_and_the_export_keeps_the_op(built):
         # layer's total_sequence_length is its own row's maximum (one ReduceMax over [L, B] for all)
         assert counts["ReduceMax"] == 1 and counts["Squeeze"] <= 1 and counts["Gather"] == 1  # (the embedding)
         assert not ops & {"Neg", "GatherND", "Transpose"} and counts["Reshape"] == 1  # (the flat seqlens table)
-    for scan in (n for n in engine_graph.graph.node if n.op_type == "Scan"):
+    for branch in (n for n in engine_graph.graph.node if n.op_type == "If"):
+        # `pre` layers branch on the step's query length: S == 1 (decode) -> the batched rebuild,
+        # rotation and Attention; S > 1 -> the rows' Scan
+        made = {o: n for n in engine_graph.graph.node for o in n.output}
+        equal = made[branch.input[0]]
+        shape = made[equal.input[0]]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in shape.attribute}
+        assert equal.op_type == "Equal" and shape.op_type == "Shape" and attrs == {"start": 2, "end": 3}
+        one = next(i for i in engine_graph.graph.initializer if i.name == equal.input[1])
+        assert numpy_helper.to_array(one).tolist() == [1]
+        then, other = (onnx.helper.get_attribute_value(next(a for a in branch.attribute if a.name == k))
+                       for k in ("then_branch", "else_branch"))
+        assert Counter(n.op_type for n in then.node) >= Counter(["MatMul", "RotaryEmbedding", "Attention"])
+        assert "Scan" not in {n.op_type for n in then.node}
+        assert [n.op_type for n in other.node].count("Scan") == 1
+    for scan in (n for n in ort_fused._all_nodes(engine_graph.graph) if n.op_type == "Scan"):
         # each (sequence, KV head) row rebuilds, rotates and reads only its valid slots: the rebuild's
         # keys, the values and the slot positions are Slices ending at the row's length
         body = onnx.helper.get_attribute_value(next(a for a in scan.attribute if a.name == "body"))
@@ -110,7 +129,7 @@ def test_rewrite_is_recorded_and_the_export_keeps_the_op(built):
             data = made.get(sliced.input[0])  # the row's buffer, reshaped to [Smax, width] (positions: as scanned)
             assert (data.input[0] if data is not None else sliced.input[0]) == names[["q", "kr", "v", "pos"].index(source)]
     if mode == "mixed":  # the compressed layer 0 by rows; the identity-key layers on GQA, rotating as they write
-        assert report["layers"] == {"attention-rows": 1, "gqa": 2} and "fell_back" not in report
+        assert report["layers"] == {"attention-by-step": 1, "gqa": 2} and "fell_back" not in report
         gqa = [n for n in engine_graph.graph.node if n.op_type == "GroupQueryAttention"]
         assert [onnx.helper.get_attribute_value(a) for n in gqa for a in n.attribute if a.name == "do_rotary"] == [1, 1]
         manifest = json.loads((root / "exp" / "model.eigen.json").read_text())
@@ -243,6 +262,31 @@ def test_gqa_variants_match(built, variant, tmp_path, monkeypatch):
     assert np.abs(got - function).max() <= TOL_ENGINES
 
 
+@pytest.mark.parametrize("formulation", ["attention", "attention-rows"])
+def test_pre_formulations_each_match(built, formulation, tmp_path, monkeypatch):
+    """Each branch of the default `pre` formulation alone (the batched `attention` on every step;
+    the rows' Scan on every step) matches the function engine on right-padded multi-token prefill
+    chunks and decode steps, same tolerance, so neither relies on the If to be exact."""
+    if built["mode"] != "pre":
+        pytest.skip("pre-mode formulations")
+    from eigenkv.engines import ort
+    from eigenkv.manifest import read_manifest
+    from eigenkv.plugins.spec import RopeMode
+    monkeypatch.setitem(ort_fused.DEFAULT_PLAN, RopeMode.PRE, formulation)
+    fields = ort.build(built["graph"], read_manifest(built["graph"]), tmp_path)
+    assert fields["runtime"]["attention_rewrite"]["layers"] == {formulation: 3}
+    graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+    assert "If" not in {n.op_type for n in graph.graph.node}
+    assert ("Scan" in {n.op_type for n in graph.graph.node}) == (formulation == "attention-rows")
+    shutil.copyfile(built["root"] / "fused" / "config.json", tmp_path / "config.json")
+    engine = load_engine(tmp_path)
+    rng = np.random.default_rng(6)
+    prompts = [list(rng.integers(0, 256, n)) for n in (5, 13, 9)]
+    got, function = _steps(engine, prompts, 4, 12), _steps(built["function"], prompts, 4, 12)
+    assert np.abs(got - function).max() <= TOL_ENGINES
+    assert (got.argmax(-1) == function.argmax(-1)).all()
+
+
 def test_rewrite_plans_and_fallbacks(built):
     """`function` leaves the graph alone; GQA is refused where keys are pre-RoPE (unless their key_up
     is the identity, which needs the tables loaded) or widths differ."""
@@ -290,6 +334,30 @@ def test_build_falls_back_to_the_function_when_a_fused_kernel_fails(built, tmp_p
     assert any(reason.startswith("engine check failed") for reason in reasons)
     ops = {n.op_type for n in onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph.node}
     assert "GroupQueryAttention" not in ops and not any(p.name.startswith("fused-") for p in tmp_path.iterdir())
+
+
+def test_build_checks_the_decode_branch_too(built, tmp_path, monkeypatch):
+    """The `pre` If runs its decode branch only on one-token steps: a decode branch ONNX Runtime
+    accepts at load but fails at run (here: values swapped for the query, a length mismatch) is
+    caught by the build's engine check, which then builds the function engine and says why."""
+    if built["mode"] != "pre":
+        pytest.skip("the If is the pre mode's")
+    from eigenkv.engines import ort
+    from eigenkv.manifest import read_manifest
+    real = ort_fused._attention
+
+    def broken(g, layer):
+        nodes = real(g, layer)
+        attention = next(n for n in nodes if n.op_type == "Attention")
+        attention.input[2] = attention.input[0]
+        return nodes
+
+    monkeypatch.setitem(ort_fused._BUILDERS, ort_fused.ATTENTION, broken)
+    fields = ort.build(built["graph"], read_manifest(built["graph"]), tmp_path)
+    assert fields["runtime"]["attention"] == "function"
+    assert any(r.startswith("engine check failed") for r in fields["runtime"]["attention_rewrite"]["fell_back"])
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph.node}
+    assert "If" not in ops
 
 
 def test_attention_option_is_checked(built, tmp_path, capsys):
