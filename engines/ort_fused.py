@@ -44,14 +44,14 @@ Runtime's CPU provider), all exact against the op's reference math:
   values and slot positions), so the rebuild costs n·r_k·hd multiply-adds, not Smax·r_k·hd: a buffer
   allocated for the whole generation (prompt + max new tokens) or a chunked prefill's early
   chunks no longer pay for the slots not yet written.
-- `attention-by-step` (`pre` mode, the default): an ONNX `If` on the step's query length picks
-  per step: decode steps (S == 1) run `attention` over the whole buffers, multi-token steps
-  (prefill chunks) `attention-rows`. Measured on the default model at kv-ratio 0.5 (2 threads):
-  decode is faster batched, ~8 kernels per layer against ~10 per row inside the Scan (4k x 1:
-  54 vs 71-75 ms/token; 4k x 8 with keep 0.25: 120 vs 155), while a chunked prefill is faster by
-  rows, whose early chunks rebuild only the slots written so far (4k x 1: 10.1 vs 17.6-19.4 s).
-  The batched decode rebuilds every slot of the buffer, written or not: a buffer allocated far
-  beyond what is cached pays for its empty slots.
+- `attention-by-step` (`pre` mode, the default): an ONNX `If` picks per step: decode steps
+  (S == 1) over buffers at least 2/3 written run `attention` over the whole buffers, everything
+  else (prefill chunks, decode over mostly empty or ragged buffers) `attention-rows`. Measured on
+  the default model at kv-ratio 0.5 (2 threads): decode over full buffers is faster batched, ~8
+  kernels per layer against ~12 per row inside the Scan (4k x 1: 54 vs 71-75 ms/token; 4k x 8
+  with keep 0.25: 120 vs 155), while the rows win where much of the buffer is unwritten, since
+  the batched form rebuilds every slot (a 4k chunked prefill: 10.1 vs 17.6-19.4 s; decode over a
+  half-written 4k buffer: 51.7 vs 57.6 ms, a quarter-written one 38.0 vs 55.0).
 - `function`: leave the node (ONNX Runtime inlines the op's function).
 
 Around attention (`rewrite_file`): RMSNorms become SimplifiedLayerNormalization (`fuse_rms_norms`)
@@ -591,13 +591,25 @@ def _attention_rows(g: _Graph, layer: _Layer) -> list:
 
 
 def _attention_by_step(g: _Graph, layer: _Layer) -> list:
-    """Pre mode: an ONNX `If` on the step's query length S. Decode steps (S == 1) run `attention`
-    (one batched rebuild, rotation and Attention over the whole buffers: ~8 kernels per layer),
-    multi-token steps (prefill chunks) `attention-rows` (each row rebuilds only its valid slots,
-    which pays while the buffer is mostly unwritten). Both branches read the same cache writes."""
+    """Pre mode: an ONNX `If` per step. Decode steps (query length S == 1) over buffers at least
+    2/3 written (sum of cache_lengths >= 2/3 * B * Smax) run `attention` (one batched rebuild,
+    rotation and Attention over the whole buffers: ~8 kernels per layer); multi-token steps
+    (prefill chunks) and decode over mostly empty or ragged buffers run `attention-rows` (each
+    row rebuilds only its valid slots). Both branches read the same cache writes and are exact;
+    the 2/3 is the measured break-even (default model, kv-ratio 0.5: at half-written buffers the
+    rows were 1.10x faster, at full ones the batched decode 1.3-1.5x)."""
     p, nodes = layer.prefix + "fused/", []
     step = _node(nodes, "Shape", [layer.inputs["query"]], f"{p}step_len", start=2, end=3)  # [1]: S
     one = _node(nodes, "Equal", [step, g.const("ones_1", [1])], f"{p}is_decode")
+    kr = layer.inputs["key_cache"]  # [B, Hkv, Smax, rk]
+    slots = _node(nodes, "Mul", [_node(nodes, "Shape", [kr], f"{p}batch_b", start=0, end=1),
+                                 _node(nodes, "Shape", [kr], f"{p}slots_per_seq", start=2, end=3)], f"{p}slots")
+    valid = _node(nodes, "ReduceSum", [_node(nodes, "Cast", [layer.inputs["cache_lengths"]], f"{p}lengths_i64",
+                                             to=TensorProto.INT64)], f"{p}valid_slots", keepdims=1)  # [1]
+    full = _node(nodes, "GreaterOrEqual", [_node(nodes, "Mul", [valid, g.const("threes_1", [3])], f"{p}valid_x3"),
+                                           _node(nodes, "Mul", [slots, g.const("twos_1", [2])], f"{p}slots_x2")],
+                 f"{p}mostly_written")  # >= 2/3 of the buffer's slots hold tokens
+    one = _node(nodes, "And", [one, full], f"{p}batched")
     branches = {}
     for tag, build in (("decode", _BUILDERS[ATTENTION]), ("prefill", _BUILDERS[ATTENTION_ROWS])):
         node = helper.make_node(layer.node.op_type, [], [f"{layer.node.output[0]}/{tag}"],

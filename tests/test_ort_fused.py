@@ -97,17 +97,32 @@ def test_rewrite_is_recorded_and_the_export_keeps_the_op(built):
         assert counts["ReduceMax"] == 1 and counts["Squeeze"] <= 1 and counts["Gather"] == 1  # (the embedding)
         assert not ops & {"Neg", "GatherND", "Transpose"} and counts["Reshape"] == 1  # (the flat seqlens table)
     for branch in (n for n in engine_graph.graph.node if n.op_type == "If"):
-        # `pre` layers branch on the step's query length: S == 1 (decode) -> the batched rebuild,
-        # rotation and Attention; S > 1 -> the rows' Scan
+        # `pre` layers branch per step: S == 1 (decode) over buffers at least 2/3 written
+        # (3 * sum(cache_lengths) >= 2 * B * Smax) -> the batched rebuild, rotation and Attention;
+        # otherwise -> the rows' Scan
         made = {o: n for n in engine_graph.graph.node for o in n.output}
-        equal = made[branch.input[0]]
+        both = made[branch.input[0]]
+        assert both.op_type == "And"
+        equal, full = made[both.input[0]], made[both.input[1]]
+        assert full.op_type == "GreaterOrEqual"
+        valid, slots = made[full.input[0]], made[full.input[1]]
+        inits = {i.name: numpy_helper.to_array(i).tolist() for i in engine_graph.graph.initializer if not i.dims or
+                 i.dims == [1]}
+        assert valid.op_type == slots.op_type == "Mul" and inits[valid.input[1]] == [3] and inits[slots.input[1]] == [2]
+        assert [made[x].op_type for x in made[slots.input[0]].input] == ["Shape", "Shape"]
+        then, other = (onnx.helper.get_attribute_value(next(a for a in branch.attribute if a.name == k))
+                       for k in ("then_branch", "else_branch"))
+
+        def source(x, nodes):  # through a Cast (ORT drops an int64 -> int64 one)
+            return nodes[x].input[0] if x in nodes and nodes[x].op_type == "Cast" else x
+        total = made[valid.input[0]]
+        then_made = {o: n for n in then.node for o in n.output}
+        nonpad = next(n for n in then.node if n.op_type == "Attention").input[6]
+        assert total.op_type == "ReduceSum" and source(total.input[0], made) == source(nonpad, then_made)
         shape = made[equal.input[0]]
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in shape.attribute}
         assert equal.op_type == "Equal" and shape.op_type == "Shape" and attrs == {"start": 2, "end": 3}
-        one = next(i for i in engine_graph.graph.initializer if i.name == equal.input[1])
-        assert numpy_helper.to_array(one).tolist() == [1]
-        then, other = (onnx.helper.get_attribute_value(next(a for a in branch.attribute if a.name == k))
-                       for k in ("then_branch", "else_branch"))
+        assert inits[equal.input[1]] == [1]
         assert Counter(n.op_type for n in then.node) >= Counter(["MatMul", "RotaryEmbedding", "Attention"])
         assert "Scan" not in {n.op_type for n in then.node}
         assert [n.op_type for n in other.node].count("Scan") == 1
