@@ -172,7 +172,9 @@ def build(graph: Path, manifest: Manifest, out_dir: Path, attention: str = "fuse
         engine.step(cache, np.zeros((2, 2), np.int64), np.tile(np.arange(2), (2, 1)))
         cache.advance(np.array([2, 1]))  # uneven lengths, then a multi-token step over them
         engine.step(cache, np.zeros((2, 2), np.int64), np.array([[2, 3], [1, 2]]))
-        cache.advance(np.array([2, 2]))  # and a decode step (formulations may branch on the step's length)
+        # and a decode step over a buffer 9/10 written (pre engines branch on the step's length and
+        # on how full the buffers are: this one takes the batched decode branch)
+        cache.advance(np.array([2, 2]))
         engine.step(cache, np.zeros((2, 1), np.int64), np.array([[4], [3]]))
 
     def drop_model() -> None:

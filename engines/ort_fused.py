@@ -45,13 +45,14 @@ Runtime's CPU provider), all exact against the op's reference math:
   allocated for the whole generation (prompt + max new tokens) or a chunked prefill's early
   chunks no longer pay for the slots not yet written.
 - `attention-by-step` (`pre` mode, the default): an ONNX `If` picks per step: decode steps
-  (S == 1) over buffers at least 2/3 written run `attention` over the whole buffers, everything
-  else (prefill chunks, decode over mostly empty or ragged buffers) `attention-rows`. Measured on
-  the default model at kv-ratio 0.5 (2 threads): decode over full buffers is faster batched, ~8
-  kernels per layer against ~12 per row inside the Scan (4k x 1: 54 vs 71-75 ms/token; 4k x 8
+  (S == 1) over buffers at least 2/3 written in total (sum of cache_lengths over the batch) run
+  `attention` over the whole buffers, everything else (prefill chunks, decode over buffers
+  mostly unwritten) `attention-rows`. Measured on the default model at kv-ratio 0.5 (2 threads):
+  decode over full buffers is faster batched, 9 kernels per layer (plus a dozen tiny ones for the
+  If's condition) against ~12 per row inside the Scan (4k x 1: 54-58 vs 71-75 ms/token; 4k x 8
   with keep 0.25: 120 vs 155), while the rows win where much of the buffer is unwritten, since
-  the batched form rebuilds every slot (a 4k chunked prefill: 10.1 vs 17.6-19.4 s; decode over a
-  half-written 4k buffer: 51.7 vs 57.6 ms, a quarter-written one 38.0 vs 55.0).
+  the batched form rebuilds every slot (a 4k chunked prefill: 10.1-10.9 vs 17.6-19.4 s; decode
+  over a half-written 4k buffer: 51.7 vs 57.6 ms, a quarter-written one 38.0 vs 55.0).
 - `function`: leave the node (ONNX Runtime inlines the op's function).
 
 Around attention (`rewrite_file`): RMSNorms become SimplifiedLayerNormalization (`fuse_rms_norms`)
@@ -240,7 +241,7 @@ def _choose(g: _Graph, layer: _Layer, wanted: str) -> tuple[str, str]:
         if not layer.inputs.get("slot_positions"):
             return FUNCTION, "no slot positions"
         if wanted == GQA:  # GQA reads its cache as keys: pre-RoPE rank-r keys are not
-            return ATTENTION_ROWS, "pre-RoPE keys"
+            return ATTENTION_BY_STEP, "pre-RoPE keys"
         return wanted, ""
     if wanted in (ATTENTION_ROWS, ATTENTION_BY_STEP):
         return ATTENTION, ""  # rows only pay for rebuilt keys
@@ -592,12 +593,12 @@ def _attention_rows(g: _Graph, layer: _Layer) -> list:
 
 def _attention_by_step(g: _Graph, layer: _Layer) -> list:
     """Pre mode: an ONNX `If` per step. Decode steps (query length S == 1) over buffers at least
-    2/3 written (sum of cache_lengths >= 2/3 * B * Smax) run `attention` (one batched rebuild,
-    rotation and Attention over the whole buffers: ~8 kernels per layer); multi-token steps
-    (prefill chunks) and decode over mostly empty or ragged buffers run `attention-rows` (each
-    row rebuilds only its valid slots). Both branches read the same cache writes and are exact;
-    the 2/3 is the measured break-even (default model, kv-ratio 0.5: at half-written buffers the
-    rows were 1.10x faster, at full ones the batched decode 1.3-1.5x)."""
+    2/3 written in total (sum of cache_lengths >= 2/3 * B * Smax) run `attention` (one batched
+    rebuild, rotation and Attention over the whole buffers: 9 kernels per layer); multi-token
+    steps (prefill chunks) and decode over buffers mostly unwritten run `attention-rows` (each
+    row rebuilds only its valid slots). Both branches read the same cache writes and are exact.
+    The 2/3 lies between the measured points (default model, kv-ratio 0.5: over half-written
+    buffers the rows were 1.1x faster, over full ones the batched decode 1.2-1.5x)."""
     p, nodes = layer.prefix + "fused/", []
     step = _node(nodes, "Shape", [layer.inputs["query"]], f"{p}step_len", start=2, end=3)  # [1]: S
     one = _node(nodes, "Equal", [step, g.const("ones_1", [1])], f"{p}is_decode")

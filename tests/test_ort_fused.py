@@ -30,7 +30,7 @@ TOL_ENGINES = 1e-4  # max |logit diff| fused vs function engine (both fp32)
 TOL_REF = 2e-5  # max |logit diff| fp32 engine vs float64 model (tiny models: logits ~1), as test_cache_moves
 MODES = {"rotated": ["--no-compress"], "pre": ["--kv-ratio", "0.5", "--rope-mode", "pre"],
          "joint": ["--kv-ratio", "0.5", "--rope-mode", "joint"],
-         # layer 0 at rank 4 (pre), layers 1-2 left uncompressed (identity keys): GQA for them, rows for layer 0
+         # layer 0 at rank 4 (pre), layers 1-2 left uncompressed (identity keys): GQA for them, by-step for layer 0
          "mixed": ["--compress-layers", "0", "--key-rank", "4", "--value-rank", "4", "--rope-mode", "pre"]}
 ROPE_MODE = {"rotated": "rotated", "pre": "pre", "joint": "joint", "mixed": "pre"}  # the manifest's
 OPS = {"rotated": "GroupQueryAttention", "pre": "Attention", "joint": "Attention",
@@ -96,7 +96,9 @@ def test_rewrite_is_recorded_and_the_export_keeps_the_op(built):
         # layer's total_sequence_length is its own row's maximum (one ReduceMax over [L, B] for all)
         assert counts["ReduceMax"] == 1 and counts["Squeeze"] <= 1 and counts["Gather"] == 1  # (the embedding)
         assert not ops & {"Neg", "GatherND", "Transpose"} and counts["Reshape"] == 1  # (the flat seqlens table)
-    for branch in (n for n in engine_graph.graph.node if n.op_type == "If"):
+    ifs = [n for n in engine_graph.graph.node if n.op_type == "If"]
+    assert len(ifs) == {"pre": 3, "mixed": 1}.get(mode, 0)  # one per compressed pre layer
+    for branch in ifs:
         # `pre` layers branch per step: S == 1 (decode) over buffers at least 2/3 written
         # (3 * sum(cache_lengths) >= 2 * B * Smax) -> the batched rebuild, rotation and Attention;
         # otherwise -> the rows' Scan
@@ -109,7 +111,9 @@ def test_rewrite_is_recorded_and_the_export_keeps_the_op(built):
         inits = {i.name: numpy_helper.to_array(i).tolist() for i in engine_graph.graph.initializer if not i.dims or
                  i.dims == [1]}
         assert valid.op_type == slots.op_type == "Mul" and inits[valid.input[1]] == [3] and inits[slots.input[1]] == [2]
-        assert [made[x].op_type for x in made[slots.input[0]].input] == ["Shape", "Shape"]
+        sizes = [made[x] for x in made[slots.input[0]].input]  # B and Smax of the key buffer
+        assert [(n.op_type, {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}) for n in sizes] \
+            == [("Shape", {"start": 0, "end": 1}), ("Shape", {"start": 2, "end": 3})]
         then, other = (onnx.helper.get_attribute_value(next(a for a in branch.attribute if a.name == k))
                        for k in ("then_branch", "else_branch"))
 
@@ -119,9 +123,13 @@ def test_rewrite_is_recorded_and_the_export_keeps_the_op(built):
         then_made = {o: n for n in then.node for o in n.output}
         nonpad = next(n for n in then.node if n.op_type == "Attention").input[6]
         assert total.op_type == "ReduceSum" and source(total.input[0], made) == source(nonpad, then_made)
+        attention = next(n for n in then.node if n.op_type == "Attention")
+        rebuild = next(n for n in then.node if n.op_type == "MatMul")
+        assert sizes[0].input[0] == sizes[1].input[0] == rebuild.input[0]  # the rank-r key buffer
         shape = made[equal.input[0]]
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in shape.attribute}
         assert equal.op_type == "Equal" and shape.op_type == "Shape" and attrs == {"start": 2, "end": 3}
+        assert shape.input[0] == attention.input[0]  # S of the query
         assert inits[equal.input[1]] == [1]
         assert Counter(n.op_type for n in then.node) >= Counter(["MatMul", "RotaryEmbedding", "Attention"])
         assert "Scan" not in {n.op_type for n in then.node}
@@ -143,7 +151,7 @@ def test_rewrite_is_recorded_and_the_export_keeps_the_op(built):
             assert sliced.input[2] == length.output[0] and sliced.input[1] == sliced.input[3]  # [0, n) on axis 0
             data = made.get(sliced.input[0])  # the row's buffer, reshaped to [Smax, width] (positions: as scanned)
             assert (data.input[0] if data is not None else sliced.input[0]) == names[["q", "kr", "v", "pos"].index(source)]
-    if mode == "mixed":  # the compressed layer 0 by rows; the identity-key layers on GQA, rotating as they write
+    if mode == "mixed":  # the compressed layer 0 by step (If); the identity-key layers on GQA, rotating as they write
         assert report["layers"] == {"attention-by-step": 1, "gqa": 2} and "fell_back" not in report
         gqa = [n for n in engine_graph.graph.node if n.op_type == "GroupQueryAttention"]
         assert [onnx.helper.get_attribute_value(a) for n in gqa for a in n.attribute if a.name == "do_rotary"] == [1, 1]
@@ -217,19 +225,24 @@ def _reference(model, prompt, kept, tokens, positions):
     return prefill_logits[:, -1].numpy(), step.numpy()
 
 
-@pytest.mark.parametrize("new", [1, 3])
-def test_fused_matches_float64_after_keep(built, new):
+@pytest.mark.parametrize("new,dense", [(1, False), (1, True), (3, False)])
+def test_fused_matches_float64_after_keep(built, new, dense):
     """Prefill, then every layer keeps a different random subset of slots in random order (per
-    sequence and KV head), then a step of `new` tokens: vs the float64 model on the kept tokens."""
+    sequence and KV head), then a step of `new` tokens: vs the float64 model on the kept tokens.
+    `dense`: every layer keeps enough slots that a `pre` layer's decode step takes its batched
+    branch (>= 2/3 of the buffer written), which then rebuilds the stale slots past the kept ones
+    too; otherwise (few kept, or a multi-token step) the rows' branch runs."""
     engine, model = built["fused"], built["reference"]
-    rng = np.random.default_rng(3 + new)
+    rng = np.random.default_rng(3 + new + 10 * dense)
     prompt = rng.integers(0, 256, size=(2, PROMPT))
     cache = engine.new_cache(2, PROMPT + new)
     last = prefill(engine, cache, prompt, np.full(2, PROMPT), 8)
     hkv = engine.layout.n_kv_heads
     kept = []
     for layer in range(engine.layout.n_layers):
-        k = int(rng.integers(3, PROMPT))
+        k = int(rng.integers(15, PROMPT)) if dense else int(rng.integers(3, 10))
+        batched = 3 * 2 * (k + new) >= 2 * 2 * (PROMPT + new) and new == 1  # the If's condition
+        assert batched == dense
         idx = np.stack([np.stack([rng.permutation(PROMPT)[:k] for _ in range(hkv)]) for _ in range(2)])  # [B, Hkv, k]
         for seq in range(2):
             cache.keep(layer, seq, idx[seq])
