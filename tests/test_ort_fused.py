@@ -282,11 +282,7 @@ def test_gqa_variants_match(built, variant, tmp_path, monkeypatch):
     else:  # packed; seqlens_k and total_sequence_length computed by each layer
         assert not any(n.input[1] for n in gqa)
         assert sum(n.op_type == "ReduceMax" for n in graph.graph.node) == 3
-    shutil.copyfile(built["root"] / "fused" / "config.json", tmp_path / "config.json")
-    engine = load_engine(tmp_path)
-    rng = np.random.default_rng(5)
-    prompts = [list(rng.integers(0, 256, n)) for n in (5, 13, 9)]
-    got, function = _steps(engine, prompts, 4, 12), _steps(built["function"], prompts, 4, 12)
+    got, function = _rebuilt_vs_function(built, tmp_path, seed=5)
     assert np.abs(got - function).max() <= TOL_ENGINES
 
 
@@ -306,13 +302,18 @@ def test_pre_formulations_each_match(built, formulation, tmp_path, monkeypatch):
     graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
     assert "If" not in {n.op_type for n in graph.graph.node}
     assert ("Scan" in {n.op_type for n in graph.graph.node}) == (formulation == "attention-rows")
-    shutil.copyfile(built["root"] / "fused" / "config.json", tmp_path / "config.json")
-    engine = load_engine(tmp_path)
-    rng = np.random.default_rng(6)
-    prompts = [list(rng.integers(0, 256, n)) for n in (5, 13, 9)]
-    got, function = _steps(engine, prompts, 4, 12), _steps(built["function"], prompts, 4, 12)
+    got, function = _rebuilt_vs_function(built, tmp_path, seed=6)
     assert np.abs(got - function).max() <= TOL_ENGINES
     assert (got.argmax(-1) == function.argmax(-1)).all()
+
+
+def _rebuilt_vs_function(built, engine_dir, seed):
+    """The engine graph built into `engine_dir` (given the fused engine's config) and the function
+    engine on the same right-padded prompts (`_steps`: chunked prefill, decode) -> their logits."""
+    shutil.copyfile(built["root"] / "fused" / "config.json", engine_dir / "config.json")
+    rng = np.random.default_rng(seed)
+    prompts = [list(rng.integers(0, 256, n)) for n in (5, 13, 9)]
+    return _steps(load_engine(engine_dir), prompts, 4, 12), _steps(built["function"], prompts, 4, 12)
 
 
 def test_rewrite_plans_and_fallbacks(built):
