@@ -601,7 +601,7 @@ def _attention_by_step(g: _Graph, layer: _Layer) -> list:
     buffers the rows were 1.1x faster, over full ones the batched decode 1.06-1.9x)."""
     p, nodes = layer.prefix + "fused/", []
     step = _node(nodes, "Shape", [layer.inputs["query"]], f"{p}step_len", start=2, end=3)  # [1]: S
-    one = _node(nodes, "Equal", [step, g.const("ones_1", [1])], f"{p}is_decode")
+    decode = _node(nodes, "Equal", [step, g.const("ones_1", [1])], f"{p}is_decode")
     kr = layer.inputs["key_cache"]  # [B, Hkv, Smax, rk]
     slots = _node(nodes, "Mul", [_node(nodes, "Shape", [kr], f"{p}batch_b", start=0, end=1),
                                  _node(nodes, "Shape", [kr], f"{p}slots_per_seq", start=2, end=3)], f"{p}slots")
@@ -610,7 +610,7 @@ def _attention_by_step(g: _Graph, layer: _Layer) -> list:
     full = _node(nodes, "GreaterOrEqual", [_node(nodes, "Mul", [valid, g.const("threes_1", [3])], f"{p}valid_x3"),
                                            _node(nodes, "Mul", [slots, g.const("twos_1", [2])], f"{p}slots_x2")],
                  f"{p}mostly_written")  # >= 2/3 of the buffer's slots hold tokens
-    one = _node(nodes, "And", [one, full], f"{p}batched")
+    batched = _node(nodes, "And", [decode, full], f"{p}batched")
     branches = {}
     for tag, build in (("decode", _BUILDERS[ATTENTION]), ("prefill", _BUILDERS[ATTENTION_ROWS])):
         node = helper.make_node(layer.node.op_type, [], [f"{layer.node.output[0]}/{tag}"],
@@ -618,7 +618,7 @@ def _attention_by_step(g: _Graph, layer: _Layer) -> list:
         branch = _Layer(node, layer.inputs, layer.attrs, layer.k_scatter, layer.v_scatter)
         out = helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None)
         branches[tag] = helper.make_graph(build(g, branch), f"{layer.prefix}{tag}", [], [out])
-    _node(nodes, "If", [one], layer.prefix + "If_0", outputs=[layer.node.output[0]],
+    _node(nodes, "If", [batched], layer.prefix + "If_0", outputs=[layer.node.output[0]],
           then_branch=branches["decode"], else_branch=branches["prefill"])
     return nodes
 
