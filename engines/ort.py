@@ -168,14 +168,14 @@ def build(graph: Path, manifest: Manifest, out_dir: Path, attention: str = "fuse
 
     def smoke_run() -> None:  # a kernel refusing some shape fails here, not in `run`
         engine = OrtEngine(model, manifest.layout, manifest.io, manifest.precision)
-        cache = engine.new_cache(2, 5)
-        engine.step(cache, np.zeros((2, 2), np.int64), np.tile(np.arange(2), (2, 1)))
-        cache.advance(np.array([2, 1]))  # uneven lengths, then a multi-token step over them
-        engine.step(cache, np.zeros((2, 2), np.int64), np.array([[2, 3], [1, 2]]))
-        # and a decode step over a buffer 9/10 written (pre engines branch on the step's length and
-        # on how full the buffers are: this one takes the batched decode branch)
-        cache.advance(np.array([2, 2]))
-        engine.step(cache, np.zeros((2, 1), np.int64), np.array([[4], [3]]))
+        cache = engine.new_cache(2, 10)
+        # uneven lengths and multi-token steps over them; `pre` engines branch on how full and how
+        # ragged the buffers are (`ort_fused._attention_by_step`): valid slots after each step's
+        # write (3, 3) and (5, 2) run the sliced batched branch, (7, 2) the rows', (8, 3) the
+        # whole-buffer one
+        for start, width, real in (((0, 0), 3, (3, 0)), ((3, 0), 2, (2, 0)), ((5, 0), 2, (2, 2)), ((7, 2), 1, (1, 1))):
+            engine.step(cache, np.zeros((2, width), np.int64), np.array(start)[:, None] + np.arange(width))
+            cache.advance(np.array(real))
 
     def drop_model() -> None:
         for stale in Path(out_dir).glob(MODEL_FILE + "*"):

@@ -44,15 +44,23 @@ Runtime's CPU provider), all exact against the op's reference math:
   values and slot positions), so the rebuild costs n·r_k·hd multiply-adds, not Smax·r_k·hd: a buffer
   allocated for the whole generation (prompt + max new tokens) or a chunked prefill's early
   chunks no longer pay for the slots not yet written.
-- `attention-by-step` (`pre` mode, the default): an ONNX `If` picks per step: decode steps
-  (S == 1) over buffers at least 2/3 written in total (sum of cache_lengths over the batch) run
-  `attention` over the whole buffers, everything else (prefill chunks, decode over buffers
-  mostly unwritten) `attention-rows`. Measured on the default model at kv-ratio 0.5 (2 threads):
-  decode over full buffers is faster batched, 9 kernels per layer (plus a dozen tiny ones for the
-  If's condition) against ~12 per row inside the Scan (4k x 1: 54-58 vs 71-75 ms/token; 4k x 8
-  with keep 0.25: 120 vs 155), while the rows win where much of the buffer is unwritten, since
-  the batched form rebuilds every slot (a 4k chunked prefill: 10.1-10.9 vs 17.6-19.4 s; decode
-  over a half-written 4k buffer: 51.7 vs 57.6 ms, a quarter-written one 38.0 vs 55.0).
+- `attention-valid` (`pre` mode): `attention` over the first max(cache_lengths) slots only (one
+  Slice each of keys, values and slot positions first), so a buffer allocated for the whole
+  generation or a chunked prefill's early chunks rebuild only the batch's longest valid length.
+- `attention-by-step` (`pre` mode, the default): ONNX `If`s pick per step from the layer's valid
+  slots after the write: a ragged batch (over a third of the first max(cache_lengths) slots of the
+  batch unwritten) runs `attention-rows`; otherwise a nearly full buffer (longest >= 4/5 of its
+  slots) runs `attention` over the whole buffers (no copies) and anything else `attention-valid`.
+  Measured on the default model at kv-ratio 0.5 (2 threads): over full buffers `attention` decodes
+  1.2-1.35x faster than `attention-valid` (its Slices copy the cache each step: 2k x 1 69-74 vs
+  92-104 ms/token), over a 3/4-full one `attention-valid` 1.05x faster and over a half-full one
+  1.2-1.6x (1024 of 2048 slots, batch 1: 49-84 vs 58-60 ms, noisy); at equal valid work the rows'
+  Scan costs 1.1x (batch 1) to 1.3x (batch 8) the sliced batched form (640 of 1024 slots x 8:
+  135-147 vs 183 ms/token; a 1k x 8 chunked prefill 42-43 vs 48-60 s), so rows run only where
+  the batch is ragged, where slicing to the longest row would rebuild many unwritten slots.
+  The previous default (rows for every multi-token step and for decode under 2/3 written) against
+  this one, one bench run, 2k x 8 chunked prefill then 64 decode steps: prefill 113.9 vs 92.5 s,
+  decode 310 vs 299 ms/token, and with key-norm eviction at keep 0.25 158 vs 146 ms/token.
 - `function`: leave the node (ONNX Runtime inlines the op's function).
 
 Around attention (`rewrite_file`): RMSNorms become SimplifiedLayerNormalization (`fuse_rms_norms`)
@@ -87,9 +95,10 @@ from eigenkv.plugins.spec import RopeMode
 MS_DOMAIN = "com.microsoft"
 FUNCTION, GQA, ATTENTION, ATTENTION_ROWS = "function", "gqa", "attention", "attention-rows"
 ATTENTION_BY_STEP = "attention-by-step"
-FORMULATIONS = (FUNCTION, GQA, ATTENTION, ATTENTION_ROWS, ATTENTION_BY_STEP)
+ATTENTION_VALID = "attention-valid"
+FORMULATIONS = (FUNCTION, GQA, ATTENTION, ATTENTION_ROWS, ATTENTION_BY_STEP, ATTENTION_VALID)
 OP_NAMES = {FUNCTION: "function", GQA: "GroupQueryAttention", ATTENTION: "Attention", ATTENTION_ROWS: "Attention",
-            ATTENTION_BY_STEP: "Attention"}
+            ATTENTION_BY_STEP: "Attention", ATTENTION_VALID: "Attention"}
 
 # rope mode -> formulation: the fastest exact one measured on the default model (engines/ort.py build
 # records what each layer got); JOINT/NONE layers with r_k != r_v fall back from gqa to attention
@@ -501,14 +510,28 @@ def _merged_heads(g: _Graph, layer: _Layer, hq: int, d: int):
     return r
 
 
-def _attention(g: _Graph, layer: _Layer) -> list:
-    """ONNX Attention (opset 24) over the whole buffers after the TensorScatter writes."""
+def _attention(g: _Graph, layer: _Layer, valid_only: bool = False) -> list:
+    """ONNX Attention (opset 24) over the whole buffers after the TensorScatter writes, or with
+    `valid_only` over their first max(cache_lengths) slots (keys, values and slot positions sliced
+    to the batch's longest valid length first)."""
     p, nodes = layer.prefix + "fused/", []
-    keys = _rope_keys(g, layer, nodes) if layer.pre else layer.inputs["key_cache"]
+    kr, v, pos = (layer.inputs.get(k) for k in ("key_cache", "value_cache", "slot_positions"))
     nonpad = _node(nodes, "Cast", [layer.inputs["cache_lengths"]], f"{p}nonpad_kv_seqlen", to=TensorProto.INT64)
-    _node(nodes, "Attention", [layer.inputs["query"], keys, layer.inputs["value_cache"], "", "", "", nonpad],
+    if valid_only:
+        longest = _node(nodes, "ReduceMax", [nonpad], f"{p}longest", keepdims=1)  # [1]
+        zero, axis = g.const("axes_0", [0]), g.const("axes_2", [2])
+        kr, v = (_node(nodes, "Slice", [x, zero, longest, axis], f"{p}{tag}_valid")
+                 for x, tag in ((kr, "kr"), (v, "v")))
+        pos = _node(nodes, "Slice", [pos, zero, longest, axis], f"{p}pos_valid") if layer.pre else pos
+    keys = _rope_keys(g, layer, nodes, kr, pos) if layer.pre else kr
+    _node(nodes, "Attention", [layer.inputs["query"], keys, v, "", "", "", nonpad],
           layer.prefix + "Attention_0", outputs=[layer.node.output[0]], is_causal=1, scale=float(layer.attrs["scale"]))
     return nodes
+
+
+def _attention_valid(g: _Graph, layer: _Layer) -> list:
+    """`attention` over the first max(cache_lengths) slots only."""
+    return _attention(g, layer, valid_only=True)
 
 
 def _rope_tables(g: _Graph, layer: _Layer) -> list[str]:
@@ -524,13 +547,13 @@ def _rope_tables(g: _Graph, layer: _Layer) -> list[str]:
     return out
 
 
-def _rope_keys(g: _Graph, layer: _Layer, nodes: list) -> str:
-    """Pre mode: rope(K_r @ key_up) at the slot positions -> [B, Hkv, Smax, hd]."""
+def _rope_keys(g: _Graph, layer: _Layer, nodes: list, kr: str, positions: str) -> str:
+    """Pre mode: rope(K_r @ key_up) at the slot positions, K_r [B, Hkv, S, rk] and positions
+    [B, Hkv, S] (the layer's cache and slot positions, or their first slots) -> [B, Hkv, S, hd]."""
     p = layer.prefix + "fused/"
-    kr = layer.inputs["key_cache"]
-    k = _node(nodes, "MatMul", [kr, layer.inputs["key_up"]], f"{p}k_up")  # [B, Hkv, Smax, hd]
-    flat_k = _node(nodes, "Reshape", [k, g.const("shape_rope4", [-1, 1, 0, 0])], f"{p}k_up_rows")  # [B*Hkv,1,Smax,hd]
-    pos64 = _node(nodes, "Cast", [layer.inputs["slot_positions"]], f"{p}slot_pos_i64", to=TensorProto.INT64)
+    k = _node(nodes, "MatMul", [kr, layer.inputs["key_up"]], f"{p}k_up")  # [B, Hkv, S, hd]
+    flat_k = _node(nodes, "Reshape", [k, g.const("shape_rope4", [-1, 1, 0, 0])], f"{p}k_up_rows")  # [B*Hkv,1,S,hd]
+    pos64 = _node(nodes, "Cast", [positions], f"{p}slot_pos_i64", to=TensorProto.INT64)
     flat_pos = _node(nodes, "Flatten", [pos64], f"{p}slot_pos_rows", axis=2)  # [B*Hkv, Smax]
     cos, sin = _rope_tables(g, layer)
     rot = _node(nodes, "RotaryEmbedding", [flat_k, cos, sin, flat_pos], f"{p}k_rope_rows")
@@ -592,38 +615,53 @@ def _attention_rows(g: _Graph, layer: _Layer) -> list:
 
 
 def _attention_by_step(g: _Graph, layer: _Layer) -> list:
-    """Pre mode: an ONNX `If` per step. Decode steps (query length S == 1) over buffers at least
-    2/3 written in total (sum of cache_lengths >= 2/3 * B * Smax) run `attention` (one batched
-    rebuild, rotation and Attention over the whole buffers: 9 kernels per layer); multi-token
-    steps (prefill chunks) and decode over buffers mostly unwritten run `attention-rows` (each
-    row rebuilds only its valid slots). Both branches read the same cache writes and are exact.
-    The 2/3 lies between the measured points (default model, kv-ratio 0.5: over half-written
-    buffers the rows were 1.1x faster, over full ones the batched decode 1.06-1.9x)."""
+    """Pre mode: ONNX `If`s pick the formulation per step from the layer's valid slots after the
+    write (n_b = cache_lengths[b], longest = max n_b, Smax the buffer's slots):
+    - batch ragged (3 * sum n_b < 2 * B * longest: over a third of the first `longest` slots of
+      the batch unwritten) -> `attention-rows` (each row rebuilds only its own n_b slots);
+    - else, the buffer nearly full (5 * longest >= 4 * Smax) -> `attention` over the whole
+      buffers (no copies);
+    - else -> `attention-valid` (keys, values and positions sliced to `longest` first).
+    All three read the same cache writes and are exact. Measured on the default model at
+    kv-ratio 0.5 (2 threads): over full buffers `attention` decodes 1.2-1.35x faster than
+    `attention-valid` (its Slices copy the cache every step), over 3/4-full ones `attention-valid`
+    1.05x faster (half-full: 1.2x), so 4/5 lies between the measured points; at equal valid work
+    the rows' Scan costs 1.1x (batch 1) to 1.3x (batch 8) the sliced batched form, so rows pay
+    only for ragged batches (2/3: not measured on ragged batches)."""
     p, nodes = layer.prefix + "fused/", []
-    step = _node(nodes, "Shape", [layer.inputs["query"]], f"{p}step_len", start=2, end=3)  # [1]: S
-    decode = _node(nodes, "Equal", [step, g.const("ones_1", [1])], f"{p}is_decode")
     kr = layer.inputs["key_cache"]  # [B, Hkv, Smax, rk]
-    slots = _node(nodes, "Mul", [_node(nodes, "Shape", [kr], f"{p}batch_b", start=0, end=1),
-                                 _node(nodes, "Shape", [kr], f"{p}slots_per_seq", start=2, end=3)], f"{p}slots")
-    valid = _node(nodes, "ReduceSum", [_node(nodes, "Cast", [layer.inputs["cache_lengths"]], f"{p}lengths_i64",
-                                             to=TensorProto.INT64)], f"{p}valid_slots", keepdims=1)  # [1]
-    full = _node(nodes, "GreaterOrEqual", [_node(nodes, "Mul", [valid, g.const("threes_1", [3])], f"{p}valid_x3"),
-                                           _node(nodes, "Mul", [slots, g.const("twos_1", [2])], f"{p}slots_x2")],
-                 f"{p}mostly_written")  # >= 2/3 of the buffer's slots hold tokens
-    batched = _node(nodes, "And", [decode, full], f"{p}batched")
-    branches = {}
-    for tag, build in (("decode", _BUILDERS[ATTENTION]), ("prefill", _BUILDERS[ATTENTION_ROWS])):
+    lengths = _node(nodes, "Cast", [layer.inputs["cache_lengths"]], f"{p}lengths_i64", to=TensorProto.INT64)
+    longest = _node(nodes, "ReduceMax", [lengths], f"{p}longest_len", keepdims=1)  # [1]
+    batch = _node(nodes, "Shape", [kr], f"{p}batch_b", start=0, end=1)
+    smax = _node(nodes, "Shape", [kr], f"{p}slots_per_seq", start=2, end=3)
+    total = _node(nodes, "ReduceSum", [lengths], f"{p}valid_slots", keepdims=1)  # [1]
+    even = _node(nodes, "GreaterOrEqual", [
+        _node(nodes, "Mul", [total, g.const("threes_1", [3])], f"{p}valid_x3"),
+        _node(nodes, "Mul", [_node(nodes, "Mul", [batch, longest], f"{p}batch_longest"), g.const("twos_1", [2])],
+              f"{p}batch_longest_x2")], f"{p}not_ragged")  # >= 2/3 of the first `longest` slots hold tokens
+    full = _node(nodes, "GreaterOrEqual", [
+        _node(nodes, "Mul", [longest, g.const("fives_1", [5])], f"{p}longest_x5"),
+        _node(nodes, "Mul", [smax, g.const("fours_1", [4])], f"{p}slots_x4")], f"{p}nearly_full")  # >= 4/5
+
+    def branch(tag: str, how: str) -> onnx.GraphProto:
         node = helper.make_node(layer.node.op_type, [], [f"{layer.node.output[0]}/{tag}"],
                                 name=f"{layer.prefix}{tag}/{layer.node.name.rsplit('/', 1)[-1]}")
-        branch = _Layer(node, layer.inputs, layer.attrs, layer.k_scatter, layer.v_scatter)
+        sub = _Layer(node, layer.inputs, layer.attrs, layer.k_scatter, layer.v_scatter)
         out = helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None)
-        branches[tag] = helper.make_graph(build(g, branch), f"{layer.prefix}{tag}", [], [out])
-    _node(nodes, "If", [batched], layer.prefix + "If_0", outputs=[layer.node.output[0]],
-          then_branch=branches["decode"], else_branch=branches["prefill"])
+        return helper.make_graph(_BUILDERS[how](g, sub), f"{layer.prefix}{tag}", [], [out])
+
+    batched = []
+    _node(batched, "If", [full], layer.prefix + "batched/If_0", outputs=[f"{layer.node.output[0]}/batched"],
+          then_branch=branch("whole", ATTENTION), else_branch=branch("valid", ATTENTION_VALID))
+    out = helper.make_tensor_value_info(f"{layer.node.output[0]}/batched", TensorProto.FLOAT, None)
+    _node(nodes, "If", [even], layer.prefix + "If_0", outputs=[layer.node.output[0]],
+          then_branch=helper.make_graph(batched, f"{layer.prefix}batched", [], [out]),
+          else_branch=branch("rows", ATTENTION_ROWS))
     return nodes
 
 
-_BUILDERS = {GQA: _gqa, ATTENTION: _attention, ATTENTION_ROWS: _attention_rows, ATTENTION_BY_STEP: _attention_by_step}
+_BUILDERS = {GQA: _gqa, ATTENTION: _attention, ATTENTION_ROWS: _attention_rows, ATTENTION_BY_STEP: _attention_by_step,
+             ATTENTION_VALID: _attention_valid}
 
 
 def _scalar(g: _Graph, name: str) -> float | None:

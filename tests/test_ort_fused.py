@@ -1,8 +1,8 @@
 """The ORT engine's attention rewrite (engines/ort_fused.py): fused ONNX Runtime kernels in place of
 the op's ONNX function, per mode (`--no-compress` -> GroupQueryAttention in shared-buffer mode;
-kv-ratio 0.5 `pre` -> an If on the step's length: decode steps MatMul + RotaryEmbedding + Attention
-over the whole buffers, multi-token steps the same per (sequence, KV head) row; `joint`
-with r_k != r_v -> Attention). Each fused engine must match the engine built without the rewrite
+kv-ratio 0.5 `pre` -> Ifs on the valid slots: MatMul + RotaryEmbedding + Attention over the whole
+buffers when nearly full, over the longest valid length otherwise, per (sequence, KV head) row
+when the batch is ragged; `joint` with r_k != r_v -> Attention). Each fused engine must match the engine built without the rewrite
 (the op's function) step by step, and a float64 torch model, also after `KVCache.keep` moved
 random slots (any order) and on multi-token steps over a compacted cache."""
 
@@ -98,42 +98,55 @@ def test_rewrite_is_recorded_and_the_export_keeps_the_op(built):
         assert not ops & {"Neg", "GatherND", "Transpose"} and counts["Reshape"] == 1  # (the flat seqlens table)
     ifs = [n for n in engine_graph.graph.node if n.op_type == "If"]
     assert len(ifs) == {"pre": 3, "mixed": 1}.get(mode, 0)  # one per compressed pre layer
-    for branch in ifs:
-        # `pre` layers branch per step: S == 1 (decode) over buffers at least 2/3 written
-        # (3 * sum(cache_lengths) >= 2 * B * Smax) -> the batched rebuild, rotation and Attention;
-        # otherwise -> the rows' Scan
-        made = {o: n for n in engine_graph.graph.node for o in n.output}
-        both = made[branch.input[0]]
-        assert both.op_type == "And"
-        equal, full = made[both.input[0]], made[both.input[1]]
-        assert full.op_type == "GreaterOrEqual"
-        valid, slots = made[full.input[0]], made[full.input[1]]
-        inits = {i.name: numpy_helper.to_array(i).tolist() for i in engine_graph.graph.initializer if not i.dims or
-                 i.dims == [1]}
-        assert valid.op_type == slots.op_type == "Mul" and inits[valid.input[1]] == [3] and inits[slots.input[1]] == [2]
-        sizes = [made[x] for x in made[slots.input[0]].input]  # B and Smax of the key buffer
-        assert [(n.op_type, {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}) for n in sizes] \
-            == [("Shape", {"start": 0, "end": 1}), ("Shape", {"start": 2, "end": 3})]
-        then, other = (onnx.helper.get_attribute_value(next(a for a in branch.attribute if a.name == k))
-                       for k in ("then_branch", "else_branch"))
+    inits = {i.name: numpy_helper.to_array(i).tolist() for i in engine_graph.graph.initializer
+             if not i.dims or i.dims == [1]}
 
-        def source(x, nodes):  # through a Cast (ORT drops an int64 -> int64 one)
-            return nodes[x].input[0] if x in nodes and nodes[x].op_type == "Cast" else x
-        total = made[valid.input[0]]
-        then_made = {o: n for n in then.node for o in n.output}
-        nonpad = next(n for n in then.node if n.op_type == "Attention").input[6]
-        assert total.op_type == "ReduceSum" and source(total.input[0], made) == source(nonpad, then_made)
-        attention = next(n for n in then.node if n.op_type == "Attention")
-        rebuild = next(n for n in then.node if n.op_type == "MatMul")
-        assert sizes[0].input[0] == sizes[1].input[0] == rebuild.input[0]  # the rank-r key buffer
-        shape = made[equal.input[0]]
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in shape.attribute}
-        assert equal.op_type == "Equal" and shape.op_type == "Shape" and attrs == {"start": 2, "end": 3}
-        assert shape.input[0] == attention.input[0]  # S of the query
-        assert inits[equal.input[1]] == [1]
-        assert Counter(n.op_type for n in then.node) >= Counter(["MatMul", "RotaryEmbedding", "Attention"])
-        assert "Scan" not in {n.op_type for n in then.node}
-        assert [n.op_type for n in other.node].count("Scan") == 1
+    def attrs_of(node):
+        return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+    def scaled(made, name, factor):  # Mul(x, [factor]) -> the node making x
+        mul = made[name]
+        assert mul.op_type == "Mul" and inits[mul.input[1]] == [factor]
+        return made[mul.input[0]]
+    for branch in ifs:
+        # `pre` layers branch per step on the valid slots after the write (n_b, longest = max n_b,
+        # Smax slots): ragged (3 * sum n_b < 2 * B * longest) -> the rows' Scan; else nearly full
+        # (5 * longest >= 4 * Smax) -> Attention over the whole buffers, else over their first
+        # `longest` slots (Slices)
+        made = {o: n for n in engine_graph.graph.node for o in n.output}
+        even = made[branch.input[0]]
+        assert even.op_type == "GreaterOrEqual"
+        total, batch_longest = scaled(made, even.input[0], 3), scaled(made, even.input[1], 2)
+        assert total.op_type == "ReduceSum" and batch_longest.op_type == "Mul"
+        batch, longest = (made[x] for x in batch_longest.input)
+        assert longest.op_type == "ReduceMax" and longest.input[0] == total.input[0]  # both over the lengths
+        lengths = made[total.input[0]]
+        assert lengths.op_type == "Cast" and attrs_of(lengths)["to"] == onnx.TensorProto.INT64
+        batched, rows = (attrs_of(branch)[k] for k in ("then_branch", "else_branch"))
+        assert [n.op_type for n in rows.node].count("Scan") == 1 and "If" not in {n.op_type for n in rows.node}
+        (inner,) = [n for n in batched.node if n.op_type == "If"]
+        full = made[inner.input[0]]
+        assert full.op_type == "GreaterOrEqual" and scaled(made, full.input[0], 5) is longest
+        smax = scaled(made, full.input[1], 4)
+        whole, valid = (attrs_of(inner)[k] for k in ("then_branch", "else_branch"))
+        rebuild = next(n for n in whole.node if n.op_type == "MatMul")
+        for size, (start, end) in ((batch, (0, 1)), (smax, (2, 3))):  # B and Smax of the rank-r key buffer
+            assert size.op_type == "Shape" and attrs_of(size) == {"start": start, "end": end}
+            assert size.input[0] == rebuild.input[0]
+        for sub, sliced in ((whole, False), (valid, True)):
+            ops = Counter(n.op_type for n in sub.node)
+            assert ops >= Counter(["MatMul", "RotaryEmbedding", "Attention"]) and not {"Scan", "If"} & set(ops)
+            assert ops["Slice"] == (3 if sliced else 0)  # keys, values, slot positions
+            sub_made = {o: n for n in sub.node for o in n.output}
+            attention = next(n for n in sub.node if n.op_type == "Attention")
+            nonpad = sub_made[attention.input[6]]
+            assert nonpad.op_type == "Cast" and nonpad.input[0] == lengths.input[0]
+            if sliced:  # [0, max(nonpad)) on the slot axis, of the buffers the whole branch reads
+                ends = {n.input[2] for n in sub.node if n.op_type == "Slice"}
+                assert len(ends) == 1 and sub_made[ends.pop()].op_type == "ReduceMax"
+                sources = {n.input[0] for n in sub.node if n.op_type == "Slice"}
+                assert rebuild.input[0] in sources and attention.input[2] not in sources
+                assert next(n for n in whole.node if n.op_type == "Attention").input[2] in sources
     for scan in (n for n in ort_fused._all_nodes(engine_graph.graph) if n.op_type == "Scan"):
         # each (sequence, KV head) row rebuilds, rotates and reads only its valid slots: the rebuild's
         # keys, the values and the slot positions are Slices ending at the row's length
@@ -208,42 +221,54 @@ def test_fused_matches_the_function_engine_under_eviction(built):
 
 @torch.no_grad()
 def _reference(model, prompt, kept, tokens, positions):
-    """Float64: full prefill of `prompt`; then a cache holding only `kept` (per layer [B, Hkv, k]
-    original positions, in that slot order) and one step of tokens/positions [B, S] -> logits."""
+    """Float64: full prefill of `prompt`; then a cache holding only `kept` (per layer, per sequence
+    [Hkv, k_b] original positions, in that slot order) and one step of tokens/positions [B, S] -> logits."""
     batch = prompt.shape[0]
     full = model.new_cache(batch, PROMPT, dtype=torch.float64)
     prefill_logits = model(torch.from_numpy(prompt), torch.arange(PROMPT).expand(batch, -1), full)
     small = model.new_cache(batch, PROMPT + tokens.shape[1], dtype=torch.float64)
-    for i, idx in enumerate(kept):
-        idx_t = torch.from_numpy(idx).long()
-        k = idx_t.shape[-1]
-        for src, dst in ((full.keys[i], small.keys[i]), (full.values[i], small.values[i])):
-            dst[:, :, :k] = src.gather(2, idx_t[..., None].expand(-1, -1, -1, src.shape[-1]))
-        small.positions[i][:, :, :k] = idx_t.to(torch.int32)  # slot index = position in the full prefill
-        small.lengths[i] = k
+    for i, per_seq in enumerate(kept):
+        for b, idx in enumerate(per_seq):
+            idx_t = torch.from_numpy(np.asarray(idx)).long()  # [Hkv, k]
+            k = idx_t.shape[-1]
+            for src, dst in ((full.keys[i], small.keys[i]), (full.values[i], small.values[i])):
+                dst[b, :, :k] = src[b].gather(1, idx_t[..., None].expand(-1, -1, src.shape[-1]))
+            small.positions[i][b, :, :k] = idx_t.to(torch.int32)  # slot index = position in the full prefill
+            small.lengths[i, b] = k
     step = model(torch.from_numpy(tokens), torch.from_numpy(positions), small)
     return prefill_logits[:, -1].numpy(), step.numpy()
 
 
-@pytest.mark.parametrize("new,dense", [(1, False), (1, True), (3, False)])
-def test_fused_matches_float64_after_keep(built, new, dense):
+def _pre_branch(valid: list[int], slots: int) -> str:
+    """The branch a `pre` layer's step takes, given each sequence's valid slots after the write
+    (`ort_fused._attention_by_step`'s conditions)."""
+    if 3 * sum(valid) < 2 * len(valid) * max(valid):
+        return "rows"
+    return "whole" if 5 * max(valid) >= 4 * slots else "valid"
+
+
+# kept slots per sequence (ranges) -> the branch each layer's step takes
+KEPT = {"whole": ((17, 21), (17, 21)), "valid": ((6, 10), (6, 10)), "rows": ((14, 21), (2, 4))}
+
+
+@pytest.mark.parametrize("new,branch", [(1, "whole"), (1, "valid"), (1, "rows"), (3, "valid"), (3, "rows")])
+def test_fused_matches_float64_after_keep(built, new, branch):
     """Prefill, then every layer keeps a different random subset of slots in random order (per
     sequence and KV head), then a step of `new` tokens: vs the float64 model on the kept tokens.
-    `dense`: every layer keeps enough slots that a `pre` layer's decode step takes its batched
-    branch (>= 2/3 of the buffer written), which then rebuilds the stale slots past the kept ones
-    too; otherwise (few kept, or a multi-token step) the rows' branch runs."""
+    How many slots are kept picks the branch a `pre` layer's step takes (`_pre_branch`): nearly
+    full buffers (the whole-buffer branch then rebuilds the stale slots past the kept ones too),
+    fewer slots alike in both sequences (sliced to the longer one), or very different counts (rows)."""
     engine, model = built["fused"], built["reference"]
-    rng = np.random.default_rng(3 + new + 10 * dense)
+    rng = np.random.default_rng(3 + new + 10 * list(KEPT).index(branch))
     prompt = rng.integers(0, 256, size=(2, PROMPT))
     cache = engine.new_cache(2, PROMPT + new)
     last = prefill(engine, cache, prompt, np.full(2, PROMPT), 8)
     hkv = engine.layout.n_kv_heads
     kept = []
     for layer in range(engine.layout.n_layers):
-        k = int(rng.integers(15, PROMPT)) if dense else int(rng.integers(3, 10))
-        batched = 3 * 2 * (k + new) >= 2 * 2 * (PROMPT + new) and new == 1  # the If's condition
-        assert batched == dense
-        idx = np.stack([np.stack([rng.permutation(PROMPT)[:k] for _ in range(hkv)]) for _ in range(2)])  # [B, Hkv, k]
+        counts = [int(rng.integers(*KEPT[branch][seq])) for seq in range(2)]
+        assert _pre_branch([k + new for k in counts], PROMPT + new) == branch
+        idx = [np.stack([rng.permutation(PROMPT)[:k] for _ in range(hkv)]) for k in counts]  # per sequence [Hkv, k]
         for seq in range(2):
             cache.keep(layer, seq, idx[seq])
         kept.append(idx)
@@ -286,10 +311,10 @@ def test_gqa_variants_match(built, variant, tmp_path, monkeypatch):
     assert np.abs(got - function).max() <= TOL_ENGINES
 
 
-@pytest.mark.parametrize("formulation", ["attention", "attention-rows"])
+@pytest.mark.parametrize("formulation", ["attention", "attention-valid", "attention-rows"])
 def test_pre_formulations_each_match(built, formulation, tmp_path, monkeypatch):
-    """Each branch of the default `pre` formulation alone (the batched `attention` on every step;
-    the rows' Scan on every step) matches the function engine on right-padded multi-token prefill
+    """Each branch of the default `pre` formulation alone (the batched `attention` over the whole
+    buffers, or over their first max(cache_lengths) slots, or the rows' Scan, on every step) matches the function engine on right-padded multi-token prefill
     chunks and decode steps, same tolerance, so neither relies on the If to be exact."""
     if built["mode"] != "pre":
         pytest.skip("pre-mode formulations")
@@ -365,15 +390,16 @@ def test_build_falls_back_to_the_function_when_a_fused_kernel_fails(built, tmp_p
     assert "GroupQueryAttention" not in ops and not any(p.name.startswith("fused-") for p in tmp_path.iterdir())
 
 
-def test_build_checks_the_decode_branch_too(built, tmp_path, monkeypatch):
-    """The `pre` If runs its decode branch only on one-token steps: a decode branch ONNX Runtime
-    accepts at load but fails at run (here: values swapped for the query, a length mismatch) is
-    caught by the build's engine check, which then builds the function engine and says why."""
+@pytest.mark.parametrize("broken_branch", ["attention", "attention-valid"])
+def test_build_checks_every_branch(built, broken_branch, tmp_path, monkeypatch):
+    """The `pre` Ifs run each branch only on some steps: a batched branch ONNX Runtime accepts at
+    load but fails at run (here: values swapped for the query, a length mismatch) is caught by the
+    build's engine check, which then builds the function engine and says why."""
     if built["mode"] != "pre":
         pytest.skip("the If is the pre mode's")
     from eigenkv.engines import ort
     from eigenkv.manifest import read_manifest
-    real = ort_fused._attention
+    real = ort_fused._BUILDERS[broken_branch]
 
     def broken(g, layer):
         nodes = real(g, layer)
@@ -381,7 +407,7 @@ def test_build_checks_the_decode_branch_too(built, tmp_path, monkeypatch):
         attention.input[2] = attention.input[0]
         return nodes
 
-    monkeypatch.setitem(ort_fused._BUILDERS, ort_fused.ATTENTION, broken)
+    monkeypatch.setitem(ort_fused._BUILDERS, broken_branch, broken)
     fields = ort.build(built["graph"], read_manifest(built["graph"]), tmp_path)
     assert fields["runtime"]["attention"] == "function"
     assert any(r.startswith("engine check failed") for r in fields["runtime"]["attention_rewrite"]["fell_back"])

@@ -121,10 +121,10 @@ def test_every_weight_matmul_is_quantized_and_recorded(built):
         # every linear layer: lm_head + 3 layers x (q, k, v packed into one, o, gate and up packed into
         # one, down)
         assert report["matmuls"] == 1 + 3 * 4
-        # and none of attention's own: pre keeps one K_r @ key_up per layer in each branch of its If
-        # (batched decode, rows' Scan), joint its query and key bases per layer, in float (also
-        # proven by the exact float64 test below)
-        assert report["kept_float"] == {"rotated": 0, "pre": 6, "joint": 6}[built["mode"]]
+        # and none of attention's own: pre keeps one K_r @ key_up per layer in each branch of its Ifs
+        # (whole buffers, sliced buffers, rows' Scan), joint its query and key bases per layer, in
+        # float (also proven by the exact float64 test below)
+        assert report["kept_float"] == {"rotated": 0, "pre": 9, "joint": 6}[built["mode"]]
         graph = onnx.load(str(root / w / "model.onnx"), load_external_data=False)
         ops = [n.op_type for n in graph.graph.node]
         assert ops.count("MatMulNBits") == report["matmuls"] and ("MatMul" in ops) == (built["mode"] == "joint")
