@@ -51,16 +51,19 @@ Runtime's CPU provider), all exact against the op's reference math:
   slots after the write: a ragged batch (over a third of the first max(cache_lengths) slots of the
   batch unwritten) runs `attention-rows`; otherwise a nearly full buffer (longest >= 4/5 of its
   slots) runs `attention` over the whole buffers (no copies) and anything else `attention-valid`.
-  Measured on the default model at kv-ratio 0.5 (2 threads): over full buffers `attention` decodes
-  1.2-1.35x faster than `attention-valid` (its Slices copy the cache each step: 2k x 1 69-74 vs
-  92-104 ms/token), over a 3/4-full one `attention-valid` 1.05x faster and over a half-full one
-  1.2-1.6x (1024 of 2048 slots, batch 1: 49-84 vs 58-60 ms, noisy); at equal valid work the rows'
-  Scan costs 1.1x (batch 1) to 1.3x (batch 8) the sliced batched form (640 of 1024 slots x 8:
-  135-147 vs 183 ms/token; a 1k x 8 chunked prefill 42-43 vs 48-60 s), so rows run only where
-  the batch is ragged, where slicing to the longest row would rebuild many unwritten slots.
+  Measured on the default model at kv-ratio 0.5 (2 threads, docs/results/bench_pre_valid_slices/):
+  over full buffers `attention` decodes 1.24-1.5x faster than `attention-valid` (2k x 1: 69-74 vs
+  92-104 ms/token; the Slices copy the cache every step), over a 3/4-full one (768 of 1024 slots
+  x 8) `attention-valid` 1.04-1.08x faster; over a half-full one at batch 1 the two rounds
+  disagree (49-84 vs 58-60 ms), so 4/5 lies between the points measured. At equal valid work the
+  rows' Scan decodes 1.24-1.36x slower than the sliced form at batch 8 (640 of 1024 slots: 183 vs
+  135-147 ms/token), within noise at batch 1 (1024 of 2048: 58.5-59.9 vs 55.9-59.0 ms), and
+  prefills 1.1-1.4x slower (1k x 8: 48-60 vs 42-43 s), so rows run only for ragged batches,
+  where slicing to the longest row would rebuild many unwritten slots (2/3: not measured there).
   The previous default (rows for every multi-token step and for decode under 2/3 written) against
-  this one, one bench run, 2k x 8 chunked prefill then 64 decode steps: prefill 113.9 vs 92.5 s,
-  decode 310 vs 299 ms/token, and with key-norm eviction at keep 0.25 158 vs 146 ms/token.
+  this one, one bench run at 2k x 8 (256-token chunks, then 32 decode steps): prefill 108.9 vs
+  92.9 s; decode, the same whole-buffer branch in both, 292 vs 305 ms/token; with key-norm
+  eviction at keep 0.25 prefill 93.4 vs 85.1 s, decode 140 vs 142 ms/token.
 - `function`: leave the node (ONNX Runtime inlines the op's function).
 
 Around attention (`rewrite_file`): RMSNorms become SimplifiedLayerNormalization (`fuse_rms_norms`)
@@ -252,8 +255,8 @@ def _choose(g: _Graph, layer: _Layer, wanted: str) -> tuple[str, str]:
         if wanted == GQA:  # GQA reads its cache as keys: pre-RoPE rank-r keys are not
             return ATTENTION_BY_STEP, "pre-RoPE keys"
         return wanted, ""
-    if wanted in (ATTENTION_ROWS, ATTENTION_BY_STEP):
-        return ATTENTION, ""  # rows only pay for rebuilt keys
+    if wanted in (ATTENTION_ROWS, ATTENTION_BY_STEP, ATTENTION_VALID):
+        return ATTENTION, ""  # rows and slices only pay for rebuilt keys
     if wanted == GQA and rk != rv:
         return ATTENTION, "key width != value width"
     if wanted == GQA and rk % 8:
@@ -554,7 +557,7 @@ def _rope_keys(g: _Graph, layer: _Layer, nodes: list, kr: str, positions: str) -
     k = _node(nodes, "MatMul", [kr, layer.inputs["key_up"]], f"{p}k_up")  # [B, Hkv, S, hd]
     flat_k = _node(nodes, "Reshape", [k, g.const("shape_rope4", [-1, 1, 0, 0])], f"{p}k_up_rows")  # [B*Hkv,1,S,hd]
     pos64 = _node(nodes, "Cast", [positions], f"{p}slot_pos_i64", to=TensorProto.INT64)
-    flat_pos = _node(nodes, "Flatten", [pos64], f"{p}slot_pos_rows", axis=2)  # [B*Hkv, Smax]
+    flat_pos = _node(nodes, "Flatten", [pos64], f"{p}slot_pos_rows", axis=2)  # [B*Hkv, S]
     cos, sin = _rope_tables(g, layer)
     rot = _node(nodes, "RotaryEmbedding", [flat_k, cos, sin, flat_pos], f"{p}k_rope_rows")
     return _node(nodes, "Reshape", [rot, _node(nodes, "Shape", [k], f"{p}k_up_shape")], f"{p}k_rope")
@@ -622,12 +625,11 @@ def _attention_by_step(g: _Graph, layer: _Layer) -> list:
     - else, the buffer nearly full (5 * longest >= 4 * Smax) -> `attention` over the whole
       buffers (no copies);
     - else -> `attention-valid` (keys, values and positions sliced to `longest` first).
-    All three read the same cache writes and are exact. Measured on the default model at
-    kv-ratio 0.5 (2 threads): over full buffers `attention` decodes 1.2-1.35x faster than
-    `attention-valid` (its Slices copy the cache every step), over 3/4-full ones `attention-valid`
-    1.05x faster (half-full: 1.2x), so 4/5 lies between the measured points; at equal valid work
-    the rows' Scan costs 1.1x (batch 1) to 1.3x (batch 8) the sliced batched form, so rows pay
-    only for ragged batches (2/3: not measured on ragged batches)."""
+    All three read the same cache writes and are exact. Why these thresholds (measured on the
+    default model, module docstring): whole buffers decode 1.24-1.5x faster than sliced ones when
+    full (the Slices copy the cache), sliced ones 1.04-1.08x faster when 3/4 full; the rows' Scan
+    costs up to 1.36x the sliced batched form at equal valid work, so it runs only for ragged
+    batches (2/3: not measured on ragged batches)."""
     p, nodes = layer.prefix + "fused/", []
     kr = layer.inputs["key_cache"]  # [B, Hkv, Smax, rk]
     lengths = _node(nodes, "Cast", [layer.inputs["cache_lengths"]], f"{p}lengths_i64", to=TensorProto.INT64)
