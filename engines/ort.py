@@ -109,10 +109,10 @@ class OrtEngine(Engine):
 ATTENTION_CHOICES = ("fused", "function")  # `eigenkv build --attention` (ORT backend)
 
 
-def _optimize(src: Path, dst: Path, rope_mode=None, fused_attention: bool = False) -> dict:
+def _optimize(src: Path, dst: Path, rope_mode=None, fused_attention: bool = False, plan: dict | None = None) -> dict:
     """Let ONNX Runtime optimise `src` and save the result (weights beside it) at `dst`; with
     `fused_attention`, first rewrite the engine's copy of the graph's attention into fused ONNX
-    Runtime kernels (`engines/ort_fused.py`). -> the rewrite's report ({"attention": "function"}
+    Runtime kernels (`engines/ort_fused.py`, formulations per `plan`). -> the rewrite's report ({"attention": "function"}
     when off or when no layer changed)."""
     options = {"graph_optimization_level": "ORT_ENABLE_EXTENDED", "optimized_model_filepath": str(dst),
                "config_entries": {"session.optimized_model_external_initializers_file_name": dst.name + ".data",
@@ -123,7 +123,7 @@ def _optimize(src: Path, dst: Path, rope_mode=None, fused_attention: bool = Fals
 
         from eigenkv.engines.ort_fused import rewrite_file
         with tempfile.TemporaryDirectory(prefix="fused-", dir=dst.parent) as tmp:
-            path, report = rewrite_file(src, Path(tmp), rope_mode, remedy=remedy)
+            path, report = rewrite_file(src, Path(tmp), rope_mode, remedy=remedy, plan=plan)
             if path is not None:
                 try:
                     make_session(path, options, remedy=remedy)
@@ -139,14 +139,17 @@ def _optimize(src: Path, dst: Path, rope_mode=None, fused_attention: bool = Fals
     return report
 
 
-def build(graph: Path, manifest: Manifest, out_dir: Path, attention: str = "fused", weights: str = "graph") -> dict:
+def build(graph: Path, manifest: Manifest, out_dir: Path, attention: str = "fused", weights: str = "graph",
+          plan: dict | None = None) -> dict:
     """Optimise the graph into `out_dir`, its attention rewritten into fused ONNX Runtime kernels
     (`attention="fused"`, `engines/ort_fused.py`) or left as the op's ONNX function
     (`attention="function"`: `eigenkv build --attention function`), its MatMul weights as exported
     (`weights="graph"`) or quantized block-wise to "int4" / "int8" (`engines/ort_weights.py`);
     -> the backend's EngineConfig fields. `runtime["attention"]` names the ONNX Runtime op(s) that
     run attention ("GroupQueryAttention", "Attention", "function"), `runtime["attention_rewrite"]`
-    the report, `runtime["weights"]` the weights' format (with the quantizer's report)."""
+    the report, `runtime["weights"]` the weights' format (with the quantizer's report). `plan`
+    (RopeMode -> formulation, `ort_fused.DEFAULT_PLAN` when None) picks the fused formulation
+    per RoPE mode, for benchmarks of one against another (`tools/bench_pre_ragged.py`)."""
     import onnxruntime as ort
 
     from eigenkv.engines.ort_weights import WEIGHT_CHOICES
@@ -160,7 +163,7 @@ def build(graph: Path, manifest: Manifest, out_dir: Path, attention: str = "fuse
         raise EigenError(f"--weights {weights} quantizes fp32 weights, and {Path(graph).name} is a "
                          f"{manifest.precision} export: build it from an fp32 export (`export-eigen` without --dtype fp16)")
     model = Path(out_dir) / MODEL_FILE
-    report = _optimize(Path(graph), model, manifest.rope_mode, fused)
+    report = _optimize(Path(graph), model, manifest.rope_mode, fused, plan)
     quantized = None
     if bits:  # after ONNX Runtime's optimisation, so constant-folded weights (the tied lm_head's transpose) count
         from eigenkv.engines.ort_weights import quantize_in_place

@@ -49,7 +49,8 @@ Runtime's CPU provider), all exact against the op's reference math:
   generation or a chunked prefill's early chunks rebuild only the batch's longest valid length.
 - `attention-by-step` (`pre` mode, the default): ONNX `If`s pick per step from the layer's valid
   slots after the write: a ragged batch (over a third of the first max(cache_lengths) slots of the
-  batch unwritten) runs `attention-rows`; otherwise a nearly full buffer (longest >= 4/5 of its
+  batch unwritten; for a decode step over a buffer not nearly full, over a fifth) runs
+  `attention-rows`; otherwise a nearly full buffer (longest >= 4/5 of its
   slots) runs `attention` over the whole buffers (no copies) and anything else `attention-valid`.
   Measured on the default model at kv-ratio 0.5 (2 threads, docs/results/bench_pre_valid_slices/):
   over full buffers `attention` decodes 1.24-1.5x faster than `attention-valid` (2k x 1: 69-74 vs
@@ -59,7 +60,16 @@ Runtime's CPU provider), all exact against the op's reference math:
   rows' Scan decodes 1.24-1.36x slower than the sliced form at batch 8 (640 of 1024 slots: 183 vs
   135-147 ms/token), within noise at batch 1 (1024 of 2048: 58.5-59.9 vs 55.9-59.0 ms), and
   prefills 1.1-1.4x slower (1k x 8: 48-60 vs 42-43 s), so rows run only for ragged batches,
-  where slicing to the longest row would rebuild many unwritten slots (2/3: not measured there).
+  where slicing to the longest row would rebuild many unwritten slots. On ragged batches
+  (`tools/bench_pre_ragged.py`, docs/results/bench_pre_ragged/: synthetic caches, batch 4 and 8,
+  longest row 1k and 2k, fill = sum n_b / (B * longest), three runs) a decode step over rows took
+  0.63-0.99x the whole buffers' time up to 0.6 filled (one point of 12 1.13x) and 0.97-1.05x at
+  0.67, so 2/3 stays where the whole buffers run. Against the sliced form rows were faster at
+  every one of 12 points at 0.67 filled (0.71-0.97x), at 9 of 12 at 0.75 (0.80-1.10x), 5 of 12
+  at 0.85 (0.88-1.24x) and 1 of 16 from 0.92 (0.99-1.49x), so a decode step over a buffer not
+  nearly full runs rows below 4/5 filled. A 256-token prefill chunk (8 x 1024) over rows took
+  1.01-1.04x the batched forms' time at 0.6 filled and 1.13-1.21x from 0.74: multi-token steps
+  keep 2/3.
   The previous default (rows for every multi-token step and for decode under 2/3 written) against
   this one, one bench run at 2k x 8 (256-token chunks, then 32 decode steps): prefill 108.9 vs
   92.9 s; decode, the same whole-buffer branch in both, 292 vs 305 ms/token; with key-norm
@@ -106,6 +116,30 @@ OP_NAMES = {FUNCTION: "function", GQA: "GroupQueryAttention", ATTENTION: "Attent
 # rope mode -> formulation: the fastest exact one measured on the default model (engines/ort.py build
 # records what each layer got); JOINT/NONE layers with r_k != r_v fall back from gqa to attention
 DEFAULT_PLAN = {RopeMode.ROTATED: GQA, RopeMode.NONE: GQA, RopeMode.JOINT: GQA, RopeMode.PRE: ATTENTION_BY_STEP}
+
+# `attention-by-step`'s rules, as integer ratios (the graph compares int64 products), valid slots
+# n_b after the step's write, Smax the buffer's slots: nearly full when NEARLY_FULL[0] * max n_b >=
+# NEARLY_FULL[1] * Smax; ragged when RAGGED[0] * sum n_b < RAGGED[1] * B * max n_b, or, for a
+# decode step (one token per sequence) over a buffer not nearly full, when RAGGED_DECODE[0] *
+# sum n_b < RAGGED_DECODE[1] * B * max n_b (tools/bench_pre_ragged.py measured them)
+RAGGED = (3, 2)
+RAGGED_DECODE = (5, 4)
+NEARLY_FULL = (5, 4)
+
+
+def by_step_branch(lengths, slots: int, new_tokens: int = 1) -> str:
+    """The formulation an `attention-by-step` layer runs for one step: `lengths` [B] valid slots
+    per sequence after the step's write (tokens), `slots` the buffer's slots per sequence,
+    `new_tokens` the step's tokens per sequence -> "attention-rows", "attention" (whole buffers)
+    or "attention-valid" (the graph's Ifs, in Python)."""
+    lengths = [int(n) for n in lengths]
+    longest = max(lengths)
+    full = NEARLY_FULL[0] * longest >= NEARLY_FULL[1] * slots
+    a, b = RAGGED_DECODE if new_tokens == 1 and not full else RAGGED
+    if a * sum(lengths) < b * len(lengths) * longest:
+        return ATTENTION_ROWS
+    return ATTENTION if full else ATTENTION_VALID
+
 
 _INPUTS = [t.name for t in spec.INPUTS]
 _C = "eigenkv_fused/"  # prefix of the constants the rewrite adds (shared by all layers)
@@ -619,17 +653,20 @@ def _attention_rows(g: _Graph, layer: _Layer) -> list:
 
 def _attention_by_step(g: _Graph, layer: _Layer) -> list:
     """Pre mode: ONNX `If`s pick the formulation per step from the layer's valid slots after the
-    write (n_b = cache_lengths[b], longest = max n_b, Smax the buffer's slots):
+    write (n_b = cache_lengths[b], longest = max n_b, Smax the buffer's slots, S the step's tokens;
+    `by_step_branch` is the same rule in Python):
     - batch ragged (3 * sum n_b < 2 * B * longest: over a third of the first `longest` slots of
-      the batch unwritten) -> `attention-rows` (each row rebuilds only its own n_b slots);
+      the batch unwritten; for a decode step over a buffer not nearly full, 5 * sum n_b < 4 * B *
+      longest: over a fifth) -> `attention-rows` (each row rebuilds only its own n_b slots);
     - else, the buffer nearly full (5 * longest >= 4 * Smax) -> `attention` over the whole
       buffers (no copies);
     - else -> `attention-valid` (keys, values and positions sliced to `longest` first).
     All three read the same cache writes and are exact. Why these thresholds (measured on the
-    default model, module docstring): whole buffers decode 1.24-1.5x faster than sliced ones when
-    full (the Slices copy the cache), sliced ones 1.04-1.08x faster when 3/4 full; the rows' Scan
-    costs up to 1.36x the sliced batched form at equal valid work, so it runs only for ragged
-    batches (2/3: not measured on ragged batches)."""
+    default model, module docstring, `tools/bench_pre_ragged.py`): whole buffers decode 1.24-1.5x
+    faster than sliced ones when full (the Slices copy the cache), sliced ones 1.04-1.08x faster
+    when 3/4 full; on ragged batches the rows' decode step beats the whole buffers below about 2/3
+    filled and the sliced ones below 4/5 (mixed at 0.85, slower from 0.92), and a 256-token
+    prefill chunk over rows ties the batched forms at 0.6 filled and is 1.13-1.21x slower from 0.74."""
     p, nodes = layer.prefix + "fused/", []
     kr = layer.inputs["key_cache"]  # [B, Hkv, Smax, rk]
     lengths = _node(nodes, "Cast", [layer.inputs["cache_lengths"]], f"{p}lengths_i64", to=TensorProto.INT64)
@@ -637,13 +674,25 @@ def _attention_by_step(g: _Graph, layer: _Layer) -> list:
     batch = _node(nodes, "Shape", [kr], f"{p}batch_b", start=0, end=1)
     smax = _node(nodes, "Shape", [kr], f"{p}slots_per_seq", start=2, end=3)
     total = _node(nodes, "ReduceSum", [lengths], f"{p}valid_slots", keepdims=1)  # [1]
-    even = _node(nodes, "GreaterOrEqual", [
-        _node(nodes, "Mul", [total, g.const("threes_1", [3])], f"{p}valid_x3"),
-        _node(nodes, "Mul", [_node(nodes, "Mul", [batch, longest], f"{p}batch_longest"), g.const("twos_1", [2])],
-              f"{p}batch_longest_x2")], f"{p}not_ragged")  # >= 2/3 of the first `longest` slots hold tokens
+    (a, b), (a1, b1), (c, d) = RAGGED, RAGGED_DECODE, NEARLY_FULL
     full = _node(nodes, "GreaterOrEqual", [
-        _node(nodes, "Mul", [longest, g.const("fives_1", [5])], f"{p}longest_x5"),
-        _node(nodes, "Mul", [smax, g.const("fours_1", [4])], f"{p}slots_x4")], f"{p}nearly_full")  # >= 4/5
+        _node(nodes, "Mul", [longest, g.const(f"int_{c}", [c])], f"{p}longest_x{c}"),
+        _node(nodes, "Mul", [smax, g.const(f"int_{d}", [d])], f"{p}slots_x{d}")], f"{p}nearly_full")  # >= d/c
+    batch_longest = _node(nodes, "Mul", [batch, longest], f"{p}batch_longest")
+
+    def at_least(num: int, den: int, tag: str) -> str:  # num * sum n_b >= den * B * longest: >= den/num filled
+        return _node(nodes, "GreaterOrEqual", [
+            _node(nodes, "Mul", [total, g.const(f"int_{num}", [num])], f"{p}{tag}_valid_x{num}"),
+            _node(nodes, "Mul", [batch_longest, g.const(f"int_{den}", [den])], f"{p}{tag}_batch_longest_x{den}")],
+            f"{p}{tag}_filled")
+    step = _node(nodes, "Shape", [layer.inputs["query"]], f"{p}new_tokens", start=2, end=3)  # [1]: S
+    sparse_decode = _node(nodes, "And", [
+        _node(nodes, "Equal", [step, g.const("int_1", [1])], f"{p}decode"),
+        _node(nodes, "Not", [full], f"{p}not_nearly_full")], f"{p}decode_not_full")
+    # not ragged: >= b/a filled, and for a decode step over a buffer not nearly full >= b1/a1 (b1/a1 > b/a)
+    even = _node(nodes, "And", [at_least(a, b, "any_step"), _node(nodes, "Or", [
+        _node(nodes, "Not", [sparse_decode], f"{p}not_decode_not_full"), at_least(a1, b1, "decode")], f"{p}decode_rule")],
+        f"{p}not_ragged")
 
     def branch(tag: str, how: str) -> onnx.GraphProto:
         node = helper.make_node(layer.node.op_type, [], [f"{layer.node.output[0]}/{tag}"],
@@ -957,8 +1006,9 @@ def _tidy_imports(model: onnx.ModelProto) -> None:
         model.opset_import.extend(imports)
 
 
-def rewrite_file(src: Path, tmp: Path, rope_mode: RopeMode | str, remedy: str = "") -> tuple[Path | None, dict]:
-    """The graph at `src` rewritten (`rewrite`, the norm fusions, `pack_qkv`, `pack_siblings`) and
+def rewrite_file(src: Path, tmp: Path, rope_mode: RopeMode | str, remedy: str = "", plan: dict | None = None
+                 ) -> tuple[Path | None, dict]:
+    """The graph at `src` rewritten (`rewrite` with `plan`, the norm fusions, `pack_qkv`, `pack_siblings`) and
     saved in the folder `tmp` -> (its path, or None when nothing changed; the report). The copy's
     weights stay in the export's data files, hard-linked into `tmp` (copied across file systems);
     read from them are the RoPE tables the rewrite slices and the projection weights it packs, and
@@ -984,7 +1034,7 @@ def rewrite_file(src: Path, tmp: Path, rope_mode: RopeMode | str, remedy: str = 
             del init.external_data[:]
         else:
             locations.add(next(e.value for e in init.external_data if e.key == "location"))
-    model, report = rewrite(model, rope_mode)
+    model, report = rewrite(model, rope_mode, plan)
     report["rms_norms_fused"] = fuse_rms_norms(model)
     report["skip_norms_fused"] = fuse_skip_norms(model)
     report["qkv_packed"] = pack_qkv(model, src.parent)

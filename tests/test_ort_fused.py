@@ -113,11 +113,25 @@ def test_rewrite_is_recorded_and_the_export_keeps_the_op(built):
         # Smax slots): ragged (3 * sum n_b < 2 * B * longest) -> the rows' Scan; else nearly full
         # (5 * longest >= 4 * Smax) -> Attention over the whole buffers, else over their first
         # `longest` slots (Slices)
+        # (a decode step over a buffer not nearly full is ragged below 4/5: 5 * sum n_b < 4 * B * longest)
         made = {o: n for n in engine_graph.graph.node for o in n.output}
+
+        def filled(name, num, den):  # num * sum n_b >= den * B * longest -> (sum, B * longest)
+            ge = made[name]
+            assert ge.op_type == "GreaterOrEqual"
+            return scaled(made, ge.input[0], num), scaled(made, ge.input[1], den)
         even = made[branch.input[0]]
-        assert even.op_type == "GreaterOrEqual"
-        total, batch_longest = scaled(made, even.input[0], 3), scaled(made, even.input[1], 2)
+        assert even.op_type == "And"
+        total, batch_longest = filled(even.input[0], 3, 2)
         assert total.op_type == "ReduceSum" and batch_longest.op_type == "Mul"
+        decode_rule = made[even.input[1]]
+        assert decode_rule.op_type == "Or" and filled(decode_rule.input[1], 5, 4) == (total, batch_longest)
+        sparse = made[made[decode_rule.input[0]].input[0]]
+        assert made[decode_rule.input[0]].op_type == "Not" and sparse.op_type == "And"
+        decode, not_full = (made[x] for x in sparse.input)
+        assert decode.op_type == "Equal" and inits[decode.input[1]] == [1] and not_full.op_type == "Not"
+        new_tokens = made[decode.input[0]]  # S: the query's third axis
+        assert new_tokens.op_type == "Shape" and attrs_of(new_tokens) == {"start": 2, "end": 3}
         batch, longest = (made[x] for x in batch_longest.input)
         assert longest.op_type == "ReduceMax" and longest.input[0] == total.input[0]  # both over the lengths
         lengths = made[total.input[0]]
@@ -126,6 +140,7 @@ def test_rewrite_is_recorded_and_the_export_keeps_the_op(built):
         assert [n.op_type for n in rows.node].count("Scan") == 1 and "If" not in {n.op_type for n in rows.node}
         (inner,) = [n for n in batched.node if n.op_type == "If"]
         full = made[inner.input[0]]
+        assert made[not_full.input[0]] is full
         assert full.op_type == "GreaterOrEqual" and scaled(made, full.input[0], 5) is longest
         smax = scaled(made, full.input[1], 4)
         whole, valid = (attrs_of(inner)[k] for k in ("then_branch", "else_branch"))
@@ -239,16 +254,39 @@ def _reference(model, prompt, kept, tokens, positions):
     return prefill_logits[:, -1].numpy(), step.numpy()
 
 
-def _pre_branch(valid: list[int], slots: int) -> str:
-    """The branch a `pre` layer's step takes, given each sequence's valid slots after the write
-    (`ort_fused._attention_by_step`'s conditions)."""
-    if 3 * sum(valid) < 2 * len(valid) * max(valid):
+def _pre_branch(valid: list[int], slots: int, new: int) -> str:
+    """The branch a `pre` layer's step of `new` tokens takes, given each sequence's valid slots
+    after the write (`ort_fused._attention_by_step`'s conditions)."""
+    full = 5 * max(valid) >= 4 * slots
+    num, den = (5, 4) if new == 1 and not full else (3, 2)
+    if num * sum(valid) < den * len(valid) * max(valid):
         return "rows"
-    return "whole" if 5 * max(valid) >= 4 * slots else "valid"
+    return "whole" if full else "valid"
+
+
+def test_by_step_branch_is_the_graph_rule():
+    """`ort_fused.by_step_branch` (what tools/bench_pre_ragged.py reports) picks the branch the
+    graph's Ifs pick (`_pre_branch`, pinned to the graph above), on random batches, and the decode
+    rule differs from the multi-token one only below 4/5 filled over buffers not nearly full."""
+    rng = np.random.default_rng(0)
+    names = {"rows": "attention-rows", "whole": "attention", "valid": "attention-valid"}
+    seen = Counter()
+    for _ in range(2000):
+        batch, slots, new = int(rng.integers(1, 9)), int(rng.integers(8, 200)), int(rng.choice([1, 2, 16]))
+        valid = rng.integers(1, slots + 1, batch).tolist()
+        got = ort_fused.by_step_branch(valid, slots, new)
+        assert got == names[_pre_branch(valid, slots, new)], (valid, slots, new)
+        seen[got] += 1
+    assert set(seen) == set(names.values())
+    # 4 rows of 100, 85, 70, 55 slots (310 / 400 = 0.775 filled) in 200 slots: decode -> rows, chunk -> sliced
+    assert ort_fused.by_step_branch([100, 85, 70, 55], 200, 1) == "attention-rows"
+    assert ort_fused.by_step_branch([100, 85, 70, 55], 200, 4) == "attention-valid"
+    assert ort_fused.by_step_branch([100, 85, 70, 55], 110, 1) == "attention"  # nearly full: 2/3 rule
+    assert ort_fused.by_step_branch([100, 90, 80, 70], 200, 1) == "attention-valid"  # 0.85 filled
 
 
 # kept slots per sequence (ranges) -> the branch each layer's step takes
-KEPT = {"whole": ((17, 21), (17, 21)), "valid": ((6, 10), (6, 10)), "rows": ((16, 21), (2, 4))}
+KEPT = {"whole": ((17, 21), (17, 21)), "valid": ((8, 10), (8, 10)), "rows": ((16, 21), (2, 4))}
 
 
 @pytest.mark.parametrize("new,branch", [(1, "whole"), (1, "valid"), (1, "rows"), (3, "whole"), (3, "valid"), (3, "rows")])
@@ -267,7 +305,7 @@ def test_fused_matches_float64_after_keep(built, new, branch):
     kept = []
     for layer in range(engine.layout.n_layers):
         counts = [int(rng.integers(*KEPT[branch][seq])) for seq in range(2)]
-        assert _pre_branch([k + new for k in counts], PROMPT + new) == branch
+        assert _pre_branch([k + new for k in counts], PROMPT + new, new) == branch
         idx = [np.stack([rng.permutation(PROMPT)[:k] for _ in range(hkv)]) for k in counts]  # per sequence [Hkv, k]
         for seq in range(2):
             cache.keep(layer, seq, idx[seq])

@@ -400,6 +400,54 @@ def test_help_and_imports_without_optional_packages(tmp_path):
             "optimum_baseline.py"} <= set(report["tools"])
 
 
+def test_bench_pre_ragged(workdir):
+    """tools/bench_pre_ragged.py on a tiny `pre` export: one engine per formulation from the same
+    export, every point timed for each (steps x blocks), the first step's logits of each within
+    1e-4 of the rows' engine on the same synthetic cache, the by-step branch as the graph's rule
+    picks it, JSON and table agree; fills outside (0, 1] or rows past the export's positions are
+    a one-line exit 2 and nothing is written."""
+    from tiny_models import export_tiny
+
+    from eigenkv.engines import ort_fused
+    out = workdir / "ragged" / "model.onnx"
+    assert export_tiny(workdir, "llama", out, "--kv-ratio", "0.5", "--max-seq-len", "96", "--decode-steps", "4") == 0
+    run = _tool("bench_pre_ragged.py", out, "--batches", "2,3", "--longest", "20", "--fills", "0.4,0.5,1",
+                "--chunk", "4", "--chunk-points", "3:20:0.7", "--steps", "2", "--blocks", "2", "--threads", "1",
+                "--out", "ragged/result", cwd=workdir)
+    result = json.loads((workdir / "ragged" / "result" / "result.json").read_text())
+    points = result["points"]
+    assert [(p["batch"], max(p["lengths"]), p["width"]) for p in points] == [
+        (b, 20, 1) for b in (2, 3) for _ in range(3)] + [(3, 20, 4)]
+    formulations = ["attention-rows", "attention-valid", "attention", "attention-by-step"]
+    for p in points:
+        after = [n + p["width"] for n in p["lengths"]]
+        assert p["slots"] == max(after) and p["fill"] == pytest.approx(sum(after) / (len(after) * max(after)), abs=1e-4)
+        assert p["by_step_branch"] == ort_fused.by_step_branch(after, p["slots"], p["width"])
+        assert list(p["p50_ms"]) == formulations and all(v > 0 for v in p["p50_ms"].values())
+        steps = 2 * 2 if p["width"] == 1 else 1 * 2
+        assert all(len(v) == steps for v in p["steps_ms"].values())
+        assert all(d <= 1e-4 for d in p["max_abs_diff_vs_rows"].values()), p["max_abs_diff_vs_rows"]
+    # full rows -> whole buffers; one long row and short ones -> rows (3 * sum < 2 * B * longest)
+    assert [p["by_step_branch"] for p in points if p["batch"] == 3 and p["width"] == 1] == [
+        "attention-rows", "attention-rows", "attention"]
+    table = _table((workdir / "ragged" / "result" / "result.md").read_text())
+    assert len(table) == 2 + len(points) and table[2:] == _table(run.stdout)[-len(points):]
+    for row, p in zip(table[2:], points):
+        assert [float(c) for c in row[6:10]] == [round(p["p50_ms"][n], 1) for n in formulations]
+    # a buffer twice the longest row (--slack 1): a decode step 0.76 filled runs rows (below 4/5)
+    _tool("bench_pre_ragged.py", out, "--batches", "3", "--longest", "20", "--fills", "0.75", "--slack", "1",
+          "--steps", "1", "--blocks", "1", "--threads", "1", "--out", "ragged/slack", cwd=workdir)
+    (point,) = json.loads((workdir / "ragged" / "slack" / "result.json").read_text())["points"]
+    assert (point["lengths"], point["slots"], point["by_step_branch"]) == ([20, 15, 10], 41, "attention-rows")
+    assert all(d <= 1e-4 for d in point["max_abs_diff_vs_rows"].values())
+    for bad, message in ((["--fills", "0.5,1.5"], "--fills must lie in (0, 1]"),
+                         (["--longest", "200"], "past the export's 96 positions")):
+        run = subprocess.run([sys.executable, str(TOOLS / "bench_pre_ragged.py"), str(out), *bad, "--out", "ragged/bad"],
+                             capture_output=True, text=True, cwd=workdir, timeout=300)
+        assert run.returncode == 2 and message in run.stderr and run.stderr.strip().count("\n") == 0
+        assert not (workdir / "ragged" / "bad").exists()
+
+
 def test_engine_agreement(workdir):
     """Fused ORT attention vs the op's function on one export: identical greedy tokens, logits
     within 1e-4; an engine of another cache (uncompressed) is reported as different."""
