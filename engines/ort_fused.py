@@ -64,10 +64,12 @@ Runtime's CPU provider), all exact against the op's reference math:
   (`tools/bench_pre_ragged.py`, docs/results/bench_pre_ragged/: synthetic caches, batch 4 and 8,
   longest row 1k and 2k, fill = sum n_b / (B * longest), three runs) a decode step over rows took
   0.63-0.99x the whole buffers' time up to 0.6 filled (one point of 12 1.13x) and 0.97-1.05x at
-  0.67, so 2/3 stays where the whole buffers run. Against the sliced form rows were faster at
-  every one of 12 points at 0.67 filled (0.71-0.97x), at 9 of 12 at 0.75 (0.80-1.10x), 5 of 12
-  at 0.85 (0.88-1.24x) and 1 of 16 from 0.92 (0.99-1.49x), so a decode step over a buffer not
-  nearly full runs rows below 4/5 filled. A 256-token prefill chunk (8 x 1024) over rows took
+  0.67, so 2/3 stays where the whole buffers run. Against the sliced form over buffers not
+  nearly full (2 runs) rows were faster at 8 of 8 points at 0.67 filled (0.71-0.97x), 5 of 8 at
+  0.75 (0.80-1.10x, median 0.92x), 1 of 8 at 0.85 and 1 of 12 from 0.92; end to end, ragged
+  batches about 0.75 filled decoded 0.89-0.91x the ms/token of the 2/3 rule (8 x 1024..512 in
+  2048 slots, 4 x 2048..1024 in 4096), so a decode step over a buffer not nearly full runs rows
+  below 4/5 filled. A 256-token prefill chunk (8 x 1024, nearly full buffers) over rows took
   1.01-1.04x the batched forms' time at 0.6 filled and 1.13-1.21x from 0.74: multi-token steps
   keep 2/3.
   The previous default (rows for every multi-token step and for decode under 2/3 written) against
@@ -125,6 +127,8 @@ DEFAULT_PLAN = {RopeMode.ROTATED: GQA, RopeMode.NONE: GQA, RopeMode.JOINT: GQA, 
 RAGGED = (3, 2)
 RAGGED_DECODE = (5, 4)
 NEARLY_FULL = (5, 4)
+# the graph applies the decode threshold on top of the general one (And): it must not be the lower
+assert RAGGED_DECODE[1] * RAGGED[0] >= RAGGED[1] * RAGGED_DECODE[0], "RAGGED_DECODE must not be below RAGGED"
 
 
 def by_step_branch(lengths, slots: int, new_tokens: int = 1) -> str:

@@ -145,6 +145,8 @@ def test_rewrite_is_recorded_and_the_export_keeps_the_op(built):
         smax = scaled(made, full.input[1], 4)
         whole, valid = (attrs_of(inner)[k] for k in ("then_branch", "else_branch"))
         rebuild = next(n for n in whole.node if n.op_type == "MatMul")
+        assert new_tokens.input[0] == next(n for n in whole.node if n.op_type == "Attention").input[0]  # the query
+        _check_rule_nodes(engine_graph, branch.input[0], inner.input[0], new_tokens.input[0])
         for size, (start, end) in ((batch, (0, 1)), (smax, (2, 3))):  # B and Smax of the rank-r key buffer
             assert size.op_type == "Shape" and attrs_of(size) == {"start": start, "end": end}
             assert size.input[0] == rebuild.input[0]
@@ -189,6 +191,55 @@ def test_rewrite_is_recorded_and_the_export_keeps_the_op(built):
     assert sum(n.op_type == "LowRankAttention" and n.domain == "eigen" for n in exported.graph.node) == 3
     assert [f.name for f in exported.functions] == ["LowRankAttention"]
     assert not any(n.domain == "com.microsoft" for n in exported.graph.node)
+
+
+def _check_rule_nodes(model, even: str, full: str, query: str) -> None:
+    """Run the engine graph's own rule nodes (those computing `even` and `full` from the query's
+    and key buffer's shapes and the layer's valid slots) in ONNX Runtime on random batches: the
+    If takes rows when not `even`, the whole buffers when `even` and `full`, else the sliced form,
+    as `ort_fused.by_step_branch` says."""
+    import onnxruntime as ort
+    graph = model.graph
+    made = {o: (i, n) for i, n in enumerate(graph.node) for o in n.output}
+    inits = {i.name: i for i in graph.initializer}
+    kept, leaves, todo = {}, {}, [even, full]
+    while todo:
+        name = todo.pop()
+        if name in inits or name in leaves or name not in made or made[name][0] in kept:
+            continue
+        i, node = made[name]
+        kept[i] = node
+        if node.op_type == "Shape" or (node.op_type == "Cast" and node.output[0].endswith("lengths_i64")):
+            leaves[node.input[0]] = node.op_type  # a tensor only its shape (Shape) or values (the lengths) matter of
+        else:
+            todo.extend(node.input)
+    assert sorted(leaves.values()) == ["Cast", "Shape", "Shape"], leaves  # lengths, query, key buffer
+    lengths_in = next(k for k, v in leaves.items() if v == "Cast")
+    shaped = [k for k, v in leaves.items() if v == "Shape"]
+    nodes = [kept[i] for i in sorted(kept)]
+    used = {x for n in nodes for x in n.input}
+    vi = onnx.helper.make_tensor_value_info
+    sub = onnx.helper.make_graph(
+        nodes, "rule", [vi(lengths_in, onnx.TensorProto.INT64, None)] + [vi(k, onnx.TensorProto.FLOAT, None) for k in shaped],
+        [vi(even, onnx.TensorProto.BOOL, None), vi(full, onnx.TensorProto.BOOL, None)],
+        [inits[k] for k in sorted(used & set(inits))])
+    rule = onnx.helper.make_model(sub, opset_imports=[o for o in model.opset_import if o.domain == ""],
+                                  ir_version=model.ir_version)
+    session = ort.InferenceSession(rule.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert query in shaped
+    rng = np.random.default_rng(11)
+    seen = Counter()
+    for _ in range(300):
+        batch, slots, new = int(rng.integers(1, 9)), int(rng.integers(4, 120)), int(rng.choice([1, 1, 2, 8]))
+        valid = rng.integers(1, slots + 1, batch)
+        feeds = {lengths_in: valid.astype(np.int64)}
+        for k in shaped:  # query [B, H, S, d], key buffer [B, Hkv, Smax, r]: only shapes are read
+            feeds[k] = np.zeros((batch, 1, new if k == query else slots, 1), np.float32)
+        is_even, is_full = (bool(np.asarray(x).reshape(-1)[0]) for x in session.run([even, full], feeds))
+        got = "attention-rows" if not is_even else ("attention" if is_full else "attention-valid")
+        assert got == ort_fused.by_step_branch(valid, slots, new), (valid.tolist(), slots, new)
+        seen[got] += 1
+    assert len(seen) == 3
 
 
 def _steps(engine, prompts, chunk, new_tokens):

@@ -411,7 +411,7 @@ def test_bench_pre_ragged(workdir):
     from eigenkv.engines import ort_fused
     out = workdir / "ragged" / "model.onnx"
     assert export_tiny(workdir, "llama", out, "--kv-ratio", "0.5", "--max-seq-len", "96", "--decode-steps", "4") == 0
-    run = _tool("bench_pre_ragged.py", out, "--batches", "2,3", "--longest", "20", "--fills", "0.4,0.5,1",
+    run = _tool("bench_pre_ragged.py", out, "--batches", "2,3", "--longest", "20", "--fills", "0.5,0.6,1",
                 "--chunk", "4", "--chunk-points", "3:20:0.7", "--steps", "2", "--blocks", "2", "--threads", "1",
                 "--out", "ragged/result", cwd=workdir)
     result = json.loads((workdir / "ragged" / "result" / "result.json").read_text())
@@ -440,8 +440,10 @@ def test_bench_pre_ragged(workdir):
     (point,) = json.loads((workdir / "ragged" / "slack" / "result.json").read_text())["points"]
     assert (point["lengths"], point["slots"], point["by_step_branch"]) == ([20, 15, 10], 41, "attention-rows")
     assert all(d <= 1e-4 for d in point["max_abs_diff_vs_rows"].values())
-    for bad, message in ((["--fills", "0.5,1.5"], "--fills must lie in (0, 1]"),
-                         (["--longest", "200"], "past the export's 96 positions")):
+    for bad, message in ((["--fills", "0.5,1.5"], "fills must lie in (0, 1], got 1.5"),
+                         (["--longest", "200"], "past the export's 96 positions"),
+                         (["--batches", "4", "--fills", "0.2"], "fill 0.2 is out of reach at batch 4"),
+                         (["--chunk", "4", "--chunk-points", "2:20"], "--chunk-points takes batch:longest:fill")):
         run = subprocess.run([sys.executable, str(TOOLS / "bench_pre_ragged.py"), str(out), *bad, "--out", "ragged/bad"],
                              capture_output=True, text=True, cwd=workdir, timeout=300)
         assert run.returncode == 2 and message in run.stderr and run.stderr.strip().count("\n") == 0

@@ -26,8 +26,10 @@ k mod E); per engine the p50 of its timed steps in ms. Each engine's first timed
 are checked against the `attention-rows` engine's on the same cache (max |diff| reported; they
 are the same exact math, fp32).
 
-Bad input (unreadable export, a non-`pre` export, fills outside (0, 1], lengths past the model's
-positions, negative slack) is a one-line error, exit 2, before anything is built or written.
+Bad values (unreadable export, a non-`pre` export, fills outside (0, 1] or out of reach at a batch
+(below 1/B; batch 1 only at fill 1), counts below 1, lengths past the model's positions, negative
+slack, malformed --chunk-points) are a one-line error, exit 2, before anything is built or
+written (argparse's own usage errors for unparsable numbers are its two lines, exit 2).
 """
 
 from __future__ import annotations
@@ -156,15 +158,34 @@ def main(argv: list[str] | None = None) -> int:
         if manifest.rope_mode != RopeMode.PRE:
             raise EigenError(f"{args.graph} is a {manifest.rope_mode.value} export; this measures `pre` exports "
                              "(export-eigen --rope-mode pre, the default)")
-        if any(not 0 < f <= 1 for f in args.fills):
-            raise EigenError(f"--fills must lie in (0, 1], got {args.fills}")
-        points = [tuple(float(v) for v in p.split(":")) for p in args.chunk_points.split(",")] if args.chunk else []
+        counts = {"--batches": args.batches, "--longest": args.longest, "--steps": [args.steps],
+                  "--chunk-steps": [args.chunk_steps], "--blocks": [args.blocks], "--threads": [args.threads]}
+        for flag, values in counts.items():
+            if min(values) < 1:
+                raise EigenError(f"{flag} must be >= 1, got {values if len(values) > 1 else values[0]}")
+        if args.chunk < 0:
+            raise EigenError(f"--chunk must be >= 0 tokens (0: decode only), got {args.chunk}")
+        points = []
+        for p in args.chunk_points.split(",") if args.chunk else []:
+            try:
+                b, n, f = p.split(":")
+                points.append((int(b), int(n), float(f)))
+            except ValueError:
+                raise EigenError(f"--chunk-points takes batch:longest:fill,..., got {p!r}") from None
+            if min(points[-1][:2]) < 1:
+                raise EigenError(f"--chunk-points: batch and longest row must be >= 1, got {p!r}")
+        for batch, fill in [(b, f) for b in args.batches for f in args.fills] + [(b, f) for b, _, f in points]:
+            if not 0 < fill <= 1:
+                raise EigenError(f"--fills and --chunk-points fills must lie in (0, 1], got {fill}")
+            if fill * batch < 1 or (batch == 1 and fill < 1):
+                raise EigenError(f"fill {fill} is out of reach at batch {batch} (the longest row alone fills "
+                                 f"1/{batch}; batch 1 is never ragged: fill 1)")
         if args.slack < 0:
             raise EigenError(f"--slack must be >= 0, got {args.slack}")
         widest = int(round(max([*args.longest, *(int(p[1]) for p in points)]) * (1 + args.slack))) + max(args.chunk, 1)
         if widest > manifest.layout.max_seq_len:
             raise EigenError(f"longest row + step = {widest} tokens is past the export's {manifest.layout.max_seq_len} positions")
-    except (EigenError, ValueError, IndexError) as e:
+    except EigenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -185,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     vocab_hi = min(engines["attention-rows"].vocab_size, 40000)
     results, seed = [], 0
     configs = [(b, n, f, 1) for b in args.batches for n in args.longest for f in args.fills]
-    configs += [(int(b), int(n), f, args.chunk) for b, n, f in points]
+    configs += [(b, n, f, args.chunk) for b, n, f in points]
     for batch, longest, fill, width in configs:
         seed += 1
         steps = args.steps if width == 1 else args.chunk_steps
