@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from eigenkv import __version__
 from eigenkv.errors import EigenError
 from eigenkv.exporter.decoder import EigenDecoder
-from eigenkv.exporter.onnx_graph import OPSET, GraphDecoder, dynamic_shapes, example_inputs, hierarchical_names
+from eigenkv.exporter.onnx_graph import (OPSET, GraphDecoder, dynamic_shapes, example_inputs, hierarchical_names,
+                                         optimize_graph)
 from eigenkv.exporter.pipeline import CompressConfig, compress
 from eigenkv.exporter.sources import ModelSource, load_config, resolve_model
 from eigenkv.manifest import (PRECISIONS, Files, IONames, KVLayout, Manifest, Source, manifest_path,
@@ -91,8 +92,12 @@ def preflight(config: CompressConfig, source: ModelSource) -> CompressConfig:
     return resolved
 
 
-def to_onnx(decoder: EigenDecoder, path: Path, data_name: str, max_seq_len: int, dtype: torch.dtype) -> None:
-    """Trace `decoder` (already cast to dtype) and save graph + external data + local function."""
+def to_onnx(decoder: EigenDecoder, path: Path, data_name: str, max_seq_len: int, dtype: torch.dtype,
+            reference_optimizer: bool = False) -> None:
+    """Trace `decoder` (already cast to dtype) and save graph + external data + local function.
+    The traced graph is optimized by `optimize_graph`; reference_optimizer=True runs
+    `torch.onnx.export(optimize=True)` instead (the same graph, slower on large models: tests compare
+    the two)."""
     import onnx
 
     from eigenkv.plugins.onnx_function import attach_function, build_function
@@ -104,7 +109,9 @@ def to_onnx(decoder: EigenDecoder, path: Path, data_name: str, max_seq_len: int,
         program = torch.onnx.export(
             graph, example_inputs(decoder, dtype=dtype), dynamo=True, opset_version=OPSET,
             input_names=names.inputs(n), output_names=names.outputs(n),
-            dynamic_shapes=dynamic_shapes(n, max_seq_len), optimize=True, verbose=False)
+            dynamic_shapes=dynamic_shapes(n, max_seq_len), optimize=reference_optimizer, verbose=False)
+    if not reference_optimizer:
+        optimize_graph(program.model)  # what optimize=True runs, minus one O(nodes²) rule
     model = program.model_proto
     hierarchical_names(model)
     attn = decoder.layers[0].attn
