@@ -345,6 +345,9 @@ def _cmd_run(args) -> int:
     if width + args.max_new_tokens > limit:
         raise EigenError(f"prompt ({width} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the "
                          f"engine's max_seq_len {limit}; shorten them or export with a larger --max-seq-len")
+    warning = config.context_warning(width + args.max_new_tokens)
+    if warning:
+        print(f"eigenkv: warning: {warning}", file=sys.stderr)
     from eigenkv.exporter.sources import ModelSource, eos_token_ids
     stops = set() if args.ignore_eos else eos_token_ids(
         ModelSource(Path(config.source.directory), config.source.gguf_file), tokenizer)

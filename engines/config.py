@@ -45,7 +45,31 @@ class EngineConfig:
                    kv_layout=manifest.layout, io=manifest.io, runtime=runtime, source=manifest.source,
                    family=manifest.family, rope_mode=manifest.rope_mode,
                    report={"kv_bytes_per_token": manifest.to_json()["kv_bytes_per_token"],
-                           "perplexity": manifest.report.get("perplexity", {})}, **extra)
+                           "perplexity": manifest.report.get("perplexity", {}),
+                           "calibration": manifest.report.get("calibration")}, **extra)
+
+    @property
+    def calibrated_context(self) -> int | None:
+        """Tokens per calibration sequence behind a low-rank cache (the export's `--calib-seq-len`),
+        or None: a full-width cache, or an engine built before builds recorded it."""
+        kv = self.kv_layout
+        if all(r == kv.head_dim for r in (*kv.key_ranks, *kv.value_ranks)):
+            return None
+        seq_len = (self.report.get("calibration") or {}).get("seq_len")
+        return seq_len if isinstance(seq_len, int) and seq_len > 0 else None
+
+    def context_warning(self, context: int) -> str | None:
+        """One line when a request's context (prompt + new tokens, in tokens) is longer than the
+        sequences the low-rank cache was calibrated on, else None. Past that length an earlier
+        default kv-ratio 0.5 export (16 × 1024 calibration tokens) lost every pass key at 2k and 4k
+        tokens while its perplexity in 1024-token windows looked fine (README, long-context
+        results), so `eigenkv run` says so."""
+        calibrated = self.calibrated_context
+        if calibrated is None or context <= calibrated:
+            return None
+        return (f"context {context} tokens is longer than the {calibrated}-token sequences this low-rank cache "
+                f"was calibrated on; past that a compressed cache can lose what it should recall (README, "
+                f"long-context results); export with --calib-seq-len {context} or more for such prompts")
 
     @property
     def weights(self) -> str:

@@ -116,6 +116,35 @@ def test_cli_run_streams_text(built, capsys, monkeypatch):
     assert streamed == text + "\n" and whole == text + "\n---\n"  # streamed pieces join to the whole text
 
 
+def test_run_warns_past_the_calibrated_context(built, capsys):
+    """`eigenkv run` says so in one stderr line when prompt + new tokens exceed the sequences the
+    low-rank cache was calibrated on (32 tokens in these exports), and generates anyway; within
+    that length nothing is said; a full-width cache (or an engine built before builds recorded
+    the calibration) never warns."""
+    import dataclasses
+
+    from eigenkv.engines.config import EngineConfig
+    _, _, engine_dir, _ = built
+    config = EngineConfig.load(engine_dir)
+    assert config.calibrated_context == 32 and config.kv_layout.kv_ratio < 1
+    assert config.context_warning(32) is None
+    assert "context 33 tokens" in config.context_warning(33) and "--calib-seq-len 33" in config.context_warning(33)
+    kv = config.kv_layout
+    full = dataclasses.replace(config, kv_layout=dataclasses.replace(
+        kv, key_ranks=[kv.head_dim] * kv.n_layers, value_ranks=[kv.head_dim] * kv.n_layers))
+    unrecorded = dataclasses.replace(config, report={k: v for k, v in config.report.items() if k != "calibration"})
+    assert full.context_warning(90) is None and unrecorded.context_warning(90) is None
+    args = ["run", str(engine_dir), "--max-new-tokens", "6", "--ignore-eos", "--no-stream"]
+    capsys.readouterr()
+    assert main([*args, "--prompt", "fox"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main([*args, "--prompt", "fox " * 9]) == 0  # 30-some tokens + 6 new: past 32, within max_seq_len 96
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("eigenkv: warning: context ") and "32-token" in lines[0]
+    assert out.endswith("---\n")  # it still generated
+
+
 @pytest.mark.parametrize("case", ["truncated", "newer-schema", "wrong-backend", "too-long", "not-engine"])
 def test_bad_engines_and_prompts(built, tmp_path, capsys, case):
     import shutil
