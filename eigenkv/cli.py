@@ -123,15 +123,16 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
                    help=f"calibration texts with weights, each a UTF-8 file or a built-in text ({_texts()}), "
                         f"e.g. `--calib-text wiki:1 traffic.txt:3`; default `mix`: {_mix()}. Healing draws "
                         "from the same mix and --max-ppl-increase bounds its worst text")
-    p.add_argument("--calib-samples", type=int, default=32, metavar="N",
-                   help="calibration sequences (default 32; 16 measured worse on held-out text, 2x faster)")
+    p.add_argument("--calib-samples", type=int, default=None, metavar="N",
+                   help="calibration sequences (default: 32768 tokens' worth, at least one per text: 8 of 4096 "
+                        "tokens for the default model; fewer tokens measured worse on held-out text)")
     p.add_argument("--fisher-draws", type=int, default=1, metavar="N",
                    help="Fisher-weighted keys (the default method): next tokens sampled per position, each one "
                         "more backward pass of the model per calibration sequence (default 1; 2 measured a "
                         "little better at 1.6x the calibration time)")
-    p.add_argument("--calib-seq-len", type=int, default=1024, metavar="S", help="tokens per sequence (default 1024); the compressed cache is "
-                   "reliable up to about this context: use the longest context you serve (e.g. 4096 with "
-                   "--calib-samples 5, one per text of the default mix)")
+    p.add_argument("--calib-seq-len", type=int, default=None, metavar="S",
+                   help="tokens per calibration sequence (default 4096, or the model's maximum positions if fewer); "
+                        "the compressed cache is reliable up to about this context: use the longest context you serve")
     p.add_argument("--eval-tokens", type=int, default=20480, metavar="T",
                    help="tokens of each held-out text for perplexity, 0 to skip (default: 20480 for compress; "
                         "6144 for export (three texts), 0 with --no-compress)")

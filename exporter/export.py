@@ -78,14 +78,16 @@ def preflight(config: CompressConfig, source: ModelSource) -> CompressConfig:
     options (`CompressConfig.resolved`), the model's family and sizes, the --projections file,
     and the texts (present, UTF-8, long enough: tokenized with the model's tokenizer). Run it
     inside `sources.reuse_loaded()` so the tokenizer and the tokens are reused by the run.
-    -> the resolved config; a one-line EigenError otherwise."""
+    -> the resolved config, its calibration shape filled in for the model
+    (`pipeline.with_calibration_shape`); a one-line EigenError otherwise."""
     from eigenkv.exporter.families import family_for
-    from eigenkv.exporter.pipeline import _check_dims
+    from eigenkv.exporter.pipeline import _check_dims, with_calibration_shape
     from eigenkv.exporter.sources import load_tokenizer
     from eigenkv.exporter.texts import split_texts
-    resolved = config.resolved()
     hf_config = load_config(source)
-    _check_dims(resolved, family_for(hf_config).dims(hf_config))
+    dims = family_for(hf_config).dims(hf_config)
+    resolved = with_calibration_shape(config.resolved(), dims.max_positions)
+    _check_dims(resolved, dims)
     if resolved.projections is not None and not Path(resolved.projections).is_file():
         raise EigenError(f"--projections {resolved.projections}: no such file (write one with `eigenkv compress`)")
     split_texts(resolved, load_tokenizer(source))

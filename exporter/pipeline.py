@@ -37,6 +37,29 @@ COMPRESS_ROPE_MODES = (RopeMode.PRE, RopeMode.JOINT)  # what the compress stage 
 REFIT_TOKENS_PER_INPUT = 2  # the W_o refit needs at least this many tokens per o_proj input, else it is skipped
 
 
+# Calibration shape when --calib-seq-len / --calib-samples are not given (`calibration_shape`):
+# sequences as long as the context a compressed cache is meant to serve, up to 4096 tokens (a
+# low-rank cache holds up to about its calibration length; README, long-context results), and
+# 32,768 calibration tokens in all (8 x 4096 for the default model; 32 x 1024 before).
+DEFAULT_CALIB_SEQ_LEN = 4096  # tokens
+DEFAULT_CALIB_TOKENS = 32768  # tokens
+
+
+def calibration_shape(seq_len: int | None, samples: int | None, max_positions: int,
+                      n_texts: int = 1) -> tuple[int, int]:
+    """(--calib-seq-len, --calib-samples) with the defaults filled in for one model.
+
+    seq_len: tokens per calibration sequence, or None for min(DEFAULT_CALIB_SEQ_LEN,
+    max_positions); samples: sequences, or None for ceil(DEFAULT_CALIB_TOKENS / seq_len) and at
+    least one per text of the mix (n_texts). Values given are returned unchanged (they are
+    checked elsewhere: `CompressConfig.resolved`, `_check_dims`)."""
+    if seq_len is None:
+        seq_len = min(DEFAULT_CALIB_SEQ_LEN, max_positions)
+    if samples is None:
+        samples = max(n_texts, -(-DEFAULT_CALIB_TOKENS // max(seq_len, 1)))
+    return seq_len, samples
+
+
 @dataclass
 class CompressConfig:
     """Everything the compress stage needs; the CLI only fills this in."""
@@ -64,8 +87,8 @@ class CompressConfig:
     projections: str | None = None  # reuse folded attention from a projections.safetensors
     no_compress: bool = False  # the uncompressed baseline through the same code
     calib_text: str | tuple[str, ...] = "mix"  # `NAME_OR_FILE[:WEIGHT]` item(s), or "mix" (texts.DEFAULT_MIX)
-    calib_samples: int = 32
-    calib_seq_len: int = 1024
+    calib_samples: int | None = None  # sequences; None: `calibration_shape` (8 for the default model)
+    calib_seq_len: int | None = None  # tokens each; None: min(4096, the model's maximum positions)
     fisher_draws: int = 1  # sampled next tokens per position in the Fisher pass (Fisher-weighted keys)
     eval_texts: tuple[str, ...] = ("wiki", "c4", "tiny")  # tiny is in no calibration mix by default
     eval_tokens: int = 20480
@@ -142,7 +165,7 @@ class CompressConfig:
         if self.error_budget is not None and not self.error_budget > 0:
             raise EigenError(f"--error-budget must be > 0 (relative layer-output error), got {self.error_budget}")
         for name in ("calib_samples", "calib_seq_len", "eval_window", "fisher_draws", "refit_samples"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise EigenError(f"--{name.replace('_', '-')} must be >= 1")
         for name, _ in parse_mix(self.calib_text):
             if name not in BUILTIN_TEXTS and not Path(name).is_file():
@@ -180,16 +203,25 @@ class CompressResult:
     report: dict = field(default_factory=dict)
 
 
+def with_calibration_shape(config: CompressConfig, max_positions: int) -> CompressConfig:
+    """`config` with calib_seq_len and calib_samples filled in for a model of `max_positions`
+    positions (`calibration_shape`; the mix's text count bounds the samples from below)."""
+    seq_len, samples = calibration_shape(config.calib_seq_len, config.calib_samples, max_positions,
+                                         len(parse_mix(config.calib_text)))
+    return replace(config, calib_seq_len=seq_len, calib_samples=samples)
+
+
 def load_for_tables(config: CompressConfig):
     """Model, decoder and token streams of `config` (the dev tables' setup) -> (source, decoder, texts)."""
     source = resolve_model(config.model)
     model, tokenizer = load_model(source, progress=config.progress)
-    return source, decoder_from_hf(model), split_texts(config, tokenizer)
+    decoder = decoder_from_hf(model)
+    return source, decoder, split_texts(with_calibration_shape(config, decoder.dims.max_positions), tokenizer)
 
 
 def heal_window(config: CompressConfig) -> int:
     """Tokens per healing window: --heal-seq-len, else min(256, calib_seq_len)."""
-    return config.heal_seq_len or min(256, config.calib_seq_len)
+    return config.heal_seq_len or min(256, config.calib_seq_len or DEFAULT_CALIB_SEQ_LEN)
 
 
 def _check_heal_streams(config: CompressConfig, texts: Texts) -> None:
@@ -303,6 +335,7 @@ def compress(config: CompressConfig, source: ModelSource | None = None) -> Compr
     source = resolve_model(config.model) if source is None else source
     hf_config = load_config(source)
     family = family_for(hf_config)
+    config = with_calibration_shape(config, family.dims(hf_config).max_positions)
     _check_dims(config, family.dims(hf_config))
     if not (config.no_compress or config.projections):  # a method/mode conflict, before any weight is read
         get_method(config.method).check(config.rope_mode, family.positions == "rope")

@@ -49,6 +49,24 @@ def test_compress_writes_projections_and_report(tiny_dir, text_file, tmp_path, c
     assert main(_args(tiny_dir, text_file, out, "--kv-ratio", "0.5")) == 2
 
 
+def test_calibration_shape_defaults_follow_the_model(tiny_dir, tmp_path):
+    """Without --calib-seq-len / --calib-samples a run calibrates on sequences as long as the
+    model's positions allow, up to 4096 tokens, 32768 tokens in all (the tiny model: 128
+    positions -> 256 x 128); a given value is kept."""
+    text = tmp_path / "long.txt"
+    text.write_text(TEXT * 28)  # 75k characters: 2 x 32768 byte tokens and more
+    out = tmp_path / "out"
+    assert main(["compress", "-o", str(out), "--model", str(tiny_dir), "--calib-text", str(text), "--eval-tokens",
+                 "0", "--no-progress", "--kv-ratio", "0.5"]) == 0
+    report = json.loads((out / "compress.json").read_text())
+    assert (report["calibration"]["seq_len"], report["calibration"]["samples"]) == (128, 256)
+    assert (report["config"]["calib_seq_len"], report["config"]["calib_samples"]) == (128, 256)
+    out2 = tmp_path / "out2"
+    assert main(["compress", "-o", str(out2), "--model", str(tiny_dir), "--calib-text", str(text), "--eval-tokens",
+                 "0", "--no-progress", "--kv-ratio", "0.5", "--calib-samples", "3"]) == 0
+    assert json.loads((out2 / "compress.json").read_text())["calibration"]["samples"] == 3
+
+
 def test_error_budget_respects_budget(tiny_dir, text_file, tmp_path):
     out = tmp_path / "out"
     assert main(_args(tiny_dir, text_file, out, "--error-budget", "0.05", "--rope-mode", "joint")) == 0

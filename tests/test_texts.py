@@ -123,6 +123,18 @@ def test_the_default_mix_and_its_shares():
     assert parse_mix("C:dir/notes.txt") == (("C:dir/notes.txt", 1.0),)  # a colon without a weight is a path
 
 
+def test_calibration_shape_defaults():
+    from eigenkv.exporter.pipeline import DEFAULT_CALIB_SEQ_LEN, DEFAULT_CALIB_TOKENS, calibration_shape
+    assert (DEFAULT_CALIB_SEQ_LEN, DEFAULT_CALIB_TOKENS) == (4096, 32768)
+    assert CompressConfig().calib_seq_len is None and CompressConfig().calib_samples is None
+    assert calibration_shape(None, None, 8192, 5) == (4096, 8)  # the default model: 8 x 4096 tokens
+    assert calibration_shape(None, None, 2048, 5) == (2048, 16)  # a shorter model: as long as it allows
+    assert calibration_shape(1024, None, 8192, 5) == (1024, 32)  # the same 32768 tokens
+    assert calibration_shape(None, None, 8192, 10) == (4096, 10)  # at least one sequence per text
+    assert calibration_shape(16384, 3, 8192, 5) == (16384, 3)  # given values pass through (checked later)
+    assert calibration_shape(3000, None, 8192) == (3000, 11)  # rounded up
+
+
 def test_validation_that_would_overlap_evaluation_is_refused(text_file):
     config = CompressConfig(calib_text=str(text_file), eval_texts=(str(text_file),), eval_tokens=1800,
                             max_ppl_increase=0.1, validation_tokens=300, eval_window=100, calib_samples=4,

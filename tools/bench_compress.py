@@ -1,7 +1,7 @@
 """Benchmark: wall time of each compress stage and peak memory (RSS) for one model.
 
     python tools/bench_compress.py [--model PATH] [--kv-ratio 0.5 | --error-budget 0.025]
-        [--calib-text wiki] [--calib-samples 32] [--calib-seq-len 1024] [--out docs/results/bench_compress.json]
+        [--calib-text wiki] [--calib-samples 8] [--calib-seq-len 4096] [--out docs/results/bench_compress.json]
 
 Stages: load (GGUF dequantisation + wrap), text (tokenize + split), calibrate (+ the
 error-budget search when chosen), decompose and rank selection (+ the KL probes of the
@@ -24,7 +24,7 @@ import torch
 from eigenkv.errors import EigenError
 from eigenkv.exporter.decoder import decoder_from_hf
 from eigenkv.exporter.fold import fold
-from eigenkv.exporter.pipeline import CompressConfig, choose_ranks
+from eigenkv.exporter.pipeline import CompressConfig, DEFAULT_CALIB_SEQ_LEN, calibration_shape, choose_ranks
 from eigenkv.exporter.sources import load_model, resolve_model
 from eigenkv.exporter.texts import split_texts
 
@@ -58,10 +58,12 @@ def main() -> int:
     g.add_argument("--error-budget", type=float, default=None, help="the paper's per-layer search (method eigen)")
     ap.add_argument("--rope-mode", default="pre", choices=("pre", "joint"))
     ap.add_argument("--calib-text", default="wiki", metavar="FILE", help="built-in text name or UTF-8 file")
-    ap.add_argument("--calib-samples", type=int, default=CompressConfig.calib_samples, metavar="N")
-    ap.add_argument("--calib-seq-len", type=int, default=1024, metavar="S")
+    ap.add_argument("--calib-samples", type=int, default=None, metavar="N",
+                    help="default: 32768 tokens' worth of --calib-seq-len (as `eigenkv compress`)")
+    ap.add_argument("--calib-seq-len", type=int, default=DEFAULT_CALIB_SEQ_LEN, metavar="S")
     ap.add_argument("--out", default="docs/results/bench_compress.json", metavar="PATH", help="JSON result")
     args = ap.parse_args()
+    args.calib_samples = calibration_shape(args.calib_seq_len, args.calib_samples, args.calib_seq_len)[1]
     try:
         config = CompressConfig(model=args.model, kv_ratio=args.kv_ratio, error_budget=args.error_budget,
                                 rope_mode=args.rope_mode, calib_text=args.calib_text, calib_samples=args.calib_samples,

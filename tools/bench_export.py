@@ -21,7 +21,7 @@ import torch
 
 from eigenkv.errors import EigenError
 from eigenkv.exporter.export import ExportConfig, export
-from eigenkv.exporter.pipeline import CompressConfig
+from eigenkv.exporter.pipeline import CompressConfig, DEFAULT_CALIB_SEQ_LEN, calibration_shape
 
 
 def main() -> int:
@@ -30,8 +30,9 @@ def main() -> int:
     ap.add_argument("--kv-ratio", type=float, default=0.5)
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"))
     ap.add_argument("--calib-text", default="wiki", metavar="FILE|NAME", help="calibration text (default wiki)")
-    ap.add_argument("--calib-samples", type=int, default=CompressConfig.calib_samples)
-    ap.add_argument("--calib-seq-len", type=int, default=1024)
+    ap.add_argument("--calib-samples", type=int, default=None,
+                    help="default: 32768 tokens' worth of --calib-seq-len (as `eigenkv compress`)")
+    ap.add_argument("--calib-seq-len", type=int, default=DEFAULT_CALIB_SEQ_LEN)
     ap.add_argument("--eval-texts", default="wiki,c4", help="comma-separated built-in names or files (default wiki,c4)")
     ap.add_argument("--eval-tokens", type=int, default=8192, help="tokens of each eval text, 0 skips perplexity")
     ap.add_argument("--eval-window", type=int, default=1024)
@@ -41,6 +42,7 @@ def main() -> int:
     ap.add_argument("--out-dir", default="/tmp/eigenkv-bench-export")
     ap.add_argument("--json", default="docs/results/bench_export.json")
     args = ap.parse_args()
+    args.calib_samples = calibration_shape(args.calib_seq_len, args.calib_samples, args.calib_seq_len)[1]
     out = Path(args.out_dir) / "model.onnx"
     out.parent.mkdir(parents=True, exist_ok=True)
     compress = CompressConfig(model=args.model, kv_ratio=args.kv_ratio, calib_text=args.calib_text,

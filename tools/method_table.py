@@ -27,7 +27,7 @@ from eigenkv.exporter.fold import fold
 from eigenkv.exporter.heal import HealSettings, heal
 from eigenkv.exporter.methods import get_method, method_factors
 from eigenkv.exporter.perplexity import perplexity
-from eigenkv.exporter.pipeline import CompressConfig, load_for_tables
+from eigenkv.exporter.pipeline import CompressConfig, DEFAULT_CALIB_SEQ_LEN, calibration_shape, load_for_tables
 from eigenkv.malloc import malloc_mode, tune_malloc
 
 METHODS = "eigen,query-aware-keys,output-aware-values,loss-aware-shared,loss-aware"
@@ -44,14 +44,16 @@ def main() -> int:
     ap.add_argument("--heal-steps", type=int, default=150, help="0 skips the healed rows")
     ap.add_argument("--heal-lr", type=float, default=1e-4)
     ap.add_argument("--calib-text", default="wiki", metavar="FILE|NAME", help="calibration text (default wiki)")
-    ap.add_argument("--calib-samples", type=int, default=CompressConfig.calib_samples)
-    ap.add_argument("--calib-seq-len", type=int, default=1024)
+    ap.add_argument("--calib-samples", type=int, default=None,
+                    help="default: 32768 tokens' worth of --calib-seq-len (as `eigenkv compress`)")
+    ap.add_argument("--calib-seq-len", type=int, default=DEFAULT_CALIB_SEQ_LEN)
     ap.add_argument("--eval-texts", default="wiki,c4", help="comma-separated built-in names or files (default wiki,c4)")
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--eval-window", type=int, default=1024)
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", default="docs/results/method_table_smollm2")
     args = ap.parse_args()
+    args.calib_samples = calibration_shape(args.calib_seq_len, args.calib_samples, args.calib_seq_len)[1]
     tune_malloc()  # as the eigenkv commands do (eigenkv/malloc.py); recorded with the machine
     torch.manual_seed(0)
     config = CompressConfig(model=args.model, calib_text=args.calib_text, calib_samples=args.calib_samples,

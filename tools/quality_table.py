@@ -32,7 +32,7 @@ from eigenkv.exporter.fold import fold
 from eigenkv.exporter.heal import HealSettings, heal
 from eigenkv.exporter.methods import get_method, method_factors
 from eigenkv.exporter.perplexity import perplexity
-from eigenkv.exporter.pipeline import CompressConfig, heal_window
+from eigenkv.exporter.pipeline import CompressConfig, DEFAULT_CALIB_SEQ_LEN, calibration_shape, heal_window
 from eigenkv.exporter.refit import refit_outputs, refittable_layers
 from eigenkv.exporter.sources import load_model, read_text, resolve_model, tokenize
 from eigenkv.exporter.texts import mix_label, split_texts
@@ -61,10 +61,11 @@ def main() -> int:
                     help="rows without the sequential W_o refit (`--output-refit`; none, the default), with it (only; "
                          "healing starts from it), or both side by side (healing starts from the refitted fold)")
     ap.add_argument("--refit-samples", type=int, default=CompressConfig.refit_samples)
-    ap.add_argument("--calib-samples", type=int, default=CompressConfig.calib_samples)
+    ap.add_argument("--calib-samples", type=int, default=None,
+                    help="default: 32768 tokens' worth of --calib-seq-len (as `eigenkv compress`)")
     ap.add_argument("--fisher-draws", type=int, default=CompressConfig.fisher_draws,
                     help=f"sampled next-token draws of the Fisher pass (default {CompressConfig.fisher_draws})")
-    ap.add_argument("--calib-seq-len", type=int, default=1024)
+    ap.add_argument("--calib-seq-len", type=int, default=DEFAULT_CALIB_SEQ_LEN)
     ap.add_argument("--eval-texts", default="wiki,c4,code,tiny")
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--eval-window", type=int, default=1024)
@@ -74,6 +75,7 @@ def main() -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", default="docs/results/quality_table_smollm2")
     args = ap.parse_args()
+    args.calib_samples = calibration_shape(args.calib_seq_len, args.calib_samples, args.calib_seq_len)[1]
     tune_malloc()  # as the eigenkv commands do (eigenkv/malloc.py); recorded with the machine
     if args.cloze_items < 0:
         ap.error(f"--cloze-items must be >= 0 (0: no cloze), got {args.cloze_items}")

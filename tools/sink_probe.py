@@ -26,7 +26,7 @@ from eigenkv.exporter.decoder import decoder_from_hf
 from eigenkv.exporter.fold import fold
 from eigenkv.exporter.methods import get_method, method_factors
 from eigenkv.exporter.perplexity import perplexity
-from eigenkv.exporter.pipeline import CompressConfig
+from eigenkv.exporter.pipeline import CompressConfig, DEFAULT_CALIB_SEQ_LEN, calibration_shape
 from eigenkv.exporter.sources import load_model, resolve_model
 from eigenkv.exporter.texts import split_texts
 from eigenkv.malloc import malloc_mode, tune_malloc
@@ -71,8 +71,9 @@ def main() -> int:
     ap.add_argument("--stats", metavar="FILE", help="torch.save'd list of LayerStats (default: calibrate first)")
     ap.add_argument("--model", default=None, help="HF directory or .gguf (default: the embedded SmolLM2)")
     ap.add_argument("--calib-text", default="wiki", metavar="FILE|NAME", help="calibration text (default wiki)")
-    ap.add_argument("--calib-samples", type=int, default=CompressConfig.calib_samples)
-    ap.add_argument("--calib-seq-len", type=int, default=1024)
+    ap.add_argument("--calib-samples", type=int, default=None,
+                    help="default: 32768 tokens' worth of --calib-seq-len (as `eigenkv compress`)")
+    ap.add_argument("--calib-seq-len", type=int, default=DEFAULT_CALIB_SEQ_LEN)
     ap.add_argument("--eval-texts", default="wiki,c4", help="comma-separated built-in names or files (default wiki,c4)")
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--eval-window", type=int, default=1024)
@@ -82,6 +83,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--out", metavar="PATH", help="also write PATH.json and PATH.md")
     args = ap.parse_args()
+    args.calib_samples = calibration_shape(args.calib_seq_len, args.calib_samples, args.calib_seq_len)[1]
     tune_malloc()  # as the eigenkv commands do (eigenkv/malloc.py); recorded with the machine
     torch.set_num_threads(args.threads)
     window = args.eval_window
