@@ -335,8 +335,9 @@ def compress(config: CompressConfig, source: ModelSource | None = None) -> Compr
     source = resolve_model(config.model) if source is None else source
     hf_config = load_config(source)
     family = family_for(hf_config)
-    config = with_calibration_shape(config, family.dims(hf_config).max_positions)
-    _check_dims(config, family.dims(hf_config))
+    model_dims = family.dims(hf_config)
+    config = with_calibration_shape(config, model_dims.max_positions)
+    _check_dims(config, model_dims)
     if not (config.no_compress or config.projections):  # a method/mode conflict, before any weight is read
         get_method(config.method).check(config.rope_mode, family.positions == "rope")
     model, tokenizer = load_model(source, progress=config.progress)
